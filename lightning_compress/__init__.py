@@ -1,0 +1,7 @@
+"""lightning_compress: compress neural networks while they train, as PyTorch Lightning callbacks."""
+
+from lightning_compress.__about__ import __version__
+from lightning_compress.callbacks import CompressionCallback, GradualPruning
+from lightning_compress.report import CompressionReport
+
+__all__ = ["CompressionCallback", "CompressionReport", "GradualPruning", "__version__"]

@@ -1,0 +1,6 @@
+"""Lightning-facing callbacks: when, where and how much to compress."""
+
+from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.pruning import GradualPruning
+
+__all__ = ["CompressionCallback", "GradualPruning"]

@@ -1,0 +1,159 @@
+"""What every compression callback shares: naming, metric logging and the combined report.
+
+Subclasses decide *when* and *how much*; this base owns *where results go*:
+
+- ``log_metrics`` goes through ``pl_module.log`` (from hooks Lightning allows it in), namespaced
+  ``compress/...`` so the values land in every configured logger and can be monitored by
+  ``ModelCheckpoint`` / ``EarlyStopping``.
+- At fit end the last compression callback on the trainer builds one :class:`CompressionReport`
+  over the model and every callback's section, shows it on rank zero, writes it into
+  ``trainer.log_dir``, and sends its summary to ``trainer.loggers`` directly (``pl_module.log`` is
+  refused in ``on_fit_end``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from typing_extensions import override
+
+from lightning_compress.report import CapturedCall, CompressionReport
+
+
+class CompressionCallback(Callback):
+    """Base class of the lightning_compress callbacks.
+
+    Args:
+        name: distinguishes several instances of one callback on a trainer (e.g. two pruning groups):
+            it becomes part of the checkpoint state key and of the metric names
+            (``compress/<name>/sparsity``). ``None`` logs plain ``compress/sparsity``.
+    """
+
+    report_title: str = "compression"
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ValueError(f"name must be letters, digits, '_', '.' or '-', got {name!r}.")
+        self.name = name
+        self._example_input: Any = None
+        self._capture_handle: torch.utils.hooks.RemovableHandle | None = None
+        self.last_report: CompressionReport | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def metric(self, key: str) -> str:
+        """Full metric name for ``key``: ``compress/<key>`` or ``compress/<name>/<key>``."""
+        return f"compress/{key}" if self.name is None else f"compress/{self.name}/{key}"
+
+    def log_metrics(self, pl_module: pl.LightningModule, metrics: dict[str, float], **kwargs: Any) -> None:
+        """Log ``metrics`` through Lightning from a hook that allows ``pl_module.log``."""
+        for key, value in metrics.items():
+            pl_module.log(self.metric(key), value, on_step=True, on_epoch=False, batch_size=1, **kwargs)
+
+    def check_unique(self, trainer: pl.Trainer) -> None:
+        """Two instances with one state key would overwrite each other's checkpoint state: refuse that."""
+        twins = [cb for cb in trainer.callbacks if isinstance(cb, type(self)) and cb.state_key == self.state_key]
+        if len(twins) > 1:
+            raise ValueError(
+                f"{len(twins)} {type(self).__name__} callbacks share name={self.name!r}; their checkpoint "
+                f"state and metrics would collide. Give each a distinct `name=`."
+            )
+
+    # ---- what subclasses contribute to the combined report -------------------------------------
+    def layer_bits(self) -> dict[str, float]:
+        """Bit width per module name, for callbacks that change it (quantization)."""
+        return {}
+
+    def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """This callback's part of the report (plain JSON-able values; lists of dicts become tables)."""
+        return {}
+
+    # ---- example input for FLOPs -----------------------------------------------------------------
+    def _capture_first_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        # One sample of the first real forward call, so FLOPs are counted on what the model really sees.
+        def first(t: torch.Tensor) -> torch.Tensor:
+            return t[:1].detach().clone() if t.dim() > 0 else t.detach().clone()
+
+        self._example_input = CapturedCall(
+            apply_to_collection(args, torch.Tensor, first), apply_to_collection(kwargs, torch.Tensor, first)
+        )
+        self._remove_capture()
+
+    def _remove_capture(self) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._example_input is None and getattr(pl_module, "example_input_array", None) is None:
+            self._capture_handle = pl_module.register_forward_pre_hook(self._capture_first_input, with_kwargs=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_capture()
+
+    # ---- fit end: the combined report ------------------------------------------------------------
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_capture()
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        if ours[-1] is not self:
+            return  # the last one writes, after every callback has finalized in its own on_fit_end
+        # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
+        directory = trainer.log_dir or trainer.default_root_dir
+        self.last_report = build_report(trainer, pl_module, ours)
+        _publish(trainer, self.last_report, directory)
+
+
+def example_input(pl_module: pl.LightningModule, callbacks: list[CompressionCallback]) -> Any:
+    """The input to count FLOPs on: ``pl_module.example_input_array`` or the first captured forward call.
+
+    Follows Lightning's convention: a tensor, a tuple of positional arguments, or a dict of keyword
+    arguments (a captured call is a :class:`~lightning_compress.report.CapturedCall`).
+    """
+    if getattr(pl_module, "example_input_array", None) is not None:
+        return pl_module.example_input_array
+    for cb in callbacks:
+        if cb._example_input is not None:
+            device = pl_module.device
+            return apply_to_collection(cb._example_input, torch.Tensor, lambda t: t.to(device))
+    return None
+
+
+def build_report(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, callbacks: list[CompressionCallback]
+) -> CompressionReport:
+    """One report over ``pl_module`` with every callback's section and bit widths."""
+    bits: dict[str, float] = {}
+    for cb in callbacks:
+        bits.update(cb.layer_bits())
+    training = {
+        k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if not k.startswith("compress/") and v.numel() == 1
+    }
+    sections: dict[str, dict[str, Any]] = {"training metrics": training} if training else {}
+    for cb in callbacks:
+        title = cb.report_title if cb.name is None else f"{cb.report_title} ({cb.name})"
+        sections[title] = cb.report_section(trainer, pl_module)
+    return CompressionReport.from_model(
+        pl_module, bits=bits, example_input=example_input(pl_module, callbacks), sections=sections
+    )
+
+
+@rank_zero_only
+def _publish(trainer: pl.Trainer, report: CompressionReport, directory: str) -> None:
+    json_path, md_path = report.write(directory)
+    rank_zero_info(report.to_markdown() + f"\nCompression report written to {json_path} and {md_path}")
+    numeric = {f"compress/final/{k}": float(v) for k, v in report.summary.items() if isinstance(v, int | float)}
+    for logger in trainer.loggers:
+        logger.log_metrics(numeric, step=trainer.global_step)
+        logger.save()

@@ -1,0 +1,452 @@
+"""GradualPruning: masks weights toward a target sparsity on a schedule, inside ``Trainer.fit``.
+
+*When* and *how much* live here; *how* a mask is computed lives in
+:mod:`lightning_compress.functional.pruning`.
+
+How masks are kept without a per-forward cost (no reparametrisation, no forward hooks, so
+``nn.MultiheadAttention``'s raw ``in_proj_weight`` and any multi-input model just work):
+
+1. At an update step the new masks zero the weights **and** the matching entries of the optimizer
+   state (momentum, Adam moments), so nothing remembered can revive a pruned weight.
+2. ``on_before_optimizer_step`` zeroes the gradients of pruned weights after accumulation and
+   before gradient clipping, so the clipping norm and the optimizer only see live weights.
+3. A post-step hook on each optimizer re-applies the masks right after ``optimizer.step()``, which
+   catches whatever an optimizer does regardless of gradients (decoupled weight decay, ...).
+
+The model's parameters stay plain tensors with zeros in them: a checkpoint taken at any point loads
+into a plain copy of the model with ``load_state_dict``. The masks themselves (and the schedule
+position) live in the callback's checkpoint state, so ``fit(ckpt_path=...)`` resumes with identical
+masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.strategies import DDPStrategy
+from torch.nn.utils import prune
+from typing_extensions import override
+
+from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.functional import pruning as F
+from lightning_compress.functional.stats import count_nonzero
+from lightning_compress.schedules import Schedule, ScheduleName, resolve_schedule, resolve_window
+from lightning_compress.targets import DEFAULT_PRUNABLE_TYPES, ParameterTarget, matches, select_parameters, validate_patterns
+
+_STATE_VERSION = 1
+
+
+def _check_sparsity(argument: str, value: Any, upper: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{argument} must be a number in [0, {upper:g}), got {value!r}.")
+    if not 0 <= value < upper:
+        hint = " HINT: a fraction, not a percentage (0.9, not 90)." if 1 < value <= 100 else ""
+        raise ValueError(f"{argument} must be in [0, {upper:g}), got {value!r}.{hint}")
+    return float(value)
+
+
+class GradualPruning(CompressionCallback):
+    """Prune weights gradually toward ``target_sparsity`` while the model trains.
+
+    The schedule gives the *total* sparsity at each optimizer step (cubic by default, Zhu & Gupta
+    2017), from 0 at ``start_step`` to ``target_sparsity`` at ``end_step``; masks are recomputed every
+    ``update_every_n_steps`` steps and only ever grow.
+
+    Args:
+        target_sparsity: final fraction of zero weights, in ``[0, 1)``. Default 0.9, or ``1 - N/M`` for
+            an N:M structure (a smaller value converts only that share of the N:M runs).
+        schedule: ``"cubic"``, ``"linear"``, ``"exponential"``, ``"one_shot"``, ``"constant"`` or a
+            :class:`~lightning_compress.schedules.Schedule`.
+        start_step: optimizer step at which pruning starts (``trainer.global_step``).
+        end_step: step at which ``target_sparsity`` is reached. Default: 75% of
+            ``trainer.estimated_stepping_batches``, leaving the rest to recover.
+        start_epoch: alternative to ``start_step``, in epochs (fractions allowed).
+        end_epoch: alternative to ``end_step``, in epochs.
+        update_every_n_steps: optimizer steps between mask updates.
+        criterion: ``"magnitude"`` (|w|), ``"random"``, or ``"taylor"`` (first-order Taylor |w * grad|
+            accumulated between updates; magnitude until gradients have been seen).
+        structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), an N:M
+            pattern such as ``"2:4"`` (along the input dimension), or ``"block:RxC"`` such as
+            ``"block:1x4"``.
+        scope: ``"global"`` ranks all selected weights together (layers end with different
+            sparsities); ``"layer"`` gives every layer the same sparsity.
+        norm: the ``n`` of the Ln norm that scores a group of weights (channels, blocks, N:M runs).
+        overrides: ``{pattern: sparsity}``; matching layers get their own final sparsity (layer scope).
+        include: name patterns (glob or ``re:...``) of modules or parameters to prune; all by default.
+        exclude: name patterns to leave dense (e.g. the classifier).
+        types: module class names to consider.
+        rewind_to_step: lottery-ticket rewinding: copy the weights at this step and, once the final
+            mask is reached, reset the surviving weights to that copy.
+        make_permanent: ``True`` (default) leaves plain parameters with zeros at fit end. ``False``
+            also installs :mod:`torch.nn.utils.prune`'s reparametrisation (``weight_orig`` +
+            ``weight_mask``) so the masks travel inside the model's ``state_dict``.
+        seed: seed of the ``"random"`` criterion (identical on every process).
+        name: distinguishes several ``GradualPruning`` callbacks (state key and ``compress/<name>/...``).
+
+    Logged metrics (``pl_module.log``, every training step): ``compress/sparsity`` (measured zeros of the
+    selected weights), ``compress/target_sparsity``, ``compress/nonzero_params``.
+
+    Example::
+
+        >>> import pytorch_lightning as pl
+        >>> from lightning_compress import GradualPruning
+        >>> pruning = GradualPruning(target_sparsity=0.8, structure="unstructured", exclude=["classifier"])
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        >>> GradualPruning(target_sparsity=90)
+        Traceback (most recent call last):
+        ...
+        ValueError: target_sparsity must be in [0, 1), got 90. HINT: a fraction, not a percentage (0.9, not 90).
+    """
+
+    report_title = "pruning"
+
+    def __init__(
+        self,
+        target_sparsity: float | None = None,
+        *,
+        schedule: ScheduleName | Schedule = "cubic",
+        start_step: int = 0,
+        end_step: int | None = None,
+        start_epoch: float | None = None,
+        end_epoch: float | None = None,
+        update_every_n_steps: int = 10,
+        criterion: F.Criterion = "magnitude",
+        structure: str = "unstructured",
+        scope: str = "global",
+        norm: float = 2.0,
+        overrides: dict[str, float] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        types: Sequence[str] = DEFAULT_PRUNABLE_TYPES,
+        rewind_to_step: int | None = None,
+        make_permanent: bool = True,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.structure = F.parse_structure(structure)
+        limit = self.structure.max_sparsity
+        if target_sparsity is None:
+            target_sparsity = limit if self.structure.kind == "n:m" else 0.9
+        upper = limit + 1e-12 if self.structure.kind == "n:m" else 1.0
+        self.target_sparsity = _check_sparsity("target_sparsity", target_sparsity, upper)
+        self.schedule = resolve_schedule(schedule)
+        for argument, value in (("start_step", start_step), ("end_step", end_step), ("rewind_to_step", rewind_to_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{argument} must be a non-negative integer step, got {value!r}.")
+        for argument, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
+            if value is not None and (not isinstance(value, int | float) or value < 0):
+                raise ValueError(f"{argument} must be a non-negative number of epochs, got {value!r}.")
+        if end_step is not None and end_step <= start_step:
+            raise ValueError(f"end_step must be > start_step, got start_step={start_step} and end_step={end_step}.")
+        if start_epoch is not None and end_epoch is not None and end_epoch <= start_epoch:
+            raise ValueError(f"end_epoch must be > start_epoch, got {start_epoch} and {end_epoch}.")
+        if not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
+            raise ValueError(f"update_every_n_steps must be an integer >= 1, got {update_every_n_steps!r}.")
+        if criterion not in F.CRITERIA:
+            raise ValueError(f"criterion must be one of {list(F.CRITERIA)}, got {criterion!r}.")
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}.")
+        if not isinstance(norm, int | float) or norm <= 0:
+            raise ValueError(f"norm must be a positive number (the n of the Ln norm), got {norm!r}.")
+        self.overrides = {
+            str(p): _check_sparsity(f"overrides[{p!r}]", s, upper) for p, s in (overrides or {}).items()
+        }
+        validate_patterns("overrides", list(self.overrides))
+        self.include = validate_patterns("include", include)
+        self.exclude = validate_patterns("exclude", exclude)
+        self.types = validate_patterns("types", types)
+        if rewind_to_step is not None and end_step is not None and rewind_to_step >= end_step:
+            raise ValueError(f"rewind_to_step must be < end_step, got {rewind_to_step} >= {end_step}.")
+        self.start_step, self.end_step = start_step, end_step
+        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.update_every_n_steps = update_every_n_steps
+        self.criterion = criterion
+        self.scope = scope
+        self.norm = float(norm)
+        self.rewind_to_step = rewind_to_step
+        self.make_permanent = make_permanent
+        self.seed = seed
+
+        # Runtime state. Masks are keyed by full parameter name; True = keep.
+        self._targets: list[ParameterTarget] = []
+        self._masks: dict[str, torch.Tensor] = {}
+        self._taylor: dict[str, torch.Tensor] = {}
+        self._rewind: dict[str, torch.Tensor] = {}
+        self._last_update_step = -1
+        self._window: tuple[int, int] = (0, 1)
+        self._pending_state: dict[str, Any] | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._params_of: dict[int, list[ParameterTarget]] = {}
+        self._metrics: dict[str, float] = {}
+        self._model_id: int | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.check_unique(trainer)
+        if not self.make_permanent and getattr(trainer.strategy, "_start_method", None) == "spawn":
+            raise ValueError(
+                "make_permanent=False cannot be used with a spawn strategy (ddp_spawn): the parent process "
+                "reloads weights with strict=False and would silently drop the masked reparametrisation. "
+                "HINT: keep make_permanent=True (weights come back with their zeros) or use strategy='ddp'."
+            )
+        self._undo_torch_reparametrisation(pl_module)
+        self._targets = select_parameters(pl_module, include=self.include, exclude=self.exclude, types=self.types)
+        for t in self._targets:
+            F.check_fits(self.structure, t.name, t.parameter.shape)
+        names = [t.name for t in self._targets]
+        for pattern in self.overrides:
+            if not any(matches(t.name, [pattern]) or matches(t.module_name, [pattern]) for t in self._targets):
+                raise ValueError(f"overrides pattern {pattern!r} matches no pruned parameter. Pruned: {names}.")
+        if self._model_id != id(pl_module) or set(self._masks) != set(names):
+            # A different model (or a different selection): start from scratch. The same model in a
+            # repeated fit keeps its masks, which only grow.
+            self._masks, self._taylor, self._rewind, self._last_update_step = {}, {}, {}, -1
+        self._model_id = id(pl_module)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Called after `setup` and after the model weights were restored; validated in on_fit_start.
+        self._pending_state = state_dict
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "last_update_step": self._last_update_step,
+            "masks": {k: v.cpu() for k, v in self._masks.items()},
+            "taylor": {k: v.cpu() for k, v in self._taylor.items()},
+            "rewind": {k: v.cpu() for k, v in self._rewind.items()},
+        }
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window = resolve_window(
+            trainer,
+            start_step=self.start_step,
+            end_step=self.end_step,
+            start_epoch=self.start_epoch,
+            end_epoch=self.end_epoch,
+        )
+        if self.rewind_to_step is not None and self.rewind_to_step >= self._window[1]:
+            raise ValueError(f"rewind_to_step must be < end_step, got {self.rewind_to_step} >= {self._window[1]}.")
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+        self._apply_masks(trainer)
+        self._params_of = {
+            id(opt): [t for t in self._targets if any(t.parameter is p for g in opt.param_groups for p in g["params"])]
+            for opt in trainer.optimizers
+        }
+        self._remove_hooks()
+        self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        self._refresh_metrics(trainer.global_step)
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.rewind_to_step and not self._rewind and self._last_update_step < self._window[1]:
+            self._rewind = {t.name: t.parameter.detach().clone() for t in self._targets}
+        if self._is_update_step(step):
+            self._update(trainer, step)
+        self.log_metrics(pl_module, self._metrics)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        for t in self._params_of.get(id(optimizer), ()):
+            param = t.parameter
+            if param.grad is None:
+                continue
+            if self.criterion == "taylor" and self._last_update_step < self._window[1]:
+                score = (param.detach() * param.grad).abs_()
+                acc = self._taylor.get(t.name)
+                self._taylor[t.name] = score if acc is None else acc.add_(score)
+            if t.name in self._masks:
+                param.grad.mul_(self._masks[t.name])
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        if not self.make_permanent:
+            for t in self._targets:
+                if t.name in self._masks:
+                    prune.custom_from_mask(t.module, t.param_name, self._masks[t.name])
+        super().on_fit_end(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        super().teardown(trainer, pl_module, stage)
+
+    # ---------------------------------------------------------------- schedule
+    def target_at(self, step: int) -> dict[str, float]:
+        """Scheduled sparsity of every pruned parameter at ``step`` (overrides applied)."""
+        start, end = self._window
+        out = {}
+        for t in self._targets:
+            final = next(
+                (s for p, s in self.overrides.items() if matches(t.name, [p]) or matches(t.module_name, [p])),
+                self.target_sparsity,
+            )
+            out[t.name] = self.schedule(step, start=start, end=end, initial=0.0, final=final)
+        return out
+
+    def _is_update_step(self, step: int) -> bool:
+        start, end = self._window
+        if step < start or step == self._last_update_step:
+            return False
+        on_period = (step - start) % self.update_every_n_steps == 0 and step <= end
+        return on_period or (step >= end and self._last_update_step < end)
+
+    # ---------------------------------------------------------------- masks
+    @torch.no_grad()
+    def _update(self, trainer: pl.Trainer, step: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        scores = {
+            t.name: F.element_scores(t.parameter, self.criterion, taylor=self._taylor.get(t.name), generator=generator)
+            for t in self._targets
+        }
+        targets = self.target_at(step)
+        overridden = {t.name for t in self._targets if any(matches(t.name, [p]) or matches(t.module_name, [p]) for p in self.overrides)}
+        if self.scope == "global":
+            shared = {k: v for k, v in scores.items() if k not in overridden}
+            level = next((targets[k] for k in shared), 0.0)
+            masks = F.global_masks(shared, self._masks, level, self.structure, self.norm) if shared else {}
+            masks.update(F.layer_masks({k: scores[k] for k in overridden}, self._masks, targets, self.structure, self.norm))
+        else:
+            masks = F.layer_masks(scores, self._masks, targets, self.structure, self.norm)
+        self._masks = _broadcast_masks(trainer, masks)
+        self._taylor = {}
+        self._last_update_step = step
+        self._apply_masks(trainer, zero_optimizer_state=True)
+        if step >= self._window[1] and self._rewind:
+            self._rewind_weights(trainer)
+        self._refresh_metrics(step)
+
+    def _apply_masks(self, trainer: pl.Trainer, zero_optimizer_state: bool = False) -> None:
+        for t in self._targets:
+            mask = self._masks.get(t.name)
+            if mask is None:
+                continue
+            F.apply_mask_(t.parameter, mask)
+            if zero_optimizer_state:
+                for opt in trainer.optimizers:
+                    for value in opt.state.get(t.parameter, {}).values():
+                        if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                            value.mul_(mask)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for t in self._params_of.get(id(optimizer), ()):
+            mask = self._masks.get(t.name)
+            if mask is not None:
+                F.apply_mask_(t.parameter, mask)
+
+    @torch.no_grad()
+    def _rewind_weights(self, trainer: pl.Trainer) -> None:
+        for t in self._targets:
+            t.parameter.copy_(self._rewind[t.name].to(t.parameter.device))
+            for opt in trainer.optimizers:
+                for value in opt.state.get(t.parameter, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == t.parameter.shape:
+                        value.zero_()
+        self._rewind = {}
+        self._apply_masks(trainer)
+
+    def _refresh_metrics(self, step: int) -> None:
+        params = [t.parameter for t in self._targets]
+        total = sum(p.numel() for p in params)
+        nonzero = sum(count_nonzero(p) for p in params)
+        targets = self.target_at(step)
+        self._metrics = {
+            "sparsity": 1.0 - nonzero / total if total else 0.0,
+            "target_sparsity": sum(targets[t.name] * t.parameter.numel() for t in self._targets) / max(total, 1),
+            "nonzero_params": float(nonzero),
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        masks = state.get("masks", {})
+        expected = {t.name: t.parameter for t in self._targets}
+        problems = [f"{k} (not in the model)" for k in masks if k not in expected]
+        problems += [
+            f"{k} (mask {tuple(m.shape)} vs weight {tuple(expected[k].shape)})"
+            for k, m in masks.items()
+            if k in expected and m.shape != expected[k].shape
+        ]
+        if problems:
+            raise ValueError(
+                f"The checkpoint's {type(self).__name__} masks do not fit the model: {', '.join(problems)}. "
+                f"Pruned parameters of this model: {sorted(expected)}. HINT: resume with the same model and the "
+                "same include/exclude/types."
+            )
+        self._masks = {k: m.to(expected[k].device, torch.bool) for k, m in masks.items()}
+        self._taylor = {k: v.to(expected[k].device) for k, v in state.get("taylor", {}).items() if k in expected}
+        self._rewind = {k: v.to(expected[k].device) for k, v in state.get("rewind", {}).items() if k in expected}
+        self._last_update_step = int(state.get("last_update_step", -1))
+
+    def _undo_torch_reparametrisation(self, pl_module: pl.LightningModule) -> None:
+        # A model finished with make_permanent=False carries torch.nn.utils.prune's weight_orig/weight_mask;
+        # fold it back into plain weights and keep its mask, so training can continue from it.
+        for module_name, module in pl_module.named_modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    param_name = hook._tensor_name
+                    mask = getattr(module, param_name + "_mask").detach().bool().clone()
+                    prune.remove(module, param_name)
+                    full = f"{module_name}.{param_name}" if module_name else param_name
+                    self._masks[full] = mask
+                    self._model_id = id(pl_module)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @override
+    def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        start, end = self._window
+        return {
+            "target_sparsity": self.target_sparsity,
+            "measured_sparsity": self._metrics.get("sparsity", 0.0),
+            "structure": str(self.structure),
+            "criterion": self.criterion,
+            "scope": self.scope,
+            "schedule": repr(self.schedule),
+            "window_steps": f"{start}..{end}, every {self.update_every_n_steps}",
+            "layers": [
+                {
+                    "parameter": t.name,
+                    "shape": "x".join(map(str, t.parameter.shape)),
+                    "sparsity": round(1.0 - count_nonzero(t.parameter) / t.parameter.numel(), 4),
+                }
+                for t in self._targets
+            ],
+        }
+
+
+def _broadcast_masks(trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank zero's masks on every process.
+
+    The computation is deterministic on identical weights and all-reduced gradients, but a tie broken
+    differently by floating-point noise would desynchronise the ranks forever; one broadcast per
+    update (not per step) rules that out.
+    """
+    if not (isinstance(trainer.strategy, DDPStrategy) and dist.is_available() and dist.is_initialized()):
+        return masks
+    if dist.get_world_size() < 2:
+        return masks
+    out = {}
+    for name in sorted(masks):
+        payload = masks[name].to(torch.uint8)
+        dist.broadcast(payload, src=0)
+        out[name] = payload.bool()
+    return out

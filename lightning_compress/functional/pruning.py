@@ -1,0 +1,274 @@
+"""How pruning masks are computed: scores, structures and mask updates, in pure torch.
+
+A *structure* splits a weight, viewed as a matrix ``[out, in * kernel]``, into groups that are kept or
+dropped together:
+
+- ``unstructured``: every weight is its own group.
+- ``channels``: one group per output channel (filter / row), scored by its Ln norm.
+- ``block`` (``"block:1x4"`` or ``"1x4"``): ``rows x cols`` tiles of the matrix.
+- ``n:m`` (``"2:4"``): in every run of ``m`` consecutive input weights keep the ``n`` largest. Gradual
+  N:M converts a growing share of the runs, so the final sparsity is exactly ``1 - n/m``.
+
+Masks only grow: what was pruned stays pruned (its score is ``-inf`` so it is chosen first), and a
+sparsity below the current one never revives anything.
+
+Example::
+
+    >>> import torch
+    >>> w = torch.tensor([[0.1, -2.0, 0.3, 4.0], [-5.0, 0.2, 6.0, -0.4]])
+    >>> structure = parse_structure("2:4")
+    >>> mask = layer_masks({"w": w.abs()}, {}, {"w": 0.5}, structure)["w"]
+    >>> mask.int().tolist()
+    [[0, 1, 0, 1], [1, 0, 1, 0]]
+    >>> layer_masks({"w": w.abs()}, {}, {"w": 0.25}, parse_structure("unstructured"))["w"].int().tolist()
+    [[0, 1, 1, 1], [1, 0, 1, 1]]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+StructureKind = Literal["unstructured", "channels", "block", "n:m"]
+Criterion = Literal["magnitude", "random", "taylor"]
+CRITERIA: tuple[str, ...] = ("magnitude", "random", "taylor")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A parsed pruning structure (see the module docstring)."""
+
+    kind: StructureKind
+    block: tuple[int, int] = (1, 1)
+    n: int = 0
+    m: int = 0
+
+    @property
+    def max_sparsity(self) -> float:
+        """Highest sparsity the structure can reach (``1 - n/m`` for N:M, below 1 otherwise)."""
+        return 1.0 - self.n / self.m if self.kind == "n:m" else 1.0
+
+    def __str__(self) -> str:
+        if self.kind == "n:m":
+            return f"{self.n}:{self.m}"
+        if self.kind == "block":
+            return f"block:{self.block[0]}x{self.block[1]}"
+        return self.kind
+
+
+_STRUCTURE_HELP = "'unstructured', 'channels', an N:M pattern such as '2:4', or a block such as 'block:1x4'"
+
+
+def parse_structure(spec: str) -> Structure:
+    """Parse ``"unstructured"``, ``"channels"``, ``"2:4"``, ``"block:1x4"`` (or ``"1x4"``).
+
+    Raises:
+        ValueError: naming what was received and what is accepted.
+
+    Example::
+
+        >>> parse_structure("block:2x4")
+        Structure(kind='block', block=(2, 4), n=0, m=0)
+        >>> parse_structure("4:2")
+        Traceback (most recent call last):
+        ...
+        ValueError: structure '4:2' needs N < M (keep N of every M weights), got N=4, M=2.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"structure must be {_STRUCTURE_HELP}; got {spec!r}.")
+    text = spec.strip().lower()
+    if text in ("unstructured", "channels"):
+        return Structure(kind=text)  # type: ignore[arg-type]
+    if match := re.fullmatch(r"(\d+):(\d+)", text):
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise ValueError(f"structure {spec!r} needs N < M (keep N of every M weights), got N={n}, M={m}.")
+        return Structure(kind="n:m", n=n, m=m)
+    if match := re.fullmatch(r"(?:block:)?(\d+)x(\d+)", text):
+        rows, cols = int(match[1]), int(match[2])
+        if rows < 1 or cols < 1:
+            raise ValueError(f"structure {spec!r} needs a block of at least 1x1.")
+        return Structure(kind="block", block=(rows, cols))
+    raise ValueError(f"structure must be {_STRUCTURE_HELP}; got {spec!r}.")
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """View a weight as ``[out, in * kernel]`` (a 1-D tensor becomes one row)."""
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+def check_fits(structure: Structure, name: str, shape: torch.Size | tuple[int, ...]) -> None:
+    """Raise a ``ValueError`` naming the parameter when ``structure`` cannot tile a weight of ``shape``."""
+    rows, cols = as_matrix(torch.empty(shape, device="meta")).shape
+    if structure.kind == "n:m" and cols % structure.m:
+        raise ValueError(
+            f"structure '{structure}' needs the input size of {name!r} to divide by M={structure.m}, "
+            f"but its weight {tuple(shape)} has {cols} inputs per output. HINT: exclude it, e.g. exclude=[{name!r}]."
+        )
+    if structure.kind == "block" and (rows % structure.block[0] or cols % structure.block[1]):
+        raise ValueError(
+            f"structure '{structure}' needs {name!r} (as a {rows}x{cols} matrix) to divide into "
+            f"{structure.block[0]}x{structure.block[1]} blocks. HINT: exclude it or choose another block."
+        )
+
+
+def _tile(structure: Structure, shape: torch.Size) -> tuple[int, int]:
+    rows, cols = as_matrix(torch.empty(shape, device="meta")).shape
+    if structure.kind == "channels":
+        return 1, cols
+    if structure.kind == "n:m":
+        return 1, structure.m
+    return structure.block
+
+
+def to_groups(t: torch.Tensor, structure: Structure) -> torch.Tensor:
+    """Rearrange ``t`` into ``[num_groups, group_size]`` for ``structure``."""
+    bh, bw = _tile(structure, t.shape)
+    mat = as_matrix(t)
+    rows, cols = mat.shape
+    return mat.reshape(rows // bh, bh, cols // bw, bw).permute(0, 2, 1, 3).reshape(-1, bh * bw)
+
+
+def from_groups(groups: torch.Tensor, structure: Structure, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`to_groups`: back to a tensor of ``shape``."""
+    bh, bw = _tile(structure, shape)
+    rows, cols = as_matrix(torch.empty(shape, device="meta")).shape
+    return groups.reshape(rows // bh, cols // bw, bh, bw).permute(0, 2, 1, 3).reshape(shape)
+
+
+def element_scores(
+    weight: torch.Tensor,
+    criterion: Criterion,
+    *,
+    taylor: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Importance of each weight: ``|w|``, uniform random, or accumulated first-order Taylor ``|w * grad|``.
+
+    Taylor falls back to magnitude while nothing has been accumulated (e.g. at step 0).
+    """
+    w = weight.detach()
+    if criterion == "magnitude" or (criterion == "taylor" and (taylor is None or not torch.any(taylor))):
+        return w.abs().float()
+    if criterion == "taylor":
+        return taylor.float()  # type: ignore[union-attr]
+    if criterion == "random":
+        return torch.rand(w.shape, generator=generator, device="cpu").to(w.device)
+    raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}.")
+
+
+def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure, norm: float) -> torch.Tensor:
+    groups = to_groups(scores, structure)
+    # Normalised by group size so that groups of different layers compare fairly in global scope.
+    value = torch.linalg.vector_norm(groups, ord=norm, dim=1) / groups.shape[1] ** (1.0 / norm)
+    if mask is not None:
+        pruned = ~to_groups(mask, structure).any(dim=1)
+        value = value.masked_fill(pruned, -math.inf)
+    return value
+
+
+def _nm_costs(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per run: the cost of making it N:M (sum of its m-n smallest scores), and the scores to use inside it."""
+    groups = to_groups(scores, structure).clone()
+    converted = torch.zeros(groups.shape[0], dtype=torch.bool, device=groups.device)
+    if mask is not None:
+        gmask = to_groups(mask, structure)
+        converted = ~gmask.all(dim=1)
+        groups = groups.masked_fill(~gmask, -math.inf)  # keep what is pruned pruned
+    smallest = groups.sort(dim=1).values[:, : structure.m - structure.n]
+    cost = smallest.clamp_min(0).sum(dim=1).masked_fill(converted, -math.inf)
+    return cost, groups
+
+
+def _nm_mask(groups: torch.Tensor, chosen: torch.Tensor, structure: Structure, shape: torch.Size) -> torch.Tensor:
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    drop_idx = groups.argsort(dim=1, stable=True)[:, : structure.m - structure.n]
+    dropped = torch.zeros_like(keep).scatter_(1, drop_idx, True)
+    keep[chosen] = ~dropped[chosen]
+    return from_groups(keep, structure, shape)
+
+
+def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean selector of the ``k`` lowest values (stable order, so every process picks the same)."""
+    chosen = torch.zeros_like(values, dtype=torch.bool)
+    if k > 0:
+        chosen[values.argsort(stable=True)[:k]] = True
+    return chosen
+
+
+def _already_pruned(values: torch.Tensor) -> int:
+    return int(torch.isneginf(values).sum())
+
+
+def layer_masks(
+    scores: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    sparsity: Mapping[str, float],
+    structure: Structure,
+    norm: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """New masks (``True`` = keep) giving each tensor its own ``sparsity[name]``.
+
+    ``masks`` holds the current masks (missing = all kept); they only grow.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, score in scores.items():
+        old = masks.get(name)
+        if structure.kind == "n:m":
+            cost, groups = _nm_costs(score, old, structure)
+            k = max(round(sparsity[name] / structure.max_sparsity * cost.numel()), _already_pruned(cost))
+            out[name] = _nm_mask(groups, _lowest(cost, k), structure, score.shape)
+        else:
+            values = _group_scores(score, old, structure, norm)
+            k = max(round(sparsity[name] * values.numel()), _already_pruned(values))
+            keep = ~_lowest(values, k)
+            out[name] = from_groups(keep[:, None].expand(-1, to_groups(score, structure).shape[1]), structure, score.shape)
+    return out
+
+
+def global_masks(
+    scores: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    sparsity: float,
+    structure: Structure,
+    norm: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """New masks reaching ``sparsity`` over all tensors together: the lowest-scored groups anywhere go first."""
+    names = list(scores)
+    if structure.kind == "n:m":
+        per = [_nm_costs(scores[n], masks.get(n), structure) for n in names]
+        costs = torch.cat([c for c, _ in per])
+        k = max(round(sparsity / structure.max_sparsity * costs.numel()), _already_pruned(costs))
+        chosen = _lowest(costs, k).split([c.numel() for c, _ in per])
+        return {n: _nm_mask(g, c, structure, scores[n].shape) for n, (_, g), c in zip(names, per, chosen, strict=True)}
+
+    values = [_group_scores(scores[n], masks.get(n), structure, norm) for n in names]
+    sizes = [to_groups(scores[n], structure).shape[1] for n in names]
+    flat = torch.cat(values)
+    weight = torch.cat([torch.full_like(v, s) for v, s in zip(values, sizes, strict=True)])
+    order = flat.argsort(stable=True)
+    # Prune the lowest groups until the pruned share of all weights is closest to the target.
+    cumulative = weight[order].cumsum(0)
+    target = sparsity * float(weight.sum())
+    k = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=cumulative.dtype)))
+    pruned_before = float(cumulative[k - 1]) if k > 0 else 0.0
+    if k < len(order) and abs(float(cumulative[k]) - target) < abs(pruned_before - target):
+        k += 1
+    k = max(k, _already_pruned(flat))
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[order[:k]] = False
+    out = {}
+    for name, part, size in zip(names, keep.split([v.numel() for v in values]), sizes, strict=True):
+        out[name] = from_groups(part[:, None].expand(-1, size), structure, scores[name].shape)
+    return out
+
+
+@torch.no_grad()
+def apply_mask_(tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero ``tensor`` where ``mask`` is ``False``, in place."""
+    tensor.mul_(mask)
