@@ -32,7 +32,8 @@ class CompressionCallback(Callback):
     Args:
         name: distinguishes several instances of one callback on a trainer (e.g. two pruning groups):
             it becomes part of the checkpoint state key and of the metric names
-            (``compress/<name>/sparsity``). ``None`` logs plain ``compress/sparsity``.
+            (``compress/<name>/sparsity``). ``None`` logs plain ``compress/sparsity``. Lightning refuses
+            two callbacks with one state key when the Trainer is built.
     """
 
     report_title: str = "compression"
@@ -58,15 +59,6 @@ class CompressionCallback(Callback):
         """Log ``metrics`` through Lightning from a hook that allows ``pl_module.log``."""
         for key, value in metrics.items():
             pl_module.log(self.metric(key), value, on_step=True, on_epoch=False, batch_size=1, **kwargs)
-
-    def check_unique(self, trainer: pl.Trainer) -> None:
-        """Two instances with one state key would overwrite each other's checkpoint state: refuse that."""
-        twins = [cb for cb in trainer.callbacks if isinstance(cb, type(self)) and cb.state_key == self.state_key]
-        if len(twins) > 1:
-            raise ValueError(
-                f"{len(twins)} {type(self).__name__} callbacks share name={self.name!r}; their checkpoint "
-                f"state and metrics would collide. Give each a distinct `name=`."
-            )
 
     # ---- what subclasses contribute to the combined report -------------------------------------
     def layer_bits(self) -> dict[str, float]:

@@ -191,7 +191,6 @@ class GradualPruning(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.check_unique(trainer)
         if not self.make_permanent and getattr(trainer.strategy, "_start_method", None) == "spawn":
             raise ValueError(
                 "make_permanent=False cannot be used with a spawn strategy (ddp_spawn): the parent process "

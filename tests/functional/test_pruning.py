@@ -1,0 +1,145 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_compress.functional import pruning as F
+
+
+def sparsity_of(mask: torch.Tensor) -> float:
+    return 1.0 - mask.float().mean().item()
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("unstructured", F.Structure("unstructured")),
+        ("channels", F.Structure("channels")),
+        ("2:4", F.Structure("n:m", n=2, m=4)),
+        ("block:1x4", F.Structure("block", block=(1, 4))),
+        ("4x2", F.Structure("block", block=(4, 2))),
+    ],
+)
+def test_parse_structure(spec: str, expected: F.Structure) -> None:
+    assert F.parse_structure(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["2:2", "0:4", "columns", "block:0x4", "1x"])
+def test_parse_structure_rejects(spec: str) -> None:
+    with pytest.raises(ValueError, match="structure"):
+        F.parse_structure(spec)
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channels", "block:2x4", "2:4"])
+def test_groups_round_trip(structure: str) -> None:
+    s = F.parse_structure(structure)
+    t = torch.randn(8, 4, 3, 3) if structure != "block:2x4" else torch.randn(8, 16)
+    assert torch.equal(F.from_groups(F.to_groups(t, s), s, t.shape), t)
+
+
+def test_unstructured_layer_matches_reference_topk() -> None:
+    w = torch.randn(16, 32)
+    mask = F.layer_masks({"w": w.abs()}, {}, {"w": 0.7}, F.parse_structure("unstructured"))["w"]
+    k = round(0.7 * w.numel())
+    reference = torch.ones_like(mask)
+    reference.view(-1)[w.abs().view(-1).argsort()[:k]] = False
+    assert torch.equal(mask, reference)
+
+
+def test_channels_prunes_lowest_norm_rows() -> None:
+    w = torch.randn(10, 6)
+    w[3] *= 0.01
+    w[7] *= 0.02
+    mask = F.layer_masks({"w": w.abs()}, {}, {"w": 0.2}, F.parse_structure("channels"))["w"]
+    assert (~mask).all(dim=1).nonzero().flatten().tolist() == [3, 7]
+    assert mask[[0, 1, 2, 4, 5, 6, 8, 9]].all()
+
+
+def test_n_m_keeps_largest_n_of_every_m_and_is_exact() -> None:
+    w = torch.randn(6, 16)
+    mask = F.layer_masks({"w": w.abs()}, {}, {"w": 0.5}, F.parse_structure("2:4"))["w"]
+    groups = mask.reshape(-1, 4)
+    assert (groups.sum(1) == 2).all()
+    kept = w.abs().reshape(-1, 4).topk(2, dim=1).indices.sort(1).values
+    assert torch.equal(groups.nonzero()[:, 1].reshape(-1, 2), kept)
+    assert sparsity_of(mask) == 0.5
+
+
+def test_gradual_n_m_converts_a_share_of_runs_and_masks_only_grow() -> None:
+    w = torch.randn(4, 32)
+    s = F.parse_structure("2:4")
+    half = F.layer_masks({"w": w.abs()}, {}, {"w": 0.25}, s)["w"]
+    assert sparsity_of(half) == 0.25
+    full = F.layer_masks({"w": torch.randn(4, 32).abs()}, {"w": half}, {"w": 0.5}, s)["w"]
+    assert sparsity_of(full) == 0.5
+    assert not (full & ~half).any()  # nothing pruned came back
+
+
+def test_block_masks_whole_blocks() -> None:
+    w = torch.randn(4, 8)
+    mask = F.layer_masks({"w": w.abs()}, {}, {"w": 0.5}, F.parse_structure("block:2x4"))["w"]
+    blocks = mask.reshape(2, 2, 2, 4).permute(0, 2, 1, 3).reshape(4, 8)
+    assert all(b.all() or not b.any() for b in blocks)
+    assert sparsity_of(mask) == 0.5
+
+
+def test_global_scope_ranks_across_layers() -> None:
+    small = torch.full((4, 4), 0.01) + torch.rand(4, 4) * 0.001
+    large = torch.ones(4, 4) + torch.rand(4, 4)
+    masks = F.global_masks({"a": small, "b": large}, {}, 0.5, F.parse_structure("unstructured"))
+    assert not masks["a"].any() and masks["b"].all()
+
+
+def test_check_fits_names_layer_and_hint() -> None:
+    with pytest.raises(ValueError, match=r"'conv1.weight'.*9 inputs.*HINT: exclude it"):
+        F.check_fits(F.parse_structure("2:4"), "conv1.weight", (8, 1, 3, 3))
+    with pytest.raises(ValueError, match="1x4 blocks"):
+        F.check_fits(F.parse_structure("1x4"), "fc.weight", (8, 6))
+
+
+def test_taylor_falls_back_to_magnitude_without_gradients() -> None:
+    w = torch.randn(3, 3)
+    assert torch.equal(F.element_scores(w, "taylor", taylor=torch.zeros(3, 3)), w.abs())
+    acc = torch.rand(3, 3)
+    assert torch.equal(F.element_scores(w, "taylor", taylor=acc), acc)
+
+
+def test_random_is_reproducible_with_a_seeded_generator() -> None:
+    w = torch.randn(5, 5)
+    a = F.element_scores(w, "random", generator=torch.Generator().manual_seed(3))
+    b = F.element_scores(w, "random", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    cols=st.sampled_from([4, 8, 12]),
+    s1=st.floats(0.0, 0.95),
+    s2=st.floats(0.0, 0.95),
+    structure=st.sampled_from(["unstructured", "channels", "block:1x4"]),
+    scope=st.sampled_from(["layer", "global"]),
+    seed=st.integers(0, 1000),
+)
+def test_masks_reach_target_and_only_grow(rows, cols, s1, s2, structure, scope, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    scores = {"a": torch.rand(rows, cols, generator=g), "b": torch.rand(rows + 1, cols, generator=g)}
+    s = F.parse_structure(structure)
+    first = _masks(scores, {}, s1, s, scope)
+    second = _masks({k: torch.rand(v.shape, generator=g) for k, v in scores.items()}, first, s2, s, scope)
+    for name in scores:
+        assert not (second[name] & ~first[name]).any(), "a pruned weight came back"
+    if structure == "unstructured" and scope == "layer":
+        for name, score in scores.items():
+            pruned = (~first[name]).sum().item()
+            assert abs(pruned - s1 * score.numel()) <= 0.5 + 1e-9  # within one weight per layer
+    if structure == "unstructured" and scope == "global":
+        total = sum(v.numel() for v in scores.values())
+        pruned = sum((~m).sum().item() for m in first.values())
+        assert abs(pruned - s1 * total) <= 0.5 + 1e-9
+
+
+def _masks(scores, old, level, structure, scope):
+    if scope == "global":
+        return F.global_masks(scores, old, level, structure)
+    return F.layer_masks(scores, old, dict.fromkeys(scores, level), structure)
