@@ -90,9 +90,13 @@ class CompressionReport:
         }
         if example_input is not None:
             args, kwargs = as_call(example_input)
-            flops = module_flops(model, *args, **kwargs)
-            summary["flops"] = flops.get("", 0)
-            summary["effective_flops"] = effective_flops(flops, layers)
+            try:
+                flops = module_flops(model, *args, **kwargs)
+            except Exception as err:  # a report must not fail a finished training run
+                summary["flops"] = f"not counted: the example input failed ({type(err).__name__}: {err})"
+            else:
+                summary["flops"] = flops.get("", 0)
+                summary["effective_flops"] = effective_flops(flops, layers)
         return cls(layers=layers, summary=summary, sections=dict(sections or {}))
 
     def as_dict(self) -> dict[str, Any]:

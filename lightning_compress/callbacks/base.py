@@ -72,6 +72,10 @@ class CompressionCallback(Callback):
     # ---- example input for FLOPs -----------------------------------------------------------------
     def _capture_first_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # One sample of the first real forward call, so FLOPs are counted on what the model really sees.
+        if "forward" in vars(module):
+            # Lightning's forward redirection (DDP and friends) patches the instance's `forward` to route
+            # `training_step(batch, batch_idx)` through the wrapper: those are not forward inputs.
+            return
         def first(t: torch.Tensor) -> torch.Tensor:
             return t[:1].detach().clone() if t.dim() > 0 else t.detach().clone()
 
