@@ -1,0 +1,115 @@
+"""GradualPruning vs Lightning's ModelPruning on the digits CNN, side by side in one process.
+
+Both prune the same weights (every Conv2d/Linear) of the same model on the same data for the same
+epochs, toward the same *total* sparsity on the same cubic schedule: ModelPruning's per-epoch
+``amount`` ("fraction of what remains") is converted from the cubic total-sparsity schedule, and it
+prunes at each epoch end; GradualPruning updates every ``--every`` optimizer steps.
+
+Printed per target: final measured sparsity, validation accuracy, and the ratio of the steady-state
+training step time (median of consecutive ``on_train_batch_end`` intervals, first epoch skipped) to
+plain training without any callback.
+
+    python benchmarks/pruning_vs_modelpruning.py --epochs 10 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelPruning
+
+from lightning_compress import GradualPruning
+from lightning_compress.demo import DigitsCNN, DigitsDataModule
+from lightning_compress.functional.stats import global_sparsity
+from lightning_compress.schedules import Cubic
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = None  # do not count validation / epoch boundaries
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None and trainer.current_epoch > 0:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def modelpruning_amounts(target: float, end_epoch: int):
+    """Per-epoch 'fraction of remaining' amounts that follow the cubic total-sparsity schedule."""
+    cubic = Cubic()
+
+    def total(epoch: int) -> float:  # sparsity after pruning at the end of `epoch`
+        return cubic(epoch + 1, start=0, end=end_epoch, initial=0.0, final=target)
+
+    def amount(epoch: int) -> float:
+        before = total(epoch - 1) if epoch > 0 else 0.0
+        return 0.0 if total(epoch) <= before else (total(epoch) - before) / (1.0 - before)
+
+    return amount
+
+
+def run(kind: str, target: float, epochs: int, end_epoch: int, every: int, seed: int) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    model = DigitsCNN()
+    weights = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    callbacks: list[pl.Callback] = [StepTimer()]
+    if kind == "ours":
+        callbacks.insert(0, GradualPruning(target, end_epoch=end_epoch, update_every_n_steps=every, types=["Conv2d", "Linear"]))
+    elif kind == "ModelPruning":
+        callbacks.insert(0, ModelPruning("l1_unstructured", parameters_to_prune=weights,
+                                         amount=modelpruning_amounts(target, end_epoch), use_global_unstructured=True,
+                                         make_pruning_permanent=True, verbose=0))
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         num_sanity_val_steps=0)
+    trainer.fit(model, DigitsDataModule(seed=seed))
+    val = trainer.validate(model, DigitsDataModule(seed=seed), verbose=False)[0]
+    return {
+        "sparsity": global_sparsity(getattr(m, n) for m, n in weights),
+        "acc": val["val_acc"],
+        "step": statistics.median(callbacks[-1].times),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--end-epoch", type=int, default=7)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="seeds; timings are medians over them")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    results: dict[tuple[str, float], list[dict]] = {}
+    for seed in range(args.repeats):  # interleaved, so machine noise spreads over all configurations
+        for kind, target in [("plain", 0.0)] + [(k, t) for t in args.targets for k in ("ours", "ModelPruning")]:
+            results.setdefault((kind, target), []).append(run(kind, target, args.epochs, args.end_epoch, args.every, seed))
+
+    def med(kind: str, target: float, key: str) -> float:
+        return statistics.median(r[key] for r in results[(kind, target)])
+
+    plain = med("plain", 0.0, "step")
+    print(f"\nplain training: {plain * 1e3:.2f} ms/step, val acc {med('plain', 0.0, 'acc'):.4f} "
+          f"(median of {args.repeats} seeds, torch threads=1)\n")
+    print("| target | callback | final sparsity | val acc (median) | val acc (min..max) | step time / plain |")
+    print("| ---: | --- | ---: | ---: | --- | ---: |")
+    for target in args.targets:
+        for kind in ("ours", "ModelPruning"):
+            accs = [r["acc"] for r in results[(kind, target)]]
+            name = "GradualPruning" if kind == "ours" else "ModelPruning"
+            print(f"| {target:.0%} | {name} | {med(kind, target, 'sparsity'):.4f} | {statistics.median(accs):.4f} "
+                  f"| {min(accs):.4f}..{max(accs):.4f} | {med(kind, target, 'step') / plain:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
