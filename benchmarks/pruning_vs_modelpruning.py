@@ -15,7 +15,9 @@ plain training without any callback.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
+import tempfile
 import time
 
 import pytorch_lightning as pl
@@ -63,14 +65,32 @@ def run(kind: str, target: float, epochs: int, end_epoch: int, every: int, seed:
     weights = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     callbacks: list[pl.Callback] = [StepTimer()]
     if kind == "ours":
-        callbacks.insert(0, GradualPruning(target, end_epoch=end_epoch, update_every_n_steps=every, types=["Conv2d", "Linear"]))
+        callbacks.insert(
+            0, GradualPruning(target, end_epoch=end_epoch, update_every_n_steps=every, types=["Conv2d", "Linear"])
+        )
     elif kind == "ModelPruning":
-        callbacks.insert(0, ModelPruning("l1_unstructured", parameters_to_prune=weights,
-                                         amount=modelpruning_amounts(target, end_epoch), use_global_unstructured=True,
-                                         make_pruning_permanent=True, verbose=0))
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         num_sanity_val_steps=0)
+        callbacks.insert(
+            0,
+            ModelPruning(
+                "l1_unstructured",
+                parameters_to_prune=weights,
+                amount=modelpruning_amounts(target, end_epoch),
+                use_global_unstructured=True,
+                make_pruning_permanent=True,
+                verbose=0,
+            ),
+        )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(prefix="bench-pruning-"),
+    )
     trainer.fit(model, DigitsDataModule(seed=seed))
     val = trainer.validate(model, DigitsDataModule(seed=seed), verbose=False)[0]
     return {
@@ -89,26 +109,33 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # keep the per-run reports out of the output
 
     results: dict[tuple[str, float], list[dict]] = {}
     for seed in range(args.repeats):  # interleaved, so machine noise spreads over all configurations
         for kind, target in [("plain", 0.0)] + [(k, t) for t in args.targets for k in ("ours", "ModelPruning")]:
-            results.setdefault((kind, target), []).append(run(kind, target, args.epochs, args.end_epoch, args.every, seed))
+            results.setdefault((kind, target), []).append(
+                run(kind, target, args.epochs, args.end_epoch, args.every, seed)
+            )
 
     def med(kind: str, target: float, key: str) -> float:
         return statistics.median(r[key] for r in results[(kind, target)])
 
     plain = med("plain", 0.0, "step")
-    print(f"\nplain training: {plain * 1e3:.2f} ms/step, val acc {med('plain', 0.0, 'acc'):.4f} "
-          f"(median of {args.repeats} seeds, torch threads=1)\n")
+    print(
+        f"\nplain training: {plain * 1e3:.2f} ms/step, val acc {med('plain', 0.0, 'acc'):.4f} "
+        f"(median of {args.repeats} seeds, torch threads=1)\n"
+    )
     print("| target | callback | final sparsity | val acc (median) | val acc (min..max) | step time / plain |")
     print("| ---: | --- | ---: | ---: | --- | ---: |")
     for target in args.targets:
         for kind in ("ours", "ModelPruning"):
             accs = [r["acc"] for r in results[(kind, target)]]
             name = "GradualPruning" if kind == "ours" else "ModelPruning"
-            print(f"| {target:.0%} | {name} | {med(kind, target, 'sparsity'):.4f} | {statistics.median(accs):.4f} "
-                  f"| {min(accs):.4f}..{max(accs):.4f} | {med(kind, target, 'step') / plain:.3f} |")
+            print(
+                f"| {target:.0%} | {name} | {med(kind, target, 'sparsity'):.4f} | {statistics.median(accs):.4f} "
+                f"| {min(accs):.4f}..{max(accs):.4f} | {med(kind, target, 'step') / plain:.3f} |"
+            )
 
 
 if __name__ == "__main__":

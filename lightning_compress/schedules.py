@@ -138,8 +138,7 @@ def resolve_schedule(schedule: str | Schedule, argument: str = "schedule") -> Sc
     if isinstance(schedule, str) and schedule.lower() in _BY_NAME:
         return _BY_NAME[schedule.lower()]()
     raise ValueError(
-        f"{argument} must be one of {sorted(_BY_NAME)} or a lightning_compress.schedules.Schedule, "
-        f"got {schedule!r}."
+        f"{argument} must be one of {sorted(_BY_NAME)} or a lightning_compress.schedules.Schedule, got {schedule!r}."
     )
 
 

@@ -1,9 +1,9 @@
-"""Select the modules and parameters a callback compresses.
+r"""Select the modules and parameters a callback compresses.
 
 Everything here is plain data a YAML file can say: name patterns and type names.
 
 - A pattern is a shell glob (``"encoder.*"``, ``"*.conv?"``) or, with a ``re:`` prefix, a regular
-  expression matched against the whole name (``"re:layers\\.[0-3]\\..*"``).
+  expression matched against the whole name (``"re:layers\.[0-3]\..*"``).
 - A pattern matches a module's qualified name or a parameter's full name, so
   ``"encoder.layers.0.self_attn.in_proj_weight"`` selects that raw parameter alone.
 - ``types`` are class names (``"Linear"``, ``"Conv2d"``); a subclass matches its parents' names.
@@ -81,8 +81,9 @@ def validate_patterns(argument: str, patterns: Sequence[str] | None) -> list[str
     if patterns is None:
         return []
     if isinstance(patterns, str):
-        raise TypeError(f"{argument} must be a list of name patterns, got the string {patterns!r}. "
-                        f"HINT: write [{patterns!r}].")
+        raise TypeError(
+            f"{argument} must be a list of name patterns, got the string {patterns!r}. HINT: write [{patterns!r}]."
+        )
     out = list(patterns)
     for p in out:
         if not isinstance(p, str):
@@ -113,13 +114,9 @@ def select_modules(
             message lists the modules that exist.
     """
     include, exclude, types = list(include or []), list(exclude or []), list(types or [])
-    candidates = [
-        (name, m) for name, m in model.named_modules() if name and (not types or type_names(m) & set(types))
-    ]
+    candidates = [(name, m) for name, m in model.named_modules() if name and (not types or type_names(m) & set(types))]
     _check_patterns_match(model, include, exclude, [n for n, _ in candidates], types)
-    selected = [
-        (n, m) for n, m in candidates if (not include or matches(n, include)) and not matches(n, exclude)
-    ]
+    selected = [(n, m) for n, m in candidates if (not include or matches(n, include)) and not matches(n, exclude)]
     if not selected:
         raise ValueError(_nothing_selected_message(model, include, exclude, types))
     return selected

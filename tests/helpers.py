@@ -21,8 +21,15 @@ def random_classification(n: int = 128, features: int = 16, classes: int = 4, se
 class TinyMLP(pl.LightningModule):
     """Linear-ReLU-Linear-ReLU-Linear classifier on random features."""
 
-    def __init__(self, features: int = 16, hidden: int = 32, classes: int = 4, lr: float = 0.05,
-                 optimizer: str = "sgd", weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        features: int = 16,
+        hidden: int = 32,
+        classes: int = 4,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -45,16 +52,23 @@ class TinyMLP(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.hparams.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9,
-                               weight_decay=self.hparams.weight_decay)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(random_classification(features=self.hparams.features, classes=self.hparams.classes),
-                          batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            random_classification(features=self.hparams.features, classes=self.hparams.classes),
+            batch_size=16,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(random_classification(n=64, features=self.hparams.features,
-                                                classes=self.hparams.classes, seed=1), batch_size=32)
+        return DataLoader(
+            random_classification(n=64, features=self.hparams.features, classes=self.hparams.classes, seed=1),
+            batch_size=32,
+        )
 
 
 def trainer(tmp_path: Any, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:

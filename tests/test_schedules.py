@@ -24,7 +24,9 @@ def test_cubic_matches_zhu_gupta(step: int) -> None:
     assert got == pytest.approx(zhu_gupta(step + 10, 10, 110, 0.1, 0.9))
 
 
-@pytest.mark.parametrize("schedule", [Cubic(), Linear(), Exponential(), Exponential(rate=0.5), Polynomial(1.5), OneShot()])
+@pytest.mark.parametrize(
+    "schedule", [Cubic(), Linear(), Exponential(), Exponential(rate=0.5), Polynomial(1.5), OneShot()]
+)
 def test_monotone_and_bounded(schedule) -> None:
     values = [schedule(s, start=5, end=50, initial=0.0, final=0.8) for s in range(0, 80)]
     assert values[0] == 0.0 and values[4] == 0.0  # before start

@@ -23,7 +23,9 @@ def test_select_by_parameter_name_and_regex() -> None:
     assert [t.name for t in only] == ["1.layers.0.self_attn.in_proj_weight", "1.layers.1.self_attn.in_proj_weight"]
     regex = select_parameters(model, include=[r"re:1\.layers\.1\..*"], exclude=["*.out_proj"])
     assert {t.name for t in regex} == {
-        "1.layers.1.self_attn.in_proj_weight", "1.layers.1.linear1.weight", "1.layers.1.linear2.weight"
+        "1.layers.1.self_attn.in_proj_weight",
+        "1.layers.1.linear1.weight",
+        "1.layers.1.linear2.weight",
     }
 
 

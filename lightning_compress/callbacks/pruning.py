@@ -36,7 +36,13 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.functional import pruning as F
 from lightning_compress.functional.stats import count_nonzero
 from lightning_compress.schedules import Schedule, ScheduleName, resolve_schedule, resolve_window
-from lightning_compress.targets import DEFAULT_PRUNABLE_TYPES, ParameterTarget, matches, select_parameters, validate_patterns
+from lightning_compress.targets import (
+    DEFAULT_PRUNABLE_TYPES,
+    ParameterTarget,
+    matches,
+    select_parameters,
+    validate_patterns,
+)
 
 _STATE_VERSION = 1
 
@@ -154,9 +160,7 @@ class GradualPruning(CompressionCallback):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}.")
         if not isinstance(norm, int | float) or norm <= 0:
             raise ValueError(f"norm must be a positive number (the n of the Ln norm), got {norm!r}.")
-        self.overrides = {
-            str(p): _check_sparsity(f"overrides[{p!r}]", s, upper) for p, s in (overrides or {}).items()
-        }
+        self.overrides = {str(p): _check_sparsity(f"overrides[{p!r}]", s, upper) for p, s in (overrides or {}).items()}
         validate_patterns("overrides", list(self.overrides))
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
@@ -251,13 +255,17 @@ class GradualPruning(CompressionCallback):
         super().on_fit_start(trainer, pl_module)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self.rewind_to_step and not self._rewind and self._last_update_step < self._window[1]:
             self._rewind = {t.name: t.parameter.detach().clone() for t in self._targets}
+        changed = batch_idx == 0  # once per epoch at least, so every run starts with the keys present
         if self._is_update_step(step):
             self._update(trainer, step)
-        self.log_metrics(pl_module, self._metrics)
+            changed = True
+        self.log_metrics(pl_module, self._metrics, changed=changed)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -315,12 +323,18 @@ class GradualPruning(CompressionCallback):
             for t in self._targets
         }
         targets = self.target_at(step)
-        overridden = {t.name for t in self._targets if any(matches(t.name, [p]) or matches(t.module_name, [p]) for p in self.overrides)}
+        overridden = {
+            t.name
+            for t in self._targets
+            if any(matches(t.name, [p]) or matches(t.module_name, [p]) for p in self.overrides)
+        }
         if self.scope == "global":
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
             masks = F.global_masks(shared, self._masks, level, self.structure, self.norm) if shared else {}
-            masks.update(F.layer_masks({k: scores[k] for k in overridden}, self._masks, targets, self.structure, self.norm))
+            masks.update(
+                F.layer_masks({k: scores[k] for k in overridden}, self._masks, targets, self.structure, self.norm)
+            )
         else:
             masks = F.layer_masks(scores, self._masks, targets, self.structure, self.norm)
         self._masks = _broadcast_masks(trainer, masks)

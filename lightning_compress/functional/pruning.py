@@ -172,7 +172,9 @@ def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: St
     return value
 
 
-def _nm_costs(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure) -> tuple[torch.Tensor, torch.Tensor]:
+def _nm_costs(
+    scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per run: the cost of making it N:M (sum of its m-n smallest scores), and the scores to use inside it."""
     groups = to_groups(scores, structure).clone()
     converted = torch.zeros(groups.shape[0], dtype=torch.bool, device=groups.device)
@@ -227,7 +229,9 @@ def layer_masks(
             values = _group_scores(score, old, structure, norm)
             k = max(round(sparsity[name] * values.numel()), _already_pruned(values))
             keep = ~_lowest(values, k)
-            out[name] = from_groups(keep[:, None].expand(-1, to_groups(score, structure).shape[1]), structure, score.shape)
+            out[name] = from_groups(
+                keep[:, None].expand(-1, to_groups(score, structure).shape[1]), structure, score.shape
+            )
     return out
 
 

@@ -12,8 +12,9 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ddp_pruning.p
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_two_process_ddp_masks_agree(tmp_path, strategy: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, SCRIPT, str(tmp_path), strategy], capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path), strategy], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")

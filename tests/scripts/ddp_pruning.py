@@ -21,7 +21,10 @@ class SaveMasks(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(
-            {"masks": self.pruning._masks, "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}},
+            {
+                "masks": self.pruning._masks,
+                "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            },
             os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
         )
 
@@ -33,9 +36,17 @@ def main(out: str, strategy: str) -> None:
     pruning = GradualPruning(0.7, criterion="taylor", end_step=6, update_every_n_steps=2)
     model = TinyMLP()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[pruning, SaveMasks(pruning, out)], default_root_dir=out,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[pruning, SaveMasks(pruning, out)],
+        default_root_dir=out,
     )
     trainer.fit(model)
     if trainer.global_rank == 0:
