@@ -145,6 +145,10 @@ def test_pruned_weights_never_revive(tmp_path, model_kwargs, trainer_kwargs) -> 
     assert probe.revived == 0
     params = dict(model.named_parameters())
     assert sparsity(torch.cat([params[n].flatten() for n in WEIGHTS])) == pytest.approx(0.7, abs=1e-3)
+    # A finished model is a plain model with zeros: same keys, no hooks, strict load into a fresh copy.
+    assert model.state_dict().keys() == TinyMLP().state_dict().keys()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    TinyMLP().load_state_dict(model.state_dict())
 
 
 def test_clipping_norm_excludes_pruned_gradients(tmp_path) -> None:
