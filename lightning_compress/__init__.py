@@ -2,6 +2,14 @@
 
 from lightning_compress.__about__ import __version__
 from lightning_compress.callbacks import CompressionCallback, GradualPruning
+from lightning_compress.functional.sparse import load_sparse, save_sparse
 from lightning_compress.report import CompressionReport
 
-__all__ = ["CompressionCallback", "CompressionReport", "GradualPruning", "__version__"]
+__all__ = [
+    "CompressionCallback",
+    "CompressionReport",
+    "GradualPruning",
+    "__version__",
+    "load_sparse",
+    "save_sparse",
+]

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from lightning_compress.functional.sparse import pack_state_dict
 from lightning_compress.functional.stats import (
     LayerStats,
     effective_flops,
@@ -87,6 +88,7 @@ class CompressionReport:
             "size_bytes": effective,
             "ratio": dense / effective if effective else 1.0,
             "state_dict_bytes_on_disk": serialized_bytes(model.state_dict()),
+            "sparse_state_dict_bytes_on_disk": serialized_bytes(pack_state_dict(model.state_dict())),
         }
         if example_input is not None:
             args, kwargs = as_call(example_input)

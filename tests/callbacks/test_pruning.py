@@ -383,3 +383,14 @@ def test_repeated_fit_keeps_masks(tmp_path) -> None:
         assert not (pruning._masks[name] & ~mask).any()
         assert (model.get_parameter(name).detach()[~mask] == 0).all()
     assert pruning._metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_metrics_reach_mlflow(tmp_path) -> None:
+    import mlflow
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="prune", tracking_uri=uri)
+    trainer(tmp_path, [GradualPruning(0.5, end_step=4)], logger=logger, log_every_n_steps=1).fit(TinyMLP())
+    history = mlflow.tracking.MlflowClient(uri).get_metric_history(logger.run_id, "compress/sparsity")
+    assert history and history[-1].value == pytest.approx(0.5, abs=1e-3)
