@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_compress.report import CapturedCall, CompressionReport
@@ -120,7 +120,8 @@ class CompressionCallback(Callback):
         # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
         directory = trainer.log_dir or trainer.default_root_dir
         self.last_report = build_report(trainer, pl_module, ours)
-        _publish(trainer, self.last_report, directory)
+        if trainer.is_global_zero:
+            _publish(trainer, self.last_report, directory)
 
 
 def _loggers_write_now(trainer: pl.Trainer) -> bool:
@@ -167,7 +168,6 @@ def build_report(
     )
 
 
-@rank_zero_only
 def _publish(trainer: pl.Trainer, report: CompressionReport, directory: str) -> None:
     json_path, md_path = report.write(directory)
     rank_zero_info(report.to_markdown() + f"\nCompression report written to {json_path} and {md_path}")

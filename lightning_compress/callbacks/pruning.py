@@ -28,7 +28,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.strategies import DDPStrategy
 from torch.nn.utils import prune
 from typing_extensions import override
 
@@ -453,9 +452,7 @@ def _broadcast_masks(trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> dic
     differently by floating-point noise would desynchronise the ranks forever; one broadcast per
     update (not per step) rules that out.
     """
-    if not (isinstance(trainer.strategy, DDPStrategy) and dist.is_available() and dist.is_initialized()):
-        return masks
-    if dist.get_world_size() < 2:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return masks
     out = {}
     for name in sorted(masks):
