@@ -2,5 +2,6 @@
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.pruning import GradualPruning
+from lightning_compress.callbacks.decomposition import TensorDecomposition, load_decomposed
 
-__all__ = ["CompressionCallback", "GradualPruning"]
+__all__ = ["CompressionCallback", "GradualPruning", "TensorDecomposition", "load_decomposed"]
