@@ -176,8 +176,10 @@ def macs_of(layer: nn.Module, plan: LayerPlan | None, geometry: Geometry) -> int
 
 # ---------------------------------------------------------------------------- spectra and ranks
 def _weight(layer: nn.Module) -> torch.Tensor:
-    # SVD refuses fp16/bf16 and factors of a requires_grad weight would keep requiring grad.
-    return layer.weight.detach().to(torch.float32)
+    # SVD refuses fp16/bf16 (upcast; float64 stays float64) and factors of a requires_grad weight would
+    # keep requiring grad (detach).
+    w = layer.weight.detach()
+    return w if w.dtype in (torch.float32, torch.float64) else w.to(torch.float32)
 
 
 def spectra(layer: nn.Module, method: str) -> list[torch.Tensor]:
