@@ -395,7 +395,8 @@ class TensorDecomposition(CompressionCallback):
             rows.append(row)
             decisions[layer_name] = plan
             self._chains[layer_name] = chain
-        return decisions, rows
+        order = {layer_name: i for i, (layer_name, _) in enumerate(candidates)}
+        return decisions, sorted(rows, key=lambda r: order[r["layer"]])
 
     def _ranks(self, layer: nn.Module, method: str) -> tuple[int, ...]:
         if self.energy is not None:

@@ -146,7 +146,7 @@ def params_of(layer: nn.Module, plan: LayerPlan | None) -> int:
     o, i, kh, kw = _dims(layer)
     bias = o if getattr(layer, "bias", None) is not None else 0
     if plan is None:
-        return o * i * kh * kw // getattr(layer, "groups", 1) + bias
+        return o * i * kh * kw + bias  # the weight's own shape: already per group
     if plan.method == "svd":
         (r,) = plan.ranks
         return r * (i + o) + bias
@@ -163,7 +163,7 @@ def macs_of(layer: nn.Module, plan: LayerPlan | None, geometry: Geometry) -> int
     g = geometry
     out_px = g.n * g.h_out * g.w_out
     if plan is None:
-        return o * i * kh * kw // getattr(layer, "groups", 1) * out_px
+        return o * i * kh * kw * out_px
     if plan.method == "svd":
         (r,) = plan.ranks
         return r * (i + o) * out_px  # stride/padding sit on the first 1x1: both run at output resolution

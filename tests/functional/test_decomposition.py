@@ -201,3 +201,10 @@ def test_method_resolution_and_skips() -> None:
     assert F.skip_reason(nn.Conv2d(8, 8, 3)) is None
     assert F.max_ranks(nn.Conv2d(8, 16, 3), "tucker2") == (16, 8)
     assert math.prod(F.max_ranks(nn.Conv2d(8, 16, 3), "cp")) == 8 * 3 * 3
+
+
+def test_grouped_conv_costs_match_measurement() -> None:
+    conv = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+    x = torch.randn(2, 32, 6, 6)
+    assert F.params_of(conv, None) == sum(p.numel() for p in conv.parameters())
+    assert 2 * F.macs_of(conv, None, F.Geometry(2, 6, 6, 6, 6)) == module_flops(conv, x)[""]
