@@ -2,7 +2,14 @@
 
 from lightning_compress.__about__ import __version__
 from lightning_compress.callbacks import CompressionCallback, GradualPruning
-from lightning_compress.callbacks import TensorDecomposition, load_decomposed
+from lightning_compress.callbacks.decomposition import TensorDecomposition, load_decomposed
 from lightning_compress.report import CompressionReport
 
-__all__ = ["CompressionCallback", "CompressionReport", "GradualPruning", "TensorDecomposition", "__version__", "load_decomposed"]
+__all__ = [
+    "CompressionCallback",
+    "CompressionReport",
+    "GradualPruning",
+    "TensorDecomposition",
+    "__version__",
+    "load_decomposed",
+]

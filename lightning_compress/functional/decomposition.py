@@ -99,16 +99,22 @@ def resolve_method(layer: nn.Module, method: str) -> str:
     if isinstance(layer, nn.Linear):
         if method in ("auto", "svd"):
             return "svd"
-        raise ValueError(f"method={method!r} handles Conv2d layers only. HINT: Linear layers take 'svd' or 'auto'.")
+        raise ValueError(
+            f"method={method!r} handles Conv2d layers only. HINT: Linear layers take 'svd' or 'auto'."
+        )
     if isinstance(layer, nn.Conv2d):
         if is_pointwise(layer):
             return "svd"
         if method == "auto":
             return "tucker2"
         if method == "svd":
-            raise ValueError("method='svd' handles Linear and 1x1 Conv2d layers only. HINT: use 'tucker2', 'cp' or 'auto'.")
+            raise ValueError(
+                "method='svd' handles Linear and 1x1 Conv2d layers only. HINT: use 'tucker2', 'cp' or 'auto'."
+            )
         return method
-    raise ValueError(f"cannot decompose a {type(layer).__name__}; decomposable types are {list(DECOMPOSABLE_TYPES)}.")
+    raise ValueError(
+        f"cannot decompose a {type(layer).__name__}; decomposable types are {list(DECOMPOSABLE_TYPES)}."
+    )
 
 
 def skip_reason(layer: nn.Module) -> str | None:
@@ -212,7 +218,13 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     if total == 0.0:
         return 1
     cumulative = torch.cumsum(power, 0) / total
-    return max(1, min(len(power), int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1))
+    return max(
+        1,
+        min(
+            len(power),
+            int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1,
+        ),
+    )
 
 
 def ranks_for_energy(layer: nn.Module, method: str, energy: float) -> tuple[int, ...]:
@@ -401,21 +413,40 @@ def build_chain(layer: nn.Module, plan: LayerPlan) -> nn.Sequential:
     o, i, kh, kw = _dims(layer)
     if isinstance(layer, nn.Linear):
         (r,) = plan.ranks
-        return nn.Sequential(nn.Linear(i, r, bias=False, **factory), nn.Linear(r, o, bias=has_bias, **factory))
+        return nn.Sequential(
+            nn.Linear(i, r, bias=False, **factory), nn.Linear(r, o, bias=has_bias, **factory)
+        )
     conv: nn.Conv2d = layer  # type: ignore[assignment]
     common = {"padding_mode": conv.padding_mode, **factory}
     if plan.method == "svd":
         (r,) = plan.ranks
         return nn.Sequential(
-            nn.Conv2d(i, r, 1, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=False, **common),
+            nn.Conv2d(
+                i,
+                r,
+                1,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                bias=False,
+                **common,
+            ),
             nn.Conv2d(r, o, 1, bias=has_bias, **factory),
         )
     if plan.method == "tucker2":
         r_out, r_in = plan.ranks
         return nn.Sequential(
             nn.Conv2d(i, r_in, 1, bias=False, **factory),
-            nn.Conv2d(r_in, r_out, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                      dilation=conv.dilation, bias=False, **common),
+            nn.Conv2d(
+                r_in,
+                r_out,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                bias=False,
+                **common,
+            ),
             nn.Conv2d(r_out, o, 1, bias=has_bias, **factory),
         )
     if plan.method == "cp":
@@ -423,10 +454,28 @@ def build_chain(layer: nn.Module, plan: LayerPlan) -> nn.Sequential:
         pad_h, pad_w = _padding_pair(conv.padding)
         return nn.Sequential(
             nn.Conv2d(i, r, 1, bias=False, **factory),
-            nn.Conv2d(r, r, (kh, 1), stride=(conv.stride[0], 1), padding=pad_h, dilation=(conv.dilation[0], 1),
-                      groups=r, bias=False, **common),
-            nn.Conv2d(r, r, (1, kw), stride=(1, conv.stride[1]), padding=pad_w, dilation=(1, conv.dilation[1]),
-                      groups=r, bias=False, **common),
+            nn.Conv2d(
+                r,
+                r,
+                (kh, 1),
+                stride=(conv.stride[0], 1),
+                padding=pad_h,
+                dilation=(conv.dilation[0], 1),
+                groups=r,
+                bias=False,
+                **common,
+            ),
+            nn.Conv2d(
+                r,
+                r,
+                (1, kw),
+                stride=(1, conv.stride[1]),
+                padding=pad_w,
+                dilation=(1, conv.dilation[1]),
+                groups=r,
+                bias=False,
+                **common,
+            ),
             nn.Conv2d(r, o, 1, bias=has_bias, **factory),
         )
     raise ValueError(f"unknown decomposition method {plan.method!r}; expected one of {list(METHODS[1:])}.")
@@ -450,7 +499,9 @@ def plan_from_chain(chain: nn.Module) -> LayerPlan | None:
     return None
 
 
-def plan_from_state_dict(layer: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str) -> LayerPlan | None:
+def plan_from_state_dict(
+    layer: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str
+) -> LayerPlan | None:
     """The plan a checkpoint's ``state_dict`` holds for the layer at ``prefix`` (``None``: not decomposed).
 
     The shapes alone say it: ``<prefix>0.weight`` ... ``<prefix>{1,2,3}.weight`` are the factors of the
@@ -511,7 +562,12 @@ def decompose(
             with tl.backend_context("pytorch"):
                 # modes=[0, 1]: only the channel modes are reduced; the spatial modes stay whole.
                 (core, (u_out, u_in)), _ = partial_tucker(
-                    w, rank=list(plan.ranks), modes=[0, 1], init="svd", n_iter_max=n_iter_max, tol=tol,
+                    w,
+                    rank=list(plan.ranks),
+                    modes=[0, 1],
+                    init="svd",
+                    n_iter_max=n_iter_max,
+                    tol=tol,
                     random_state=seed,
                 )
                 approx = tl.tenalg.multi_mode_dot(core, [u_out, u_in], modes=[0, 1])
@@ -538,7 +594,9 @@ def decompose(
     return chain, error
 
 
-def _truncated_svd(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _truncated_svd(
+    matrix: torch.Tensor, rank: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if matrix.numel() <= _EXACT_SVD_MAX_NUMEL or rank * 4 > min(matrix.shape):
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
@@ -577,7 +635,9 @@ def apply_structure_(model: nn.Module, plans: Mapping[str, LayerPlan]) -> None:
         set_submodule_(model, name, build_chain(layer, plan))
 
 
-def structure_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, LayerPlan]:
+def structure_from_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
+) -> dict[str, LayerPlan]:
     """Plans of every Linear/Conv2d of ``model`` that ``state_dict`` holds in decomposed form."""
     out = {}
     for name, module in model.named_modules():
@@ -598,7 +658,8 @@ def measure_latency(module: nn.Module, example: torch.Tensor, min_run_time: floa
         with torch.no_grad():
             module(example)  # warm-up (allocator, kernels)
             timer = benchmark.Timer(
-                stmt="module(example)", globals={"module": module, "example": example},
+                stmt="module(example)",
+                globals={"module": module, "example": example},
                 num_threads=torch.get_num_threads(),
             )
             return float(timer.blocked_autorange(min_run_time=min_run_time).median)

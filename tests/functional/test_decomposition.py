@@ -13,7 +13,9 @@ from lightning_compress.functional import decomposition as F
 from lightning_compress.functional.stats import module_flops
 
 
-def _conv(i: int = 6, o: int = 10, k: int | tuple[int, int] = 3, dtype: torch.dtype = torch.float64, **kw) -> nn.Conv2d:
+def _conv(
+    i: int = 6, o: int = 10, k: int | tuple[int, int] = 3, dtype: torch.dtype = torch.float64, **kw
+) -> nn.Conv2d:
     return nn.Conv2d(i, o, k, **kw).to(dtype)
 
 
@@ -61,8 +63,16 @@ def test_cp_chain_equals_conv_with_reconstructed_kernel(config: dict) -> None:
     a = weights[3][:, :, 0, 0]
     with tl.backend_context("pytorch"):
         kernel = tl.cp_to_tensor((torch.ones(8, dtype=torch.float64), [a, b, c, d]))
-    reference = nn.Conv2d(6, 10, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                          padding_mode=conv.padding_mode, bias=conv.bias is not None).double()
+    reference = nn.Conv2d(
+        6,
+        10,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        padding_mode=conv.padding_mode,
+        bias=conv.bias is not None,
+    ).double()
     with torch.no_grad():
         reference.weight.copy_(kernel)
         if conv.bias is not None:
@@ -118,7 +128,8 @@ def test_macs_and_params_match_measurement(layer: nn.Module, plan: F.LayerPlan) 
     y = layer(x)
     geometry = (
         F.Geometry(n=2, h_in=10, w_in=12, h_out=y.shape[-2], w_out=y.shape[-1])
-        if isinstance(layer, nn.Conv2d) else F.Geometry(n=6)
+        if isinstance(layer, nn.Conv2d)
+        else F.Geometry(n=6)
     )
     chain = F.build_chain(layer, plan)
     assert 2 * F.macs_of(layer, None, geometry) == module_flops(layer, x)[""]
@@ -129,7 +140,11 @@ def test_macs_and_params_match_measurement(layer: nn.Module, plan: F.LayerPlan) 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.25, 0.6])
 def test_ranks_for_ratio_keeps_about_that_share(ratio: float) -> None:
-    for layer, method in ((nn.Conv2d(64, 128, 3), "tucker2"), (nn.Conv2d(64, 128, 3), "cp"), (nn.Linear(300, 200), "svd")):
+    for layer, method in (
+        (nn.Conv2d(64, 128, 3), "tucker2"),
+        (nn.Conv2d(64, 128, 3), "cp"),
+        (nn.Linear(300, 200), "svd"),
+    ):
         plan = F.LayerPlan(method, F.ranks_for_ratio(layer, method, ratio))
         kept = F.params_of(layer, plan) - 128 * (method != "svd") - 200 * (method == "svd")
         full = layer.weight.numel()
@@ -147,7 +162,9 @@ def test_vbmf_threshold_constant() -> None:
     assert F._tau_threshold(1.0) == pytest.approx(2.5129, abs=1e-4)
 
 
-@pytest.mark.parametrize(("shape", "rank", "noise"), [((50, 50), 3, 0.5), ((40, 120), 8, 0.2), ((200, 64), 12, 1.0)])
+@pytest.mark.parametrize(
+    ("shape", "rank", "noise"), [((50, 50), 3, 0.5), ((40, 120), 8, 0.2), ((200, 64), 12, 1.0)]
+)
 def test_vbmf_recovers_planted_rank(shape: tuple[int, int], rank: int, noise: float) -> None:
     g = torch.Generator().manual_seed(1)
     signal = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
@@ -157,7 +174,10 @@ def test_vbmf_recovers_planted_rank(shape: tuple[int, int], rank: int, noise: fl
 
 def test_allocate_budget_meets_budget_and_is_monotone() -> None:
     torch.manual_seed(0)
-    layers = [(nn.Conv2d(32, 64, 3), "tucker2", F.Geometry(1, 8, 8, 6, 6)), (nn.Linear(256, 128), "svd", F.Geometry(4))]
+    layers = [
+        (nn.Conv2d(32, 64, 3), "tucker2", F.Geometry(1, 8, 8, 6, 6)),
+        (nn.Linear(256, 128), "svd", F.Geometry(4)),
+    ]
     full = sum(F.params_of(m, None) for m, _, _ in layers)
     previous = None
     for share in (0.2, 0.4, 0.7):
@@ -166,19 +186,29 @@ def test_allocate_budget_meets_budget_and_is_monotone() -> None:
         assert total <= share * full
         ranks = [p.ranks if p else None for p in plans]
         if previous is not None and None not in ranks and None not in previous:
-            assert all(a >= b for r, q in zip(ranks, previous, strict=True) for a, b in zip(r, q, strict=True))
+            assert all(
+                a >= b for r, q in zip(ranks, previous, strict=True) for a, b in zip(r, q, strict=True)
+            )
         previous = ranks
     with pytest.raises(ValueError, match="cannot be met"):
         F.allocate_budget(layers, budget=10, fixed=0)
 
 
 def test_structure_round_trip_through_state_dict() -> None:
-    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 5), nn.Conv2d(8, 8, 1))
-    plans = {"0": F.LayerPlan("tucker2", (3, 2)), "1": F.LayerPlan("cp", (4,)), "3": F.LayerPlan("svd", (2,)),
-             "4": F.LayerPlan("svd", (3,))}
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 5), nn.Conv2d(8, 8, 1)
+    )
+    plans = {
+        "0": F.LayerPlan("tucker2", (3, 2)),
+        "1": F.LayerPlan("cp", (4,)),
+        "3": F.LayerPlan("svd", (2,)),
+        "4": F.LayerPlan("svd", (3,)),
+    }
     for name, plan in plans.items():
         F.set_submodule_(model, name, F.decompose(model.get_submodule(name), plan)[0])
-    fresh = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 5), nn.Conv2d(8, 8, 1))
+    fresh = nn.Sequential(
+        nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 5), nn.Conv2d(8, 8, 1)
+    )
     found = F.structure_from_state_dict(fresh, model.state_dict())
     assert found == plans
     F.apply_structure_(fresh, found)

@@ -27,9 +27,12 @@ class TinyCNN(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=4),
+            nn.ReLU(),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU())
         self.classifier = nn.Linear(64, 4)
@@ -59,7 +62,9 @@ class TinyCNN(pl.LightningModule):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, 3, 8, 8, generator=g)
         y = (x.mean((1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean((1, 2)) > 0).long()
-        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        return DataLoader(
+            TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._data(64, 0)
@@ -73,8 +78,16 @@ def main(out: str) -> None:
     pl.seed_everything(0, verbose=False)
     decomposition = TensorDecomposition(rank=0.3, apply_at=3, min_reduction=1.0, measure_latency=False)
     trainer = pl.Trainer(
-        strategy="ddp", devices=2, accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[decomposition],
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[decomposition],
         default_root_dir=out,
     )
     model = TinyCNN()
