@@ -220,7 +220,8 @@ class TensorDecomposition(CompressionCallback):
                 f"TensorDecomposition supports single-device training and strategy='ddp'; got "
                 f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
                 "parameter set, which sharded strategies (FSDP, DeepSpeed) cannot follow, and ddp_spawn "
-                "reloads the undecomposed weights into the parent process with strict=False. HINT: use strategy='ddp'."
+                "reloads the undecomposed weights into the parent process with strict=False. "
+                "HINT: use strategy='ddp'."
             )
         self._candidates = self._select(pl_module)
         for layer_name, layer in self._candidates:
