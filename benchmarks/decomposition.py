@@ -247,7 +247,7 @@ class ResNet18(pl.LightningModule):
 
 
 def resnet(quick: bool) -> None:
-    threads = 2
+    threads = 1
     torch.set_num_threads(threads)
     print(f"\n## ResNet-18-sized network (random weights, {threads} torch threads)\n")
     pl.seed_everything(0, verbose=False)

@@ -238,3 +238,26 @@ def test_grouped_conv_costs_match_measurement() -> None:
     x = torch.randn(2, 32, 6, 6)
     assert F.params_of(conv, None) == sum(p.numel() for p in conv.parameters())
     assert 2 * F.macs_of(conv, None, F.Geometry(2, 6, 6, 6, 6)) == module_flops(conv, x)[""]
+
+
+@pytest.mark.parametrize("shape", [(20, 90), (90, 20), (30, 30)])
+def test_gram_svd_and_singular_values_match_lapack(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(*shape, generator=g, dtype=torch.float64)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(m, full_matrices=False)
+    torch.testing.assert_close(F.singular_values(m), s_ref)
+    u, s, vh = F.gram_svd(m, n_eigenvecs=7)
+    assert u.shape == (shape[0], 7) and vh.shape == (7, shape[1])
+    torch.testing.assert_close(s, s_ref[:7])
+    torch.testing.assert_close(u.T @ u, torch.eye(7, dtype=torch.float64))
+    torch.testing.assert_close(u * s @ vh, u_ref[:, :7] * s_ref[:7] @ vh_ref[:7])  # same best rank-7 approximation
+
+
+def test_single_thread_restores_setting() -> None:
+    torch.set_num_threads(2)
+    try:
+        with F.single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
