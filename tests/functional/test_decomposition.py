@@ -250,7 +250,8 @@ def test_gram_svd_and_singular_values_match_lapack(shape: tuple[int, int]) -> No
     assert u.shape == (shape[0], 7) and vh.shape == (7, shape[1])
     torch.testing.assert_close(s, s_ref[:7])
     torch.testing.assert_close(u.T @ u, torch.eye(7, dtype=torch.float64))
-    torch.testing.assert_close(u * s @ vh, u_ref[:, :7] * s_ref[:7] @ vh_ref[:7])  # same best rank-7 approximation
+    # the same best rank-7 approximation
+    torch.testing.assert_close(u * s @ vh, u_ref[:, :7] * s_ref[:7] @ vh_ref[:7])
 
 
 def test_single_thread_restores_setting() -> None:
