@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.optimizer import _optimizers_to_device
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -322,7 +322,12 @@ class TensorDecomposition(CompressionCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._apply_step is None and not self._applied:
+        if not self._applied:
+            if self._apply_step is not None:
+                rank_zero_warn(
+                    f"TensorDecomposition: apply_at step {self._apply_step} was not reached (training ended at "
+                    f"step {trainer.global_step}); the model is decomposed now, at fit end, without fine-tuning."
+                )
             self._apply(trainer, pl_module)
         self._refresh_metrics(pl_module)
         if trainer.is_global_zero:

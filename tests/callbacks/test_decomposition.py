@@ -285,3 +285,19 @@ def test_ddp_two_processes_agree(tmp_path: Any) -> None:
         assert r["global_step"] == 6
         assert r["optimizer_params"] == r["model_params"] == r["ddp_params"]  # optimizer and DDP rebuilt
         assert r["lr"] == pytest.approx(0.05 * 0.9**6)
+
+
+def test_unreached_apply_step_decomposes_at_fit_end_with_a_warning(tmp_path: Any) -> None:
+    model = TinyCNN()
+    with pytest.warns(UserWarning, match="apply_at step 50 was not reached"):
+        trainer(tmp_path, [TensorDecomposition(apply_at=50, **QUIET)], max_steps=2).fit(model)
+    assert isinstance(model.head[1], nn.Sequential)
+
+
+def test_yaml_config_builds_the_callback() -> None:
+    from lightning_compress.cli import main
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "decomposition.yaml")
+    cli = main(["--config", config, "--trainer.logger=false"], run=False)
+    (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, TensorDecomposition)]
+    assert (callback.rank, callback.apply_at_epoch, callback.exclude) == (0.25, 5, ["classifier"])
