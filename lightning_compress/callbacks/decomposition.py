@@ -325,8 +325,9 @@ class TensorDecomposition(CompressionCallback):
         if not self._applied:
             if self._apply_step is not None:
                 rank_zero_warn(
-                    f"TensorDecomposition: apply_at step {self._apply_step} was not reached (training ended at "
-                    f"step {trainer.global_step}); the model is decomposed now, at fit end, without fine-tuning."
+                    f"TensorDecomposition: apply_at step {self._apply_step} was not reached (training ended "
+                    f"at step {trainer.global_step}); the model is decomposed now, at fit end, without "
+                    "fine-tuning."
                 )
             self._apply(trainer, pl_module)
         self._refresh_metrics(pl_module)
