@@ -74,7 +74,7 @@ class TensorDecomposition(CompressionCallback):
         exclude: module name patterns to keep dense (e.g. the classifier).
         types: module class names: ``"Linear"`` and/or ``"Conv2d"``.
         min_reduction: minimum factor by which a layer's multiply-accumulates must fall (2.0: half).
-        measure_latency: time every original and decomposed layer on CPU for the report.
+        measure_latency: time every original and decomposed layer on CPU (one thread) for the report.
         skip_slower: keep the original layer when its chain measured slower.
         latency_batch: batch size of the latency measurement.
         n_iter_max: iteration cap of Tucker (HOOI) and CP (ALS); both start from an SVD.
@@ -443,11 +443,13 @@ class TensorDecomposition(CompressionCallback):
             sample = _latency_input(layer, shapes.get(layer), self.latency_batch)
             if self.measure_latency and sample is not None:
                 sample = sample.to(layer.weight.device)
-                # Interleaved rounds, best of each: load from other processes inflates single timings.
+                # One thread, interleaved rounds, best of each: threaded timings of small ops swing
+                # several-fold when other processes share the cores, which would flip the decision.
                 before, after = math.inf, math.inf
-                for _ in range(3):
-                    before = min(before, F.measure_latency(layer, sample, min_run_time=0.02))
-                    after = min(after, F.measure_latency(chain, sample, min_run_time=0.02))
+                with F.single_thread():
+                    for _ in range(3):
+                        before = min(before, F.measure_latency(layer, sample, min_run_time=0.02))
+                        after = min(after, F.measure_latency(chain, sample, min_run_time=0.02))
                 latency = {
                     "latency_ms_before": round(before * 1e3, 4),
                     "latency_ms_after": round(after * 1e3, 4),
