@@ -1,0 +1,720 @@
+"""TensorDecomposition: replace Linear / Conv2d layers by low-rank factor chains, at fit end or mid-fit.
+
+*When* and *which layers* live here; *how* a layer is factored and how ranks are chosen live in
+:mod:`lightning_compress.functional.decomposition`.
+
+Checkpoints: a decomposed model's ``state_dict`` describes its own structure (``conv.0.weight``,
+``conv.1.weight``, ... are the factors of the chain that replaced ``conv``). The callback registers a
+``load_state_dict`` pre-hook on the LightningModule in ``setup``, so when ``fit(ckpt_path=...)``
+restores a checkpoint the chains are rebuilt from those shapes *before* the weights are copied in,
+strict loading succeeds, and the optimizer is then created over the decomposed parameters. Outside a
+``Trainer``, :func:`load_decomposed` does the same for ``LightningModule.load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.optimizer import _optimizers_to_device
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.callbacks.base import CompressionCallback, example_input
+from lightning_compress.functional import decomposition as F
+from lightning_compress.functional.stats import module_flops
+from lightning_compress.report import as_call
+from lightning_compress.schedules import steps_per_epoch
+from lightning_compress.targets import select_modules, validate_patterns
+
+_STATE_VERSION = 1
+
+
+class TensorDecomposition(CompressionCallback):
+    """Replace ``Linear`` / ``Conv2d`` layers by low-rank chains (SVD, Tucker-2, CP) inside ``Trainer.fit``.
+
+    By default the model is decomposed when ``fit`` ends (post-training compression). With
+    ``apply_at=<step>`` (or ``apply_at_epoch``) it is decomposed at that optimizer step and the rest
+    of the run fine-tunes the factors: the optimizer and LR scheduler are rebuilt over the new
+    parameters (state of untouched parameters and the scheduler position carry over), and under DDP
+    the wrapped module is rebuilt too.
+
+    A layer is left alone, with the reason in the report, when it cannot be decomposed (grouped conv,
+    one channel), when its multiply-accumulates would fall by less than ``min_reduction``, or when the
+    decomposed chain measures slower than the original on this CPU (``skip_slower``).
+
+    Ranks (give at most one of ``rank``, ``energy``, ``budget``; default ``rank=0.25``):
+
+    - ``rank`` an ``int`` >= 1: that rank for every layer (Tucker-2: both channel ranks).
+    - ``rank`` a ``float`` in (0, 1]: the fraction of each layer's parameters the chain keeps.
+    - ``rank="vbmf"``: empirical variational Bayesian matrix factorization (Nakajima et al. 2013) of
+      each unfolding, as Kim et al. 2016 do for Tucker-2.
+    - ``energy``: the smallest ranks keeping this fraction of the squared singular values.
+    - ``budget``: the whole model keeps at most this fraction of its ``budget_metric`` (params or
+      FLOPs); one energy threshold shared by all layers allocates the ranks.
+
+    Args:
+        method: ``"auto"`` (SVD for Linear and 1x1 convs, Tucker-2 for larger kernels), ``"svd"``,
+            ``"tucker2"`` or ``"cp"``.
+        rank: see above.
+        energy: fraction of spectral energy kept, in (0, 1].
+        budget: fraction of the whole model's params / FLOPs to keep, in (0, 1).
+        budget_metric: ``"params"`` or ``"flops"``.
+        apply_at: ``"fit_end"``, or an optimizer step (``trainer.global_step``) after which training
+            continues on the decomposed model.
+        apply_at_epoch: alternative to a step, in epochs (fractions allowed).
+        include: module name patterns (glob or ``re:...``) to decompose; all of ``types`` by default.
+        exclude: module name patterns to keep dense (e.g. the classifier).
+        types: module class names: ``"Linear"`` and/or ``"Conv2d"``.
+        min_reduction: minimum factor by which a layer's multiply-accumulates must fall (2.0: half).
+        measure_latency: time every original and decomposed layer on CPU (one thread) for the report.
+        skip_slower: keep the original layer when its chain measured slower.
+        latency_batch: batch size of the latency measurement.
+        n_iter_max: iteration cap of Tucker (HOOI) and CP (ALS); both start from an SVD.
+        tol: relative-change tolerance that stops those iterations early.
+        seed: seed of randomized SVD and CP initialisation.
+        name: distinguishes several instances (state key and ``compress/<name>/...``).
+
+    Logged metrics (every training step, and once more at fit end): ``compress/params`` (whole model),
+    ``compress/flops`` (one forward on the example input, when known), ``compress/ratio`` (parameters
+    before / now), ``compress/flops_ratio``.
+
+    Example::
+
+        >>> import pytorch_lightning as pl
+        >>> from lightning_compress import TensorDecomposition
+        >>> decomposition = TensorDecomposition(rank=0.25, apply_at=100, exclude=["classifier"])
+        >>> trainer = pl.Trainer(max_steps=200, callbacks=[decomposition], logger=False)
+        >>> TensorDecomposition(rank=25.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got 25.0. HINT: ...
+    """
+
+    report_title = "decomposition"
+
+    def __init__(
+        self,
+        method: F.Method = "auto",
+        *,
+        rank: int | float | Literal["vbmf"] | None = None,
+        energy: float | None = None,
+        budget: float | None = None,
+        budget_metric: Literal["params", "flops"] = "params",
+        apply_at: Literal["fit_end"] | int = "fit_end",
+        apply_at_epoch: float | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        types: Sequence[str] = F.DECOMPOSABLE_TYPES,
+        min_reduction: float = 2.0,
+        measure_latency: bool = True,
+        skip_slower: bool = True,
+        latency_batch: int = 32,
+        n_iter_max: int = 25,
+        tol: float = 1e-4,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        if method not in F.METHODS:
+            raise ValueError(f"method must be one of {list(F.METHODS)}, got {method!r}.")
+        given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of rank, energy, budget; got {', '.join(given)}.")
+        if rank is None and not given:
+            rank = 0.25
+        if rank is not None:
+            _check_rank(rank)
+        if energy is not None and not _is_number(energy, 0.0, 1.0, low_open=True):
+            raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}." + _percent_hint(energy))
+        if budget is not None and not (_is_number(budget, 0.0, 1.0, low_open=True) and budget < 1.0):
+            raise ValueError(
+                f"budget must be a fraction in (0, 1) of the model's {budget_metric}, got {budget!r}."
+                + _percent_hint(budget)
+            )
+        if budget_metric not in ("params", "flops"):
+            raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
+        if apply_at != "fit_end" and (
+            isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0
+        ):
+            raise ValueError(
+                f"apply_at must be 'fit_end' or a non-negative optimizer step (int), got {apply_at!r}."
+            )
+        if apply_at_epoch is not None:
+            if apply_at != "fit_end":
+                raise ValueError(
+                    "give apply_at (a step) or apply_at_epoch, not both; "
+                    f"got {apply_at!r} and {apply_at_epoch!r}."
+                )
+            if not _is_number(apply_at_epoch, 0.0, math.inf):
+                raise ValueError(
+                    f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}."
+                )
+        self.types = validate_patterns("types", types)
+        unknown = [t for t in self.types if t not in F.DECOMPOSABLE_TYPES]
+        if unknown or not self.types:
+            raise ValueError(
+                f"types must be a non-empty list from {list(F.DECOMPOSABLE_TYPES)}, got {list(types)!r}."
+            )
+        if not _is_number(min_reduction, 1.0, math.inf):
+            raise ValueError(
+                f"min_reduction must be a number >= 1 (a MAC reduction factor), got {min_reduction!r}."
+            )
+        if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
+            raise ValueError(f"latency_batch must be an int >= 1, got {latency_batch!r}.")
+        if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
+            raise ValueError(f"n_iter_max must be an int >= 1, got {n_iter_max!r}.")
+        if not _is_number(tol, 0.0, math.inf, low_open=True):
+            raise ValueError(f"tol must be a positive number, got {tol!r}.")
+        self.method = method
+        self.rank, self.energy, self.budget, self.budget_metric = rank, energy, budget, budget_metric
+        self.apply_at, self.apply_at_epoch = apply_at, apply_at_epoch
+        self.include = validate_patterns("include", include)
+        self.exclude = validate_patterns("exclude", exclude)
+        self.min_reduction = float(min_reduction)
+        self.measure_latency, self.skip_slower, self.latency_batch = (
+            measure_latency,
+            skip_slower,
+            latency_batch,
+        )
+        self.n_iter_max, self.tol, self.seed = n_iter_max, float(tol), seed
+
+        # Runtime state.
+        self._plans: dict[str, F.LayerPlan] = {}  # decomposed layer name -> plan
+        self._rows: list[dict[str, Any]] = []
+        self._applied = False
+        self._apply_step: int | None = None
+        self._candidates: list[tuple[str, nn.Module]] = []
+        self._before: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}
+        self._load_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._model_id: int | None = None
+        self._chains: dict[str, nn.Sequential] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The rebuild hook serves every stage (validate/test/predict with ckpt_path too).
+        if self._load_hook is not None:
+            self._load_hook.remove()
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_load)
+        if self._model_id != id(pl_module):
+            self._plans, self._rows, self._applied, self._before = {}, [], False, {}
+            self._model_id = id(pl_module)
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        spawn = getattr(strategy, "_start_method", None) == "spawn" or type(strategy).__name__.endswith(
+            "SpawnStrategy"
+        )
+        if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy) or spawn:
+            raise ValueError(
+                f"TensorDecomposition supports single-device training and strategy='ddp'; got "
+                f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
+                "parameter set, which sharded strategies (FSDP, DeepSpeed) cannot follow, and ddp_spawn "
+                "reloads the undecomposed weights into the parent process with strict=False. "
+                "HINT: use strategy='ddp'."
+            )
+        self._candidates = self._select(pl_module)
+        for layer_name, layer in self._candidates:
+            if F.skip_reason(layer) is not None:
+                continue
+            try:
+                method = F.resolve_method(layer, self.method)
+            except ValueError as err:
+                raise ValueError(
+                    f"layer {layer_name!r} ({_describe(layer)}): {err} "
+                    "HINT: narrow `types`/`include`, or `exclude` it."
+                ) from None
+            if isinstance(self.rank, int) and not isinstance(self.rank, bool):
+                limit = F.max_ranks(layer, method)
+                if self.rank > min(limit):
+                    raise ValueError(
+                        f"rank={self.rank} is larger than layer {layer_name!r} ({_describe(layer)}) allows "
+                        f"for {method}: at most {min(limit)}. HINT: a float ratio such as rank=0.25 adapts "
+                        "to each layer, or exclude the layer."
+                    )
+
+    def _select(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
+        chosen = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
+        # Layers inside chains this callback built are factors, not candidates.
+        return [
+            (n, m)
+            for n, m in chosen
+            if isinstance(m, nn.Linear | nn.Conv2d) and not any(n.startswith(p + ".") for p in self._plans)
+        ]
+
+    def _rebuild_before_load(
+        self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
+    ) -> None:
+        # Runs before the LightningModule copies a state dict in: rebuild every chain the state dict
+        # holds, so strict loading finds matching keys and shapes.
+        plans = F.structure_from_state_dict(module, state_dict, prefix)
+        if plans:
+            F.apply_structure_(module, plans)
+            self._plans.update(plans)
+            self._applied = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "applied": self._applied,
+            "plans": {k: p.as_dict() for k, p in self._plans.items()},
+            "rows": self._rows,
+            "before": self._before,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs after the model weights were restored (and the chains rebuilt by the pre-hook).
+        plans = {k: F.LayerPlan.from_dict(v) for k, v in state_dict.get("plans", {}).items()}
+        missing = [k for k in plans if k not in self._plans]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's TensorDecomposition state lists decomposed layers {missing} that the "
+                "restored model does not have in decomposed form. HINT: resume from a checkpoint of the "
+                "same model (its state_dict holds the factor weights)."
+            )
+        self._applied = bool(state_dict.get("applied", bool(plans))) or self._applied
+        self._rows = list(state_dict.get("rows", []))
+        self._before = dict(state_dict.get("before", {}))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.apply_at_epoch is not None:
+            self._apply_step = round(self.apply_at_epoch * steps_per_epoch(trainer))
+        elif self.apply_at != "fit_end":
+            self._apply_step = int(self.apply_at)
+        else:
+            self._apply_step = None
+        if not self._before:
+            self._before = {"params": float(_count_params(pl_module))}
+        self._refresh_metrics(pl_module)
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = self._apply_step
+        # Only at the start of an accumulation window, so no gradient of the old layers is half-accumulated.
+        if (
+            step is not None
+            and not self._applied
+            and trainer.global_step >= step
+            and batch_idx % trainer.accumulate_grad_batches == 0
+        ):
+            self._apply(trainer, pl_module)
+            self._rebuild_optimizers(trainer)
+            self._refresh_metrics(pl_module)
+        if "flops" not in self._metrics and self._before.get("params") is not None:
+            self._refresh_metrics(pl_module)
+        self.log_metrics(pl_module, self._metrics)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._applied:
+            if self._apply_step is not None:
+                rank_zero_warn(
+                    f"TensorDecomposition: apply_at step {self._apply_step} was not reached (training ended "
+                    f"at step {trainer.global_step}); the model is decomposed now, at fit end, without "
+                    "fine-tuning."
+                )
+            self._apply(trainer, pl_module)
+        self._refresh_metrics(pl_module)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {self.metric(k): v for k, v in self._metrics.items()}, step=trainer.global_step
+                )
+        super().on_fit_end(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+        super().teardown(trainer, pl_module, stage)
+
+    # ---------------------------------------------------------------- decomposition
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
+        candidates = self._select(pl_module)
+        example = example_input(pl_module, [self])
+        shapes = _layer_shapes(pl_module, [m for _, m in candidates], example)
+        if "flops" not in self._before and example is not None:
+            self._before["flops"] = float(_model_flops(pl_module, example))
+        if trainer.is_global_zero:
+            decisions, rows = self._decide(pl_module, candidates, shapes, trainer)
+        else:
+            decisions, rows = {}, []
+        # Rank zero decides (latency measurements differ between processes); every rank builds the
+        # same chains.
+        decisions, rows = trainer.strategy.broadcast((decisions, rows), src=0)
+        for layer_name, layer in candidates:
+            plan = decisions.get(layer_name)
+            if plan is None:
+                continue
+            chain = self._chains.pop(layer_name, None) if trainer.is_global_zero else None
+            if chain is None:
+                chain, _ = F.decompose(layer, plan, n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed)
+            F.set_submodule_(pl_module, layer_name, chain)
+            self._plans[layer_name] = plan
+        self._chains = {}
+        self._rows = rows
+        self._applied = True
+        done = sum(1 for r in rows if r["status"] == "decomposed")
+        rank_zero_info(
+            f"TensorDecomposition: decomposed {done} of {len(rows)} layers in "
+            f"{time.perf_counter() - started:.1f} s "
+            f"(params {int(self._before['params'])} -> {_count_params(pl_module)})."
+        )
+
+    def _decide(
+        self,
+        pl_module: pl.LightningModule,
+        candidates: list[tuple[str, nn.Module]],
+        shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]],
+        trainer: pl.Trainer,
+    ) -> tuple[dict[str, F.LayerPlan], list[dict[str, Any]]]:
+        from tqdm.auto import tqdm
+
+        self._chains = {}
+        rows: list[dict[str, Any]] = []
+        work: list[tuple[str, nn.Module, str, F.Geometry]] = []
+        for layer_name, layer in candidates:
+            geometry = _geometry(layer, shapes.get(layer))
+            reason = F.skip_reason(layer)
+            if reason is not None:
+                rows.append(_row(layer_name, layer, None, geometry, status=f"skipped: {reason}"))
+                continue
+            work.append((layer_name, layer, F.resolve_method(layer, self.method), geometry))
+
+        plans: list[F.LayerPlan | None]
+        if self.budget is not None:
+            plans = self._budget_plans(pl_module, work, candidates)
+        else:
+            plans = [F.LayerPlan(method, self._ranks(layer, method)) for _, layer, method, _ in work]
+
+        decisions: dict[str, F.LayerPlan] = {}
+        progress = tqdm(
+            list(zip(work, plans, strict=True)),
+            desc="decomposing",
+            leave=False,
+            disable=trainer.progress_bar_callback is None or len(work) < 8,
+        )
+        for (layer_name, layer, _, geometry), plan in progress:
+            if plan is None:
+                rows.append(
+                    _row(
+                        layer_name,
+                        layer,
+                        None,
+                        geometry,
+                        status="skipped: MAC reduction "
+                        f"< min_reduction {self.min_reduction:g}x at the rank the budget allows",
+                    )
+                )
+                continue
+            reduction = F.macs_of(layer, None, geometry) / max(F.macs_of(layer, plan, geometry), 1)
+            if reduction < self.min_reduction:
+                rows.append(
+                    _row(
+                        layer_name,
+                        layer,
+                        plan,
+                        geometry,
+                        status=f"skipped: MAC reduction {reduction:.2f}x "
+                        f"< min_reduction {self.min_reduction:g}x",
+                    )
+                )
+                continue
+            chain, error = F.decompose(layer, plan, n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed)
+            row = _row(layer_name, layer, plan, geometry, status="decomposed", error=error)
+            sample = _latency_input(layer, shapes.get(layer), self.latency_batch)
+            if self.measure_latency and sample is not None:
+                sample = sample.to(layer.weight.device)
+                # One thread, interleaved rounds, best of each: threaded timings of small ops swing
+                # several-fold when other processes share the cores, which would flip the decision.
+                before, after = math.inf, math.inf
+                with F.single_thread():
+                    for _ in range(3):
+                        before = min(before, F.measure_latency(layer, sample, min_run_time=0.02))
+                        after = min(after, F.measure_latency(chain, sample, min_run_time=0.02))
+                latency = {
+                    "latency_ms_before": round(before * 1e3, 4),
+                    "latency_ms_after": round(after * 1e3, 4),
+                }
+                row.update(latency)
+                if self.skip_slower and after >= before:
+                    status = f"skipped: measured slower ({after * 1e3:.3f} ms vs {before * 1e3:.3f} ms)"
+                    rows.append(
+                        {**_row(layer_name, layer, plan, geometry, status=status, error=error), **latency}
+                    )
+                    continue
+            rows.append(row)
+            decisions[layer_name] = plan
+            self._chains[layer_name] = chain
+        order = {layer_name: i for i, (layer_name, _) in enumerate(candidates)}
+        return decisions, sorted(rows, key=lambda r: order[r["layer"]])
+
+    def _ranks(self, layer: nn.Module, method: str) -> tuple[int, ...]:
+        if self.energy is not None:
+            return F.ranks_for_energy(layer, method, self.energy)
+        if self.rank == "vbmf":
+            return F.ranks_for_vbmf(layer, method)
+        if isinstance(self.rank, int):
+            return (self.rank, self.rank) if method == "tucker2" else (self.rank,)
+        return F.ranks_for_ratio(layer, method, float(self.rank))  # type: ignore[arg-type]
+
+    def _budget_plans(
+        self,
+        pl_module: pl.LightningModule,
+        work: list[tuple[str, nn.Module, str, F.Geometry]],
+        candidates: list[tuple[str, nn.Module]],
+    ) -> list[F.LayerPlan | None]:
+        assert self.budget is not None
+        layers = [(layer, method, geometry) for _, layer, method, geometry in work]
+        if self.budget_metric == "params":
+            total = _count_params(pl_module)
+            chosen = sum(F.params_of(layer, None) for layer, _, _ in layers)
+        else:
+            if "flops" not in self._before:
+                raise ValueError(
+                    "budget_metric='flops' needs an example input to count FLOPs, and none was seen. "
+                    "HINT: set "
+                    "`example_input_array` on the LightningModule, or use budget_metric='params'."
+                )
+            total = int(self._before["flops"]) // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+            chosen = sum(F.macs_of(layer, None, geometry) for layer, _, geometry in layers)
+        return F.allocate_budget(
+            layers,
+            budget=int(self.budget * total),
+            fixed=total - chosen,
+            metric=self.budget_metric,
+            min_reduction=self.min_reduction,
+        )
+
+    # ---------------------------------------------------------------- optimizer rebuild
+    def _rebuild_optimizers(self, trainer: pl.Trainer) -> None:
+        """New optimizers / schedulers over the decomposed parameters, carrying over what still applies."""
+        strategy = trainer.strategy
+        old_optimizers = list(trainer.optimizers)
+        old_lrs = [[group["lr"] for group in opt.param_groups] for opt in old_optimizers]
+        old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+        if isinstance(strategy, DDPStrategy):
+            # DDP's reducer holds the old parameter list: wrap the LightningModule again (this also
+            # broadcasts rank zero's new factors to every process).
+            strategy.model = strategy._setup_model(strategy.lightning_module)
+            strategy._register_ddp_hooks()
+        strategy.setup_optimizers(trainer)
+        _optimizers_to_device(strategy.optimizers, strategy.root_device)
+        for old, new, lrs in zip(old_optimizers, trainer.optimizers, old_lrs, strict=False):
+            for group in new.param_groups:
+                for p in group["params"]:
+                    if p in old.state:  # an untouched layer keeps its momentum / Adam moments
+                        new.state[p] = old.state[p]
+            if len(new.param_groups) == len(lrs):
+                for group, lr in zip(new.param_groups, lrs, strict=True):
+                    group["lr"] = lr
+        for config, state in zip(trainer.lr_scheduler_configs, old_schedulers, strict=False):
+            config.scheduler.load_state_dict(state)
+
+    # ---------------------------------------------------------------- metrics and report
+    def _refresh_metrics(self, pl_module: pl.LightningModule) -> None:
+        params = _count_params(pl_module)
+        before = self._before.get("params", float(params))
+        self._metrics = {"params": float(params), "ratio": before / max(params, 1)}
+        example = example_input(pl_module, [self])
+        if example is not None:
+            flops = float(_model_flops(pl_module, example))
+            self._before.setdefault("flops", flops)
+            self._metrics.update(flops=flops, flops_ratio=self._before["flops"] / max(flops, 1.0))
+
+    @override
+    def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "rank": self.rank if self.energy is None and self.budget is None else None,
+            "energy": self.energy,
+            "budget": None if self.budget is None else f"{self.budget:g} of {self.budget_metric}",
+            "applied": self._applied,
+            "params_before": self._before.get("params"),
+            "params_after": self._metrics.get("params"),
+            "flops_before": self._before.get("flops"),
+            "flops_after": self._metrics.get("flops"),
+            "ratio": self._metrics.get("ratio"),
+            "flops_ratio": self._metrics.get("flops_ratio"),
+            "layers": self._rows,
+        }
+
+
+# ---------------------------------------------------------------------------- loading helper
+def load_decomposed(
+    cls: type[pl.LightningModule],
+    checkpoint_path: str,
+    map_location: Any = None,
+    **kwargs: Any,
+) -> pl.LightningModule:
+    """``cls.load_from_checkpoint`` for a checkpoint of a decomposed model.
+
+    The LightningModule is built from its saved hyperparameters, the chains the checkpoint holds are
+    rebuilt from the shapes of their factor weights, and the weights are then loaded strictly.
+
+    Args:
+        cls: the LightningModule class.
+        checkpoint_path: a checkpoint written by ``Trainer.save_checkpoint`` / ``ModelCheckpoint``.
+        map_location: as for ``torch.load``.
+        **kwargs: hyperparameter overrides, as for ``load_from_checkpoint``.
+
+    Example::
+
+        >>> import pytorch_lightning as pl
+        >>> from lightning_compress import load_decomposed
+        >>> # trainer.fit(model); trainer.save_checkpoint("decomposed.ckpt")
+        >>> # model = load_decomposed(MyModule, "decomposed.ckpt")
+    """
+    from lightning_fabric.utilities.cloud_io import _load as pl_load
+
+    checkpoint = pl_load(checkpoint_path, map_location=map_location or "cpu", weights_only=False)
+    with warnings.catch_warnings():
+        # Missing/unexpected keys are expected here: the decomposed layers are loaded just below.
+        warnings.simplefilter("ignore")
+        model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
+    state_dict = checkpoint["state_dict"]
+    F.apply_structure_(model, F.structure_from_state_dict(model, state_dict))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------- helpers
+def _is_number(value: Any, low: float, high: float, low_open: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
+
+
+def _percent_hint(value: Any) -> str:
+    return (
+        " HINT: a fraction, not a percentage (0.9, not 90)."
+        if _is_number(value, 1.0, 100.0, low_open=True)
+        else ""
+    )
+
+
+def _check_rank(rank: Any) -> None:
+    if rank == "vbmf" and isinstance(rank, str):
+        return
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
+        return
+    if isinstance(rank, float) and not math.isnan(rank):
+        if 0.0 < rank <= 1.0:
+            return
+        hint = (
+            f" HINT: write {int(rank)} (an int) for an absolute rank."
+            if rank > 1 and rank.is_integer()
+            else ""
+        )
+        raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.{hint}")
+    raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
+
+
+def _describe(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return f"Linear {layer.in_features}->{layer.out_features}"
+    return f"Conv2d {layer.in_channels}->{layer.out_channels} k={tuple(layer.kernel_size)}"
+
+
+def _count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _model_flops(model: nn.Module, example: Any) -> int:
+    args, kwargs = as_call(example)
+    return module_flops(model, *args, **kwargs).get("", 0)
+
+
+def _layer_shapes(
+    model: nn.Module, layers: list[nn.Module], example: Any
+) -> dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Input and output shapes of ``layers`` in one eval-mode forward on ``example``."""
+    if example is None or not layers:
+        return {}
+    shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def record(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(module, (tuple(args[0].shape), tuple(output.shape)))
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics update
+    try:
+        args, kwargs = as_call(example)
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _geometry(layer: nn.Module, shape: tuple[tuple[int, ...], tuple[int, ...]] | None) -> F.Geometry:
+    if shape is None:
+        return F.Geometry()
+    x, y = shape
+    if isinstance(layer, nn.Linear):
+        return F.Geometry(n=max(1, math.prod(x) // max(layer.in_features, 1)))
+    if len(x) == 3:  # unbatched conv input
+        x, y = (1, *x), (1, *y)
+    return F.Geometry(n=x[0], h_in=x[-2], w_in=x[-1], h_out=y[-2], w_out=y[-1])
+
+
+def _latency_input(
+    layer: nn.Module, shape: tuple[tuple[int, ...], tuple[int, ...]] | None, batch: int
+) -> torch.Tensor | None:
+    g = torch.Generator().manual_seed(0)
+    if shape is None:
+        return torch.randn(batch, layer.in_features, generator=g) if isinstance(layer, nn.Linear) else None
+    x = shape[0]
+    if isinstance(layer, nn.Conv2d) and len(x) == 3:
+        x = (1, *x)
+    return torch.randn(batch, *x[1:], generator=g)
+
+
+def _row(
+    layer_name: str,
+    layer: nn.Module,
+    plan: F.LayerPlan | None,
+    geometry: F.Geometry,
+    *,
+    status: str,
+    error: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "layer": layer_name,
+        "shape": _describe(layer),
+        "method": None if plan is None else plan.method,
+        "ranks": None if plan is None else "x".join(map(str, plan.ranks)),
+        "params_before": F.params_of(layer, None),
+        "params_after": F.params_of(layer, plan)
+        if status == "decomposed" and plan
+        else F.params_of(layer, None),
+        "flops_before": 2 * F.macs_of(layer, None, geometry),
+        "flops_after": 2 * F.macs_of(layer, plan if status == "decomposed" else None, geometry),
+        "error": None if error is None else round(error, 5),
+        "latency_ms_before": None,
+        "latency_ms_after": None,
+        "status": status,
+    }

@@ -1,0 +1,264 @@
+"""Numeric checks of the decomposition functions against reference computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tensorly as tl
+import torch
+from torch import nn
+
+from lightning_compress.functional import decomposition as F
+from lightning_compress.functional.stats import module_flops
+
+
+def _conv(
+    i: int = 6, o: int = 10, k: int | tuple[int, int] = 3, dtype: torch.dtype = torch.float64, **kw
+) -> nn.Conv2d:
+    return nn.Conv2d(i, o, k, **kw).to(dtype)
+
+
+CONV_CONFIGS = [
+    dict(padding=1),
+    dict(stride=2, padding=(1, 2), dilation=(2, 1)),
+    dict(k=(3, 5), stride=(1, 2), padding=(2, 1), bias=False),
+    dict(padding="same", dilation=2),
+    dict(padding=1, padding_mode="circular"),
+    dict(padding=(1, 2), padding_mode="reflect", k=(3, 5)),
+]
+
+
+@pytest.mark.parametrize("config", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_full_rank_tucker2_equals_original(config: dict) -> None:
+    conv = _conv(**config)
+    chain, error = F.decompose(conv, F.LayerPlan("tucker2", (10, 6)))
+    x = torch.randn(2, 6, 11, 13, dtype=torch.float64)
+    torch.testing.assert_close(chain(x), conv(x), rtol=1e-9, atol=1e-9)
+    assert error < 1e-10
+    assert [m.stride for m in chain][1] == conv.stride and chain[1].padding_mode == conv.padding_mode
+
+
+@pytest.mark.parametrize("config", [dict(), dict(stride=2, padding=1), dict(bias=False, stride=(2, 1))])
+def test_full_rank_svd_of_pointwise_conv_and_linear(config: dict) -> None:
+    conv = _conv(k=1, **config)
+    chain, error = F.decompose(conv, F.LayerPlan("svd", (6,)))
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    torch.testing.assert_close(chain(x), conv(x), rtol=1e-9, atol=1e-9)
+    linear = nn.Linear(12, 7).double()
+    chain, error = F.decompose(linear, F.LayerPlan("svd", (7,)))
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    torch.testing.assert_close(chain(x), linear(x), rtol=1e-9, atol=1e-9)
+    assert error < 1e-10
+
+
+@pytest.mark.parametrize("config", CONV_CONFIGS[:3] + CONV_CONFIGS[4:], ids=str)
+def test_cp_chain_equals_conv_with_reconstructed_kernel(config: dict) -> None:
+    conv = _conv(**config)
+    chain, error = F.decompose(conv, F.LayerPlan("cp", (8,)), n_iter_max=50)
+    # Reference: one conv whose kernel is tensorly's own reconstruction of the CP factors.
+    weights = [chain[0].weight, chain[1].weight, chain[2].weight, chain[3].weight]
+    b = weights[0][:, :, 0, 0].T
+    c, d = weights[1][:, 0, :, 0].T, weights[2][:, 0, 0, :].T
+    a = weights[3][:, :, 0, 0]
+    with tl.backend_context("pytorch"):
+        kernel = tl.cp_to_tensor((torch.ones(8, dtype=torch.float64), [a, b, c, d]))
+    reference = nn.Conv2d(
+        6,
+        10,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        padding_mode=conv.padding_mode,
+        bias=conv.bias is not None,
+    ).double()
+    with torch.no_grad():
+        reference.weight.copy_(kernel)
+        if conv.bias is not None:
+            reference.bias.copy_(conv.bias)
+    x = torch.randn(2, 6, 11, 13, dtype=torch.float64)
+    torch.testing.assert_close(chain(x), reference(x), rtol=1e-9, atol=1e-9)
+    w = conv.weight.detach()
+    measured = float(torch.linalg.norm(w - kernel.detach()) / torch.linalg.norm(w))
+    assert error == pytest.approx(measured, rel=1e-6)
+    assert [m.groups for m in chain] == [1, 8, 8, 1]
+
+
+def test_truncated_svd_error_is_eckart_young_optimal() -> None:
+    linear = nn.Linear(40, 30).double()
+    s = torch.linalg.svdvals(linear.weight.detach())
+    for r in (1, 5, 20):
+        _, error = F.decompose(linear, F.LayerPlan("svd", (r,)))
+        assert error == pytest.approx(float(s[r:].norm() / s.norm()), rel=1e-9)
+
+
+def test_randomized_svd_for_large_linear_is_near_optimal() -> None:
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(1100, 12, generator=g) @ torch.randn(12, 1000, generator=g)
+    linear = nn.Linear(1000, 1100)
+    with torch.no_grad():
+        linear.weight.copy_(low + 1e-3 * torch.randn(1100, 1000, generator=g))
+    assert linear.weight.numel() > F._EXACT_SVD_MAX_NUMEL  # takes the randomized path
+    _, error = F.decompose(linear, F.LayerPlan("svd", (12,)))
+    s = torch.linalg.svdvals(linear.weight.detach().double())
+    assert error == pytest.approx(float(s[12:].norm() / s.norm()), rel=0.05)
+
+
+def test_half_precision_and_requires_grad_weights() -> None:
+    conv = nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16)
+    chain, error = F.decompose(conv, F.LayerPlan("tucker2", (4, 4)))
+    assert all(p.dtype == torch.bfloat16 for p in chain.parameters())
+    assert all(p.requires_grad and p.grad_fn is None and p.is_leaf for p in chain.parameters())
+    assert 0 < error < 1
+
+
+@pytest.mark.parametrize(
+    ("layer", "plan"),
+    [
+        (nn.Conv2d(16, 24, 3, stride=2, padding=1), F.LayerPlan("tucker2", (8, 5))),
+        (nn.Conv2d(16, 24, (3, 5), stride=(2, 1), padding=(1, 2)), F.LayerPlan("cp", (7,))),
+        (nn.Conv2d(16, 24, 1, stride=2), F.LayerPlan("svd", (5,))),
+        (nn.Linear(16, 24), F.LayerPlan("svd", (5,))),
+    ],
+    ids=["tucker2", "cp", "svd-conv", "svd-linear"],
+)
+def test_macs_and_params_match_measurement(layer: nn.Module, plan: F.LayerPlan) -> None:
+    x = torch.randn(2, 16, 10, 12) if isinstance(layer, nn.Conv2d) else torch.randn(2, 3, 16)
+    y = layer(x)
+    geometry = (
+        F.Geometry(n=2, h_in=10, w_in=12, h_out=y.shape[-2], w_out=y.shape[-1])
+        if isinstance(layer, nn.Conv2d)
+        else F.Geometry(n=6)
+    )
+    chain = F.build_chain(layer, plan)
+    assert 2 * F.macs_of(layer, None, geometry) == module_flops(layer, x)[""]
+    assert 2 * F.macs_of(layer, plan, geometry) == module_flops(chain, x)[""]
+    assert F.params_of(layer, plan) == sum(p.numel() for p in chain.parameters())
+    assert F.params_of(layer, None) == sum(p.numel() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.25, 0.6])
+def test_ranks_for_ratio_keeps_about_that_share(ratio: float) -> None:
+    for layer, method in (
+        (nn.Conv2d(64, 128, 3), "tucker2"),
+        (nn.Conv2d(64, 128, 3), "cp"),
+        (nn.Linear(300, 200), "svd"),
+    ):
+        plan = F.LayerPlan(method, F.ranks_for_ratio(layer, method, ratio))
+        kept = F.params_of(layer, plan) - 128 * (method != "svd") - 200 * (method == "svd")
+        full = layer.weight.numel()
+        assert kept <= ratio * full * 1.001
+        assert kept >= ratio * full * 0.85
+
+
+def test_energy_rank_reference() -> None:
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22
+    assert [F.energy_rank(s, e) for e in (0.5, 16 / 22, 0.8, 21 / 22, 0.99, 1.0)] == [1, 1, 2, 3, 4, 4]
+
+
+def test_vbmf_threshold_constant() -> None:
+    # Nakajima et al. 2013: tau_thr = 2.5129 for a square matrix.
+    assert F._tau_threshold(1.0) == pytest.approx(2.5129, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "rank", "noise"), [((50, 50), 3, 0.5), ((40, 120), 8, 0.2), ((200, 64), 12, 1.0)]
+)
+def test_vbmf_recovers_planted_rank(shape: tuple[int, int], rank: int, noise: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    signal = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+    assert F.vbmf_rank(signal + noise * torch.randn(*shape, generator=g)) == rank
+    assert F.vbmf_rank(torch.randn(*shape, generator=g)) == 0
+
+
+def test_allocate_budget_meets_budget_and_is_monotone() -> None:
+    torch.manual_seed(0)
+    layers = [
+        (nn.Conv2d(32, 64, 3), "tucker2", F.Geometry(1, 8, 8, 6, 6)),
+        (nn.Linear(256, 128), "svd", F.Geometry(4)),
+    ]
+    full = sum(F.params_of(m, None) for m, _, _ in layers)
+    previous = None
+    for share in (0.2, 0.4, 0.7):
+        plans = F.allocate_budget(layers, budget=int(share * full), fixed=0, metric="params")
+        total = sum(F.params_of(m, p) for (m, _, _), p in zip(layers, plans, strict=True))
+        assert total <= share * full
+        ranks = [p.ranks if p else None for p in plans]
+        if previous is not None and None not in ranks and None not in previous:
+            assert all(
+                a >= b for r, q in zip(ranks, previous, strict=True) for a, b in zip(r, q, strict=True)
+            )
+        previous = ranks
+    with pytest.raises(ValueError, match="cannot be met"):
+        F.allocate_budget(layers, budget=10, fixed=0)
+
+
+def test_structure_round_trip_through_state_dict() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 5), nn.Conv2d(8, 8, 1)
+    )
+    plans = {
+        "0": F.LayerPlan("tucker2", (3, 2)),
+        "1": F.LayerPlan("cp", (4,)),
+        "3": F.LayerPlan("svd", (2,)),
+        "4": F.LayerPlan("svd", (3,)),
+    }
+    for name, plan in plans.items():
+        F.set_submodule_(model, name, F.decompose(model.get_submodule(name), plan)[0])
+    fresh = nn.Sequential(
+        nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 5), nn.Conv2d(8, 8, 1)
+    )
+    found = F.structure_from_state_dict(fresh, model.state_dict())
+    assert found == plans
+    F.apply_structure_(fresh, found)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert {k: F.plan_from_chain(fresh.get_submodule(k)) for k in plans} == plans
+
+
+def test_method_resolution_and_skips() -> None:
+    assert F.resolve_method(nn.Linear(4, 4), "auto") == "svd"
+    assert F.resolve_method(nn.Conv2d(4, 4, 3), "auto") == "tucker2"
+    assert F.resolve_method(nn.Conv2d(4, 4, 1), "cp") == "svd"
+    with pytest.raises(ValueError, match="Conv2d layers only"):
+        F.resolve_method(nn.Linear(4, 4), "cp")
+    with pytest.raises(ValueError, match="Linear and 1x1"):
+        F.resolve_method(nn.Conv2d(4, 4, 3), "svd")
+    with pytest.raises(ValueError, match="method must be one of"):
+        F.resolve_method(nn.Conv2d(4, 4, 3), "tt")
+    assert "groups=4" in F.skip_reason(nn.Conv2d(8, 8, 3, groups=4))
+    assert F.skip_reason(nn.Conv2d(1, 8, 3)) is not None
+    assert F.skip_reason(nn.Conv2d(8, 8, 3)) is None
+    assert F.max_ranks(nn.Conv2d(8, 16, 3), "tucker2") == (16, 8)
+    assert math.prod(F.max_ranks(nn.Conv2d(8, 16, 3), "cp")) == 8 * 3 * 3
+
+
+def test_grouped_conv_costs_match_measurement() -> None:
+    conv = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+    x = torch.randn(2, 32, 6, 6)
+    assert F.params_of(conv, None) == sum(p.numel() for p in conv.parameters())
+    assert 2 * F.macs_of(conv, None, F.Geometry(2, 6, 6, 6, 6)) == module_flops(conv, x)[""]
+
+
+@pytest.mark.parametrize("shape", [(20, 90), (90, 20), (30, 30)])
+def test_gram_svd_and_singular_values_match_lapack(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(*shape, generator=g, dtype=torch.float64)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(m, full_matrices=False)
+    torch.testing.assert_close(F.singular_values(m), s_ref)
+    u, s, vh = F.gram_svd(m, n_eigenvecs=7)
+    assert u.shape == (shape[0], 7) and vh.shape == (7, shape[1])
+    torch.testing.assert_close(s, s_ref[:7])
+    torch.testing.assert_close(u.T @ u, torch.eye(7, dtype=torch.float64))
+    # the same best rank-7 approximation
+    torch.testing.assert_close(u * s @ vh, u_ref[:, :7] * s_ref[:7] @ vh_ref[:7])
+
+
+def test_single_thread_restores_setting() -> None:
+    torch.set_num_threads(2)
+    try:
+        with F.single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
