@@ -1,7 +1,7 @@
 """lightning_compress: compress neural networks while they train, as PyTorch Lightning callbacks."""
 
 from lightning_compress.__about__ import __version__
-from lightning_compress.callbacks import CompressionCallback, GradualPruning
+from lightning_compress.callbacks import CompressionCallback, GradualPruning, KnowledgeDistillation
 from lightning_compress.functional.sparse import load_sparse, save_sparse
 from lightning_compress.report import CompressionReport
 
@@ -9,6 +9,7 @@ __all__ = [
     "CompressionCallback",
     "CompressionReport",
     "GradualPruning",
+    "KnowledgeDistillation",
     "__version__",
     "load_sparse",
     "save_sparse",
