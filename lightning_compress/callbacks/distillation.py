@@ -570,13 +570,11 @@ class KnowledgeDistillation(CompressionCallback):
         for s in self.features:
             s_shape, t_shape = self._student.features[s].shape, self._teacher_capture.features[s].shape
             try:
-                adapter = F.make_adapter(s_shape, t_shape)
+                spec = F.adapter_spec(s_shape, t_shape)
             except ValueError as err:
                 raise ValueError(f"features[{s!r}] -> {self.features[s]!r}: {err}") from err
-            if adapter is not None:
-                kind = F.adapter_kind(s_shape)
-                axis = -1 if kind == "linear" else 1
-                shapes[s] = (kind, int(s_shape[axis]), int(t_shape[axis]))
+            if spec is not None:
+                shapes[s] = spec
         if shapes and set(shapes) != set(self._adapter_shapes):
             self._build_adapters(shapes, pl_module.device)
         elif shapes:

@@ -175,12 +175,7 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
 def make_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Module | None:
     """A learned map from a student feature to the teacher's width, or ``None`` if the shapes already match.
 
-    Channels are axis 1 (``[N, C, ...]``, as Conv and BatchNorm outputs) for features with spatial
-    axes, which get a 1x1 convolution (FitNets' regressor); ``[N, C]`` features get a ``Linear``. For
-    sequence features ``[N, L, D]`` the width is the last axis (a ``Linear`` acting per token).
-
-    Raises:
-        ValueError: when the shapes differ in anything but the width (a spatial size or rank).
+    See :func:`adapter_spec` for which axis is the width and which adapter maps it.
 
     Example::
 
@@ -189,33 +184,49 @@ def make_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> 
         >>> make_adapter((2, 8), (2, 8)) is None
         True
     """
-    student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
-    if student_shape == teacher_shape:
+    spec = adapter_spec(student_shape, teacher_shape)
+    return None if spec is None else build_adapter(*spec)
+
+
+def adapter_spec(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> tuple[str, int, int] | None:
+    """``(kind, student width, teacher width)`` of the adapter between two feature shapes (``None``: equal).
+
+    ``[N, D]`` features get a ``"linear"`` map; ``[N, C, ...spatial]`` features (Conv and BatchNorm
+    outputs) a 1x1 convolution on axis 1, FitNets' regressor (``"conv1d"``/``"conv2d"``/``"conv3d"``).
+    Rank-3 features are told apart by the axis that differs: ``[N, L, D]`` (a sequence, width last)
+    gets a per-token ``"linear"``, ``[N, C, L]`` a ``"conv1d"``.
+
+    Raises:
+        ValueError: when the shapes differ in anything but the width (a spatial size, a length, the rank).
+
+    Example::
+
+        >>> adapter_spec((4, 10, 64), (4, 10, 128))
+        ('linear', 64, 128)
+        >>> adapter_spec((4, 32, 50), (4, 64, 50))
+        ('conv1d', 32, 64)
+    """
+    s, t = tuple(int(d) for d in student_shape), tuple(int(d) for d in teacher_shape)
+    if s == t:
         return None
-    kind = adapter_kind(student_shape)
-    axis = -1 if kind == "linear" else 1
-    rest_s = student_shape[:axis] + (student_shape[axis + 1 :] if axis != -1 else ())
-    rest_t = teacher_shape[:axis] + (teacher_shape[axis + 1 :] if axis != -1 else ())
-    if len(student_shape) != len(teacher_shape) or rest_s != rest_t:
-        raise ValueError(
-            f"student feature {student_shape} and teacher feature {teacher_shape} differ in more than their "
-            "width; an adapter can only map channels. HINT: pair layers with the same spatial/sequence size."
-        )
-    return build_adapter(kind, student_shape[axis], teacher_shape[axis])
-
-
-def adapter_kind(shape: Sequence[int]) -> str:
-    """The adapter for a feature shape: ``"linear"`` for ``[N, D]`` / ``[N, L, D]``, else ``"convKd"``."""
-    rank = len(shape)
-    if rank in (2, 3):
-        return "linear"
-    if rank in (4, 5):
-        return f"conv{rank - 2}d"
-    raise ValueError(f"cannot build an adapter for a feature of rank {rank} (shape {tuple(shape)}).")
+    differing = [i for i in range(len(s)) if s[i] != t[i]] if len(s) == len(t) else []
+    rank = len(s)
+    if rank == 2 and differing == [1]:
+        return "linear", s[1], t[1]
+    if rank == 3 and differing == [2]:
+        return "linear", s[2], t[2]
+    if rank in (3, 4, 5) and differing == [1]:
+        return f"conv{rank - 2}d", s[1], t[1]
+    if rank not in (2, 3, 4, 5):
+        raise ValueError(f"cannot build an adapter for a feature of rank {rank} (shape {s}).")
+    raise ValueError(
+        f"student feature {s} and teacher feature {t} differ in more than their width; an adapter can only "
+        "map channels. HINT: pair layers with the same batch, spatial and sequence sizes."
+    )
 
 
 def build_adapter(kind: str, in_width: int, out_width: int) -> nn.Module:
-    """The adapter of ``kind`` (see :func:`adapter_kind`) from ``in_width`` to ``out_width`` channels."""
+    """The adapter of ``kind`` (see :func:`adapter_spec`) from ``in_width`` to ``out_width`` channels."""
     if kind == "linear":
         return nn.Linear(in_width, out_width, bias=False)
     layers = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
@@ -259,10 +270,12 @@ def select_output(output: Any, key: str | int | None = None) -> Tensor:
             return output.logits
         if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
             return output[0]
-    elif (isinstance(key, int) and isinstance(output, tuple | list) and abs(key + 0.5) < len(output)) or (
-        isinstance(key, str) and isinstance(output, Mapping) and key in output
-    ):
-        return output[key]
+    elif isinstance(key, int) and isinstance(output, tuple | list):
+        if key in range(-len(output), len(output)):
+            return output[key]
+    elif isinstance(key, str) and isinstance(output, Mapping):
+        if key in output:
+            return output[key]
     elif isinstance(key, str) and hasattr(output, key):
         return getattr(output, key)
     raise ValueError(
