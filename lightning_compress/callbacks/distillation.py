@@ -55,6 +55,7 @@ from lightning_compress.functional import distillation as F
 from lightning_compress.schedules import Schedule, ScheduleName, resolve_schedule, resolve_window
 
 _STATE_VERSION = 1
+_MISSING = object()
 
 
 def _check_number(argument: str, value: Any) -> float:
@@ -275,6 +276,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._teacher_capture = _Capture()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._wrapped: pl.LightningModule | None = None
+        self._previous_step: Any = _MISSING
         self._window: tuple[int, int] = (0, 1)
         self._pending_state: dict[str, Any] | None = None
         self._checked = False
@@ -434,12 +436,14 @@ class KnowledgeDistillation(CompressionCallback):
             )
         # An attribute on the instance shadows the class's method for this object only; `teardown` deletes
         # it again. `training_step` is looked up with getattr at every step (also through DDP's redirection).
+        # An instance attribute may already be there (Lightning's torch.compile support puts the compiled
+        # training_step there): wrap it, and put it back afterwards.
+        self._previous_step = pl_module.__dict__.get("training_step", _MISSING)
         original = pl_module.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             return self._distilled_step(pl_module, original, *args, **kwargs)
 
-        training_step.__wrapped__ = original  # type: ignore[attr-defined]
         pl_module.training_step = training_step  # type: ignore[method-assign]
         self._wrapped = pl_module
 
@@ -448,8 +452,11 @@ class KnowledgeDistillation(CompressionCallback):
             handle.remove()
         self._handles = []
         if self._wrapped is not None:
-            self._wrapped.__dict__.pop("training_step", None)
-            self._wrapped = None
+            if self._previous_step is _MISSING:
+                self._wrapped.__dict__.pop("training_step", None)
+            else:
+                self._wrapped.training_step = self._previous_step  # type: ignore[method-assign]
+            self._wrapped, self._previous_step = None, _MISSING
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -465,6 +472,11 @@ class KnowledgeDistillation(CompressionCallback):
             # Leave the user's optimizer as configure_optimizers made it; the adapters stay on this callback.
             self._remove_adapter_group()
         super().teardown(trainer, pl_module, stage)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` after an exception: give the user's module back here.
+        self.teardown(trainer, pl_module, "fit")
 
     # ---------------------------------------------------------------- the training step
     def _distilled_step(self, pl_module: pl.LightningModule, original: Any, *args: Any, **kwargs: Any) -> Any:
