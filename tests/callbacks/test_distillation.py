@@ -355,7 +355,8 @@ def test_yaml_config_runs_and_saved_config_reloads(tmp_path: Path) -> None:
             "--trainer.logger=false"]
     cli = main(args)
     (kd,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, KnowledgeDistillation)]
-    assert kd.teacher_forward_calls >= 3 and kd.teacher.hparams.width == 64
+    # (the teacher's hparams may show the student's: LightningCLI records the model config on every module)
+    assert kd.teacher_forward_calls >= 3 and kd.teacher.features[0].out_channels == 64
     saved = next(tmp_path.rglob("config.yaml"))
     cli2 = main(["fit", "--config", str(saved), "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
                  "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path / 'again'}"], run=False)
