@@ -215,14 +215,10 @@ class KnowledgeDistillation(CompressionCallback):
                     f"{teacher!r} does not exist."
                 )
         elif not isinstance(teacher, nn.Module):
-            raise TypeError(
-                f"teacher must be an nn.Module, 'self' or a checkpoint path, got {type(teacher).__name__}."
-            )
+            raise TypeError(f"teacher must be an nn.Module, 'self' or a checkpoint path, got {type(teacher).__name__}.")
         self.teacher_spec = teacher
         self.alpha = _check_alpha("alpha", alpha)
-        self.initial_alpha = (
-            self.alpha if initial_alpha is None else _check_alpha("initial_alpha", initial_alpha)
-        )
+        self.initial_alpha = self.alpha if initial_alpha is None else _check_alpha("initial_alpha", initial_alpha)
         self.temperature = _check_temperature("temperature", temperature)
         self.initial_temperature = (
             self.temperature
@@ -309,7 +305,6 @@ class KnowledgeDistillation(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.check_unique(trainer)
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "KnowledgeDistillation adds its term to the loss training_step returns, which manual "
@@ -358,8 +353,7 @@ class KnowledgeDistillation(CompressionCallback):
         if missing:
             available = [n for n in modules if n]
             raise ValueError(
-                f"features names {who} layer(s) {missing} that do not exist. {who.capitalize()} layers: "
-                f"{available}."
+                f"features names {who} layer(s) {missing} that do not exist. {who.capitalize()} layers: {available}."
             )
         return {n: modules[n] for n in names}
 
@@ -398,9 +392,7 @@ class KnowledgeDistillation(CompressionCallback):
                 self._teacher.load_state_dict(state["teacher"])
             self._teacher_layers = self._named_layers(self._teacher, list(self.features.values()), "teacher")
         assert self._teacher is not None
-        teacher = trainer.precision_plugin.convert_module(
-            self._teacher
-        )  # bf16-true etc.: the student's dtype
+        teacher = trainer.precision_plugin.convert_module(self._teacher)  # bf16-true etc.: the student's dtype
         self._teacher = teacher.to(pl_module.device).eval().requires_grad_(False)
         if trainer.optimizers:
             self._optimizer = trainer.optimizers[0]
@@ -421,19 +413,13 @@ class KnowledgeDistillation(CompressionCallback):
         self._uninstall()
         assert self._teacher is not None
         self._handles.append(pl_module.register_forward_hook(self._student.model_hook, with_kwargs=True))
-        self._handles.append(
-            self._teacher.register_forward_hook(self._teacher_capture.model_hook, with_kwargs=True)
-        )
+        self._handles.append(self._teacher.register_forward_hook(self._teacher_capture.model_hook, with_kwargs=True))
         for student_name, teacher_name in self.features.items():
             self._handles.append(
-                self._student_layers[student_name].register_forward_hook(
-                    self._student.feature_hook(student_name)
-                )
+                self._student_layers[student_name].register_forward_hook(self._student.feature_hook(student_name))
             )
             layer = dict(self._teacher.named_modules())[teacher_name]
-            self._handles.append(
-                layer.register_forward_hook(self._teacher_capture.feature_hook(student_name))
-            )
+            self._handles.append(layer.register_forward_hook(self._teacher_capture.feature_hook(student_name)))
         # An attribute on the instance shadows the class's method for this object only; `teardown` deletes
         # it again. `training_step` is looked up with getattr at every step (also through DDP's redirection).
         # An instance attribute may already be there (Lightning's torch.compile support puts the compiled
@@ -554,9 +540,7 @@ class KnowledgeDistillation(CompressionCallback):
             metrics["feature_loss"] = float(feature_loss.detach())
         task = float(task_loss.detach())
         metrics["task_loss"] = task
-        metrics["task_loss_share"] = (
-            (1.0 - alpha) * task / float(total.detach()) if float(total.detach()) else 0.0
-        )
+        metrics["task_loss_share"] = (1.0 - alpha) * task / float(total.detach()) if float(total.detach()) else 0.0
         self._metrics = metrics
         self._student.clear()
         self._teacher_capture.clear()
@@ -566,18 +550,14 @@ class KnowledgeDistillation(CompressionCallback):
         key = _adapter_key(student_name)
         return self.adapters[key] if key in self.adapters else None  # noqa: SIM401 - ModuleDict has no get
 
-    def _check_first_step(
-        self, pl_module: pl.LightningModule, student_logits: Tensor, teacher_logits: Tensor
-    ) -> None:
+    def _check_first_step(self, pl_module: pl.LightningModule, student_logits: Tensor, teacher_logits: Tensor) -> None:
         # Runs on the first step, after both forwards and before any backward or optimizer step.
         if self.alpha > 0 or self.initial_alpha > 0:
             F.check_compatible(student_logits, teacher_logits)
         missing = [s for s in self.features if s not in self._student.features]
         missing += [t for s, t in self.features.items() if s not in self._teacher_capture.features]
         if missing:
-            raise ValueError(
-                f"feature layer(s) {missing} were not called in the forward pass, so they give no hint."
-            )
+            raise ValueError(f"feature layer(s) {missing} were not called in the forward pass, so they give no hint.")
         shapes: dict[str, tuple[str, int, int]] = {}
         for s in self.features:
             s_shape, t_shape = self._student.features[s].shape, self._teacher_capture.features[s].shape
@@ -598,9 +578,7 @@ class KnowledgeDistillation(CompressionCallback):
                     )
         self._checked = True
 
-    def _build_adapters(
-        self, shapes: dict[str, Any], device: torch.device, keep_weights: bool = False
-    ) -> None:
+    def _build_adapters(self, shapes: dict[str, Any], device: torch.device, keep_weights: bool = False) -> None:
         self._remove_adapter_group()
         if not keep_weights:
             # A private generator: identical adapters on every process, and the global RNG stream (data order,
@@ -608,10 +586,7 @@ class KnowledgeDistillation(CompressionCallback):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 self.adapters = nn.ModuleDict(
-                    {
-                        _adapter_key(s): F.build_adapter(kind, i, o)
-                        for s, (kind, i, o) in sorted(shapes.items())
-                    }
+                    {_adapter_key(s): F.build_adapter(kind, i, o) for s, (kind, i, o) in sorted(shapes.items())}
                 )
             self._adapter_shapes = {s: (str(k), int(i), int(o)) for s, (k, i, o) in shapes.items()}
         self.adapters.to(device)
@@ -639,9 +614,7 @@ class KnowledgeDistillation(CompressionCallback):
                 del groups[i]
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # DDP averages the student's gradients; the adapters are outside it, so average theirs here.
         if optimizer is not self._optimizer or not len(self.adapters):
             return
@@ -709,9 +682,7 @@ class KnowledgeDistillation(CompressionCallback):
         n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
         n_student = sum(p.numel() for p in pl_module.parameters())
         section: dict[str, Any] = {
-            "teacher": self.teacher_spec
-            if isinstance(self.teacher_spec, str)
-            else type(self.teacher_spec).__name__,
+            "teacher": self.teacher_spec if isinstance(self.teacher_spec, str) else type(self.teacher_spec).__name__,
             "teacher_params": n_teacher,
             "student_params": n_student,
             "student/teacher params": round(n_student / n_teacher, 4) if n_teacher else None,

@@ -98,9 +98,7 @@ def soft_target_kl(
     check_compatible(student_logits, teacher_logits)
     s = _flat_logits(student_logits, dim) / temperature
     t = _flat_logits(teacher_logits.detach(), dim) / temperature
-    loss = F.kl_div(
-        F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True
-    )
+    loss = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
     return loss * temperature**2 if scale else loss
 
 

@@ -21,8 +21,15 @@ def two_input_data(n: int = 64, seed: int = 0) -> TensorDataset:
 class TwoInputNet(pl.LightningModule):
     """``forward(x, extra, *, scale=...)``; ``training_step`` returns a tensor or ``{"loss": ...}``."""
 
-    def __init__(self, width: int = 16, classes: int = 3, lr: float = 0.1, optimizer: str = "sgd",
-                 return_dict: bool = False, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        width: int = 16,
+        classes: int = 3,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        return_dict: bool = False,
+        batch_size: int = 16,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.a, self.b = nn.Linear(8, width), nn.Linear(4, width)

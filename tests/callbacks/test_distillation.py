@@ -121,8 +121,9 @@ def test_bad_configuration_fails_before_the_first_optimizer_step(tmp_path: Path,
     assert "training_step" not in model.__dict__, "the wrapper must be removed after a failure"
 
 
-@pytest.mark.parametrize(("model", "message"), [(NoSelfCall(), "never called the LightningModule"),
-                                                 (Manual(), "manual optimization")])
+@pytest.mark.parametrize(
+    ("model", "message"), [(NoSelfCall(), "never called the LightningModule"), (Manual(), "manual optimization")]
+)
 def test_unsupported_training_steps_are_explained(tmp_path: Path, model: TwoInputNet, message: str) -> None:
     t = make_trainer(tmp_path, [KnowledgeDistillation(teacher=TwoInputNet())])
     with pytest.raises((ValueError, RuntimeError), match=message):
@@ -144,8 +145,9 @@ def test_one_step_matches_a_hand_written_distillation_step(tmp_path: Path, loss:
     logits = reference(x, extra, scale=0.5)
     with torch.no_grad():
         teacher_logits = teacher(x, extra, scale=0.5)
-    expected = D.distillation_loss(F.cross_entropy(logits, y), logits, teacher_logits, alpha=0.3,
-                                   temperature=2.0, loss=loss)
+    expected = D.distillation_loss(
+        F.cross_entropy(logits, y), logits, teacher_logits, alpha=0.3, temperature=2.0, loss=loss
+    )
     expected.backward()
     with torch.no_grad():
         for p in reference.parameters():
@@ -185,10 +187,9 @@ def test_bf16_mixed_runs_the_teacher_under_autocast(tmp_path: Path) -> None:
     teacher.mid.register_forward_hook(lambda m, a, o: dtypes.append(o.dtype))
     kd = KnowledgeDistillation(teacher=teacher, features={"mid": "mid"})
     rec = Recorder()
-    make_trainer(tmp_path, [kd, rec], precision="bf16-mixed", max_epochs=1, limit_train_batches=2,
-                 limit_val_batches=1).fit(
-        TwoInputNet()
-    )
+    make_trainer(
+        tmp_path, [kd, rec], precision="bf16-mixed", max_epochs=1, limit_train_batches=2, limit_val_batches=1
+    ).fit(TwoInputNet())
     # Two training steps and one validation batch (the agreement pass, outside validation_step's autocast).
     assert dtypes == [torch.bfloat16] * 3
     assert torch.isfinite(torch.tensor(rec.steps[-1]["compress/distill_loss"]))
@@ -271,8 +272,9 @@ def test_self_teacher_is_the_fit_start_snapshot_and_survives_resume(tmp_path: Pa
     assert "teacher" not in dict(student.named_children())
 
     resumed_kd = KnowledgeDistillation(teacher="self", alpha=0.5)
-    make_trainer(tmp_path, [resumed_kd], max_epochs=2).fit(TwoInputNet(optimizer="adam", lr=0.01),
-                                                           ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    make_trainer(tmp_path, [resumed_kd], max_epochs=2).fit(
+        TwoInputNet(optimizer="adam", lr=0.01), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
     for k, v in params(resumed_kd.teacher).items():  # the original snapshot, not the resumed weights
         torch.testing.assert_close(v, initial[k], rtol=0, atol=0)
 
@@ -282,8 +284,17 @@ def test_self_teacher_is_the_fit_start_snapshot_and_survives_resume(tmp_path: Pa
 
 def test_resume_with_adapters_continues_like_an_uninterrupted_run(tmp_path: Path) -> None:
     def callbacks() -> list[pl.Callback]:
-        return [KnowledgeDistillation(teacher=teacher, alpha=0.4, temperature=3.0, features={"a": "a", "mid": "mid"},
-                                      alpha_schedule="linear", initial_alpha=0.1, end_step=6)]
+        return [
+            KnowledgeDistillation(
+                teacher=teacher,
+                alpha=0.4,
+                temperature=3.0,
+                features={"a": "a", "mid": "mid"},
+                alpha_schedule="linear",
+                initial_alpha=0.1,
+                end_step=6,
+            )
+        ]
 
     teacher = TwoInputNet(width=32)
     start = TwoInputNet(optimizer="adam", lr=0.02)
@@ -306,9 +317,17 @@ def test_resume_with_adapters_continues_like_an_uninterrupted_run(tmp_path: Path
 
 
 def test_alpha_and_temperature_follow_their_schedules(tmp_path: Path) -> None:
-    kd = KnowledgeDistillation(teacher=TwoInputNet(), alpha=0.9, initial_alpha=0.1, alpha_schedule="linear",
-                               temperature=1.0, initial_temperature=5.0, temperature_schedule=Linear(),
-                               start_step=1, end_step=3)
+    kd = KnowledgeDistillation(
+        teacher=TwoInputNet(),
+        alpha=0.9,
+        initial_alpha=0.1,
+        alpha_schedule="linear",
+        temperature=1.0,
+        initial_temperature=5.0,
+        temperature_schedule=Linear(),
+        start_step=1,
+        end_step=3,
+    )
     rec = Recorder()
     make_trainer(tmp_path, [kd, rec], max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(TwoInputNet())
     # logged during step s (global_step = s before the optimizer step)
@@ -316,8 +335,9 @@ def test_alpha_and_temperature_follow_their_schedules(tmp_path: Path) -> None:
     assert [round(s["compress/temperature"], 4) for s in rec.steps] == [5.0, 5.0, 3.0, 1.0]
     for s in rec.steps:
         total = (1 - s["compress/alpha"]) * s["compress/task_loss"] + s["compress/alpha"] * s["compress/distill_loss"]
-        assert s["compress/task_loss_share"] == pytest.approx((1 - s["compress/alpha"]) * s["compress/task_loss"]
-                                                              / total, rel=1e-4)
+        assert s["compress/task_loss_share"] == pytest.approx(
+            (1 - s["compress/alpha"]) * s["compress/task_loss"] / total, rel=1e-4
+        )
 
 
 def test_validation_agreement_matches_a_direct_computation_and_is_monitorable(tmp_path: Path) -> None:
@@ -350,25 +370,48 @@ def test_repeated_fit_keeps_adapters_and_restores_the_module(tmp_path: Path) -> 
 def test_yaml_config_runs_and_saved_config_reloads(tmp_path: Path) -> None:
     from lightning_compress.cli import main
 
-    args = ["fit", "--config", str(ROOT / "configs" / "distillation.yaml"), f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-            "--trainer.logger=false"]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "distillation.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+    ]
     cli = main(args)
     (kd,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, KnowledgeDistillation)]
     # (the teacher's hparams may show the student's: LightningCLI records the model config on every module)
     assert kd.teacher_forward_calls >= 3 and kd.teacher.features[0].out_channels == 64
     saved = next(tmp_path.rglob("config.yaml"))
-    cli2 = main(["fit", "--config", str(saved), "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-                 "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path / 'again'}"], run=False)
-    assert any(isinstance(cb, KnowledgeDistillation) for cb in cli2.trainer.callbacks)
+    again = main(
+        [
+            "fit",
+            "--config",
+            str(saved),
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path / 'again'}",
+        ]
+    )
+    (kd2,) = [cb for cb in again.trainer.callbacks if isinstance(cb, KnowledgeDistillation)]
+    assert (kd2.alpha, kd2.temperature, kd2.features) == (kd.alpha, kd.temperature, kd.features)
+    assert kd2.teacher_forward_calls == 1
 
 
 @pytest.mark.xdist_group("ddp")
 def test_ddp_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "ddp_distillation.py"), str(out)],
-                          timeout=240, capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_distillation.py"), str(out)],
+        timeout=240,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     meta = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

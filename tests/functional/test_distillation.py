@@ -57,9 +57,7 @@ def test_teacher_gets_no_gradient() -> None:
 
 def test_logit_mse_and_combination_match_reference() -> None:
     student, teacher = torch.randn(5, 3), torch.randn(5, 3)
-    assert float(D.logit_mse(student, teacher)) == pytest.approx(
-        float(((student - teacher) ** 2).mean()), rel=1e-6
-    )
+    assert float(D.logit_mse(student, teacher)) == pytest.approx(float(((student - teacher) ** 2).mean()), rel=1e-6)
     task = torch.tensor(1.7)
     for alpha in (0.0, 0.3, 1.0):
         got = D.distillation_loss(task, student, teacher, alpha=alpha, temperature=3.0)

@@ -32,9 +32,18 @@ def main(out: Path) -> None:
                 initial.update({k: v.detach().clone() for k, v in kd.adapters.state_dict().items()})
 
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_val_batches=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=str(out), callbacks=[kd, Snap()],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out),
+        callbacks=[kd, Snap()],
     )
     model = TwoInputNet()
     trainer.fit(model)
