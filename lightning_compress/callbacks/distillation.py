@@ -161,7 +161,8 @@ class KnowledgeDistillation(CompressionCallback):
         seed: seed of the adapters' initialisation (identical on every process).
         name: distinguishes several ``KnowledgeDistillation`` callbacks (state key and metric names).
 
-    Logged metrics: every training step ``compress/distill_loss`` (the logit term before weighting),
+    Logged metrics: at the training steps Lightning writes to its loggers (``log_every_n_steps``),
+    ``compress/distill_loss`` (the logit term before weighting),
     ``compress/task_loss``, ``compress/task_loss_share`` (``(1 - alpha) * task / total``),
     ``compress/alpha``, ``compress/temperature`` and, with hints, ``compress/feature_loss``; every
     validation epoch ``compress/teacher_agreement`` (share of validation samples where student and
@@ -277,7 +278,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._pending_state: dict[str, Any] | None = None
         self._checked = False
         self._trainer: pl.Trainer | None = None
-        self._metrics: dict[str, float] = {}
+        self._metrics: dict[str, Any] = {}
         self._agreement = MeanMetric()
         self.teacher_forward_calls = 0  # counted for tests and the benchmark
         self.last_agreement: float | None = None  # top-1 agreement of the last validation epoch
@@ -524,12 +525,13 @@ class KnowledgeDistillation(CompressionCallback):
             self._check_first_step(pl_module, student_logits, teacher_logits)
         step = self._trainer.global_step
         alpha, temperature = self.alpha_at(step), self.temperature_at(step)
-        metrics: dict[str, float] = {"alpha": alpha, "temperature": temperature}
+        # Detached tensors, not floats: `float()` would wait for the accelerator at every step.
+        metrics: dict[str, Any] = {"alpha": alpha, "temperature": temperature}
         total = task_loss * (1.0 - alpha) if alpha > 0 else task_loss
         if alpha > 0:
             term = F.logit_loss(student_logits, teacher_logits, self.loss, temperature)
             total = total + alpha * term
-            metrics["distill_loss"] = float(term.detach())
+            metrics["distill_loss"] = term.detach()
         if self.features and self.feature_weight > 0:
             hints = [
                 F.feature_mse(self._student.features[s], self._teacher_capture.features[s], self._adapter(s))
@@ -537,10 +539,9 @@ class KnowledgeDistillation(CompressionCallback):
             ]
             feature_loss = torch.stack(hints).mean()
             total = total + self.feature_weight * feature_loss
-            metrics["feature_loss"] = float(feature_loss.detach())
-        task = float(task_loss.detach())
-        metrics["task_loss"] = task
-        metrics["task_loss_share"] = (1.0 - alpha) * task / float(total.detach()) if float(total.detach()) else 0.0
+            metrics["feature_loss"] = feature_loss.detach()
+        metrics["task_loss"] = task_loss.detach()
+        metrics["task_loss_share"] = (1.0 - alpha) * task_loss.detach() / total.detach()
         self._metrics = metrics
         self._student.clear()
         self._teacher_capture.clear()
@@ -629,7 +630,10 @@ class KnowledgeDistillation(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._metrics:
-            self.log_metrics(pl_module, self._metrics)
+            # `pl_module.log` of six values costs about as much as a small student's forward pass: send them
+            # only at the steps where Lightning writes to its loggers (`log_every_n_steps`); callback_metrics
+            # (ModelCheckpoint, EarlyStopping) keep the last written values in between.
+            self.log_metrics(pl_module, self._metrics, changed=False)
 
     # ---------------------------------------------------------------- validation: teacher agreement
     @override
@@ -695,7 +699,7 @@ class KnowledgeDistillation(CompressionCallback):
             section["teacher_agreement"] = round(self.last_agreement, 6)
         for key in ("distill_loss", "task_loss_share", "feature_loss"):
             if key in self._metrics:
-                section[key] = round(self._metrics[key], 6)
+                section[key] = round(float(self._metrics[key]), 6)
         if self._adapter_shapes:
             section["hints"] = [
                 {"student": s, "teacher": self.features[s], "adapter": f"{k} {i}->{o}"}

@@ -188,7 +188,13 @@ def test_bf16_mixed_runs_the_teacher_under_autocast(tmp_path: Path) -> None:
     kd = KnowledgeDistillation(teacher=teacher, features={"mid": "mid"})
     rec = Recorder()
     make_trainer(
-        tmp_path, [kd, rec], precision="bf16-mixed", max_epochs=1, limit_train_batches=2, limit_val_batches=1
+        tmp_path,
+        [kd, rec],
+        precision="bf16-mixed",
+        log_every_n_steps=1,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
     ).fit(TwoInputNet())
     # Two training steps and one validation batch (the agreement pass, outside validation_step's autocast).
     assert dtypes == [torch.bfloat16] * 3
@@ -202,7 +208,9 @@ def test_torch_compile(tmp_path: Path) -> None:
     compiled = torch.compile(student, backend="eager")
     kd = KnowledgeDistillation(teacher=TwoInputNet(width=24), log_agreement=False)
     rec = Recorder()
-    make_trainer(tmp_path, [kd, rec], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(compiled)
+    make_trainer(
+        tmp_path, [kd, rec], max_epochs=1, limit_train_batches=2, limit_val_batches=0, log_every_n_steps=1
+    ).fit(compiled)
     assert kd.teacher_forward_calls == 2
     assert rec.steps[-1]["compress/distill_loss"] > 0
     # Lightning's compiled training_step (an instance attribute) is put back, not deleted
@@ -329,7 +337,9 @@ def test_alpha_and_temperature_follow_their_schedules(tmp_path: Path) -> None:
         end_step=3,
     )
     rec = Recorder()
-    make_trainer(tmp_path, [kd, rec], max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(TwoInputNet())
+    make_trainer(
+        tmp_path, [kd, rec], max_epochs=1, limit_train_batches=4, limit_val_batches=0, log_every_n_steps=1
+    ).fit(TwoInputNet())
     # logged during step s (global_step = s before the optimizer step)
     assert [round(s["compress/alpha"], 4) for s in rec.steps] == [0.1, 0.1, 0.5, 0.9]
     assert [round(s["compress/temperature"], 4) for s in rec.steps] == [5.0, 5.0, 3.0, 1.0]

@@ -1,0 +1,156 @@
+"""Student alone vs student + KnowledgeDistillation from a larger trained teacher, in one process.
+
+Same data (scikit-learn digits, fixed 80/20 split), same student architecture and initialisation, same
+epochs and optimizer, for each seed:
+
+1. a teacher (wide ``DigitsCNN``) is trained once and frozen;
+2. the student is trained alone, and from the same initial weights with ``KnowledgeDistillation``
+   (soft targets; optionally also a FitNets hint on the hidden layer) from that teacher.
+
+Printed: validation accuracy of the teacher and of both students per seed, their mean ± standard
+deviation, and the cost: median training step time of the student alone, of the student with KD, and
+of one teacher forward on a training batch (timed in the same process), with the ratio
+``kd_step / (plain_step + teacher_forward)``.
+
+    python benchmarks/distillation.py --seeds 0 1 2 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_compress import KnowledgeDistillation
+from lightning_compress.demo import DigitsCNN, DigitsDataModule
+
+
+class StepTimer(pl.Callback):
+    """Intervals between consecutive training batch ends, epoch boundaries and the first epoch excluded."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._last is not None and trainer.current_epoch > 0:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def run(model: pl.LightningModule, epochs: int, callbacks: list[pl.Callback], root: str) -> float:
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    return float(trainer.callback_metrics["val_acc"])
+
+
+def teacher_forward_time(teacher: torch.nn.Module, repeats: int = 200) -> float:
+    x = torch.rand(64, 1, 8, 8)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            teacher(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--teacher-epochs", type=int, default=15)
+    parser.add_argument("--student-width", type=int, default=2)
+    parser.add_argument("--student-hidden", type=int, default=16)
+    parser.add_argument("--teacher-width", type=int, default=32)
+    parser.add_argument("--teacher-hidden", type=int, default=256)
+    parser.add_argument("--alpha", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--hint", action="store_true", help="also a FitNets hint on head.1 (hidden layer)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    root = tempfile.mkdtemp()
+
+    pl.seed_everything(1234, verbose=False)
+    teacher = DigitsCNN(width=args.teacher_width, hidden=args.teacher_hidden)
+    teacher_acc = run(teacher, args.teacher_epochs, [], root)
+    teacher.eval()
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student = sum(p.numel() for p in DigitsCNN(width=args.student_width, hidden=args.student_hidden).parameters())
+    print(f"teacher: DigitsCNN(width={args.teacher_width}, hidden={args.teacher_hidden}), {n_teacher} params, "
+          f"val_acc={teacher_acc:.4f}")
+    print(f"student: DigitsCNN(width={args.student_width}, hidden={args.student_hidden}), {n_student} params "
+          f"({n_student / n_teacher:.3f}x), {args.epochs} epochs")
+
+    plain_acc, kd_acc, plain_step, kd_step = [], [], [], []
+    print("| seed | student alone | student + KD | KD - alone |")
+    print("| ---: | ---: | ---: | ---: |")
+    for seed in args.seeds:
+        pl.seed_everything(seed, verbose=False)
+        init = DigitsCNN(width=args.student_width, hidden=args.student_hidden).state_dict()
+
+        alone = DigitsCNN(width=args.student_width, hidden=args.student_hidden)
+        alone.load_state_dict(init)
+        timer = StepTimer()
+        pl.seed_everything(seed, verbose=False)
+        plain_acc.append(run(alone, args.epochs, [timer], root))
+        plain_step.append(statistics.median(timer.times))
+
+        student = DigitsCNN(width=args.student_width, hidden=args.student_hidden)
+        student.load_state_dict(init)
+        kd = KnowledgeDistillation(
+            teacher=teacher,
+            alpha=args.alpha,
+            temperature=args.temperature,
+            features={"head.1": "head.1"} if args.hint else None,
+            feature_weight=0.1,
+        )
+        timer = StepTimer()
+        pl.seed_everything(seed, verbose=False)
+        kd_acc.append(run(student, args.epochs, [kd, timer], root))
+        kd_step.append(statistics.median(timer.times))
+        print(f"| {seed} | {plain_acc[-1]:.4f} | {kd_acc[-1]:.4f} | {kd_acc[-1] - plain_acc[-1]:+.4f} |")
+
+    def mean_sd(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+    diffs = [k - p for k, p in zip(kd_acc, plain_acc, strict=True)]
+    print(f"| mean ± sd | {mean_sd(plain_acc)} | {mean_sd(kd_acc)} | {mean_sd(diffs)} |")
+
+    forward = teacher_forward_time(teacher)
+    plain, with_kd = statistics.median(plain_step), statistics.median(kd_step)
+    print()
+    print(f"median step: student alone {plain * 1e3:.3f} ms, student + KD {with_kd * 1e3:.3f} ms "
+          f"({with_kd / plain:.2f}x); teacher forward (batch 64, no_grad) {forward * 1e3:.3f} ms")
+    print(f"kd_step / (plain_step + teacher_forward) = {with_kd / (plain + forward):.3f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
