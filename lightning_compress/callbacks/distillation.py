@@ -414,7 +414,6 @@ class KnowledgeDistillation(CompressionCallback):
         self._uninstall()
         assert self._teacher is not None
         self._handles.append(pl_module.register_forward_hook(self._student.model_hook, with_kwargs=True))
-        self._handles.append(self._teacher.register_forward_hook(self._teacher_capture.model_hook, with_kwargs=True))
         for student_name, teacher_name in self.features.items():
             self._handles.append(
                 self._student_layers[student_name].register_forward_hook(self._student.feature_hook(student_name))
@@ -502,18 +501,18 @@ class KnowledgeDistillation(CompressionCallback):
             # Inside training_step autocast is already active; the explicit context keeps the teacher under
             # the trainer's precision when it runs from other hooks (validation agreement) too.
             with torch.no_grad(), self._trainer.precision_plugin.forward_context():
-                self._teacher(*args, **kwargs)
+                output = self._teacher(*args, **kwargs)
         except Exception as err:
             if self._checked:
                 raise
             raise RuntimeError(
                 f"the teacher ({type(self._teacher).__name__}) failed on the arguments of the student's "
                 f"forward ({_describe(args, kwargs)}): {type(err).__name__}: {err}. HINT: the teacher must "
-                "accept the same "
-                "inputs as the student."
+                "accept the same inputs as the student."
             ) from err
         finally:
             self._teacher_capture.disarm()
+        self._teacher_capture.output = output
         self.teacher_forward_calls += 1
 
     def _add_distillation(self, pl_module: pl.LightningModule, task_loss: Tensor) -> Tensor:
@@ -541,7 +540,7 @@ class KnowledgeDistillation(CompressionCallback):
             total = total + self.feature_weight * feature_loss
             metrics["feature_loss"] = feature_loss.detach()
         metrics["task_loss"] = task_loss.detach()
-        metrics["task_loss_share"] = (1.0 - alpha) * task_loss.detach() / total.detach()
+        metrics["total_loss"] = total.detach()  # turned into task_loss_share when logged
         self._metrics = metrics
         self._student.clear()
         self._teacher_capture.clear()
@@ -633,7 +632,12 @@ class KnowledgeDistillation(CompressionCallback):
             # `pl_module.log` of six values costs about as much as a small student's forward pass: send them
             # only at the steps where Lightning writes to its loggers (`log_every_n_steps`); callback_metrics
             # (ModelCheckpoint, EarlyStopping) keep the last written values in between.
-            self.log_metrics(pl_module, self._metrics, changed=False)
+            self.log_metrics(pl_module, self._loggable(), changed=False)
+
+    def _loggable(self) -> dict[str, Any]:
+        metrics = dict(self._metrics)
+        metrics["task_loss_share"] = (1.0 - metrics["alpha"]) * metrics["task_loss"] / metrics.pop("total_loss")
+        return metrics
 
     # ---------------------------------------------------------------- validation: teacher agreement
     @override
@@ -697,9 +701,10 @@ class KnowledgeDistillation(CompressionCallback):
         }
         if self.last_agreement is not None:
             section["teacher_agreement"] = round(self.last_agreement, 6)
+        last = self._loggable() if self._metrics else {}
         for key in ("distill_loss", "task_loss_share", "feature_loss"):
-            if key in self._metrics:
-                section[key] = round(float(self._metrics[key]), 6)
+            if key in last:
+                section[key] = round(float(last[key]), 6)
         if self._adapter_shapes:
             section["hints"] = [
                 {"student": s, "teacher": self.features[s], "adapter": f"{k} {i}->{o}"}

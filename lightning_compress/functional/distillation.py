@@ -47,7 +47,10 @@ LogitLoss = Literal["kl", "mse"]
 
 def _flat_logits(logits: Tensor, dim: int) -> Tensor:
     # Classes on the last axis, every other axis (batch, sequence, pixels) becomes a row.
-    return logits.float().movedim(dim, -1).reshape(-1, logits.shape[dim])
+    if dim not in (-1, logits.dim() - 1):
+        logits = logits.movedim(dim, -1)
+    logits = logits.float()  # a no-op for float32
+    return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
 
 
 def check_compatible(student: Tensor, teacher: Tensor, what: str = "output") -> None:
