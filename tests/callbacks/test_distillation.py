@@ -435,3 +435,15 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
         assert m["teacher_forward_calls"] == m["train_batches"] + m["val_batches"]
         assert 0.0 <= m["agreement"] <= 1.0
     assert meta[0]["agreement"] == meta[1]["agreement"]
+
+
+def test_bf16_true_converts_the_teacher_to_the_students_dtype(tmp_path: Path) -> None:
+    teacher = TwoInputNet(width=24)
+    kd = KnowledgeDistillation(teacher=teacher, log_agreement=False)
+    student = TwoInputNet()
+    make_trainer(tmp_path, [kd], precision="bf16-true", max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
+        student
+    )
+    assert next(student.parameters()).dtype == torch.bfloat16
+    assert next(kd.teacher.parameters()).dtype == torch.bfloat16
+    assert kd.teacher_forward_calls == 2
