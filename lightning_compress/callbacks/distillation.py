@@ -91,9 +91,11 @@ class _Capture:
         self.kwargs: dict[str, Any] = {}
         self.output: Any = None
         self.features: dict[str, Tensor] = {}
+        self._redirected: list[bool] = []  # one entry per call in progress, innermost last
 
     def arm(self) -> None:
         self.armed, self.args, self.kwargs, self.output, self.features = True, None, {}, None, {}
+        self._redirected = []
 
     def disarm(self) -> None:
         self.armed = False
@@ -106,8 +108,20 @@ class _Capture:
     def seen(self) -> bool:
         return self.args is not None
 
+    def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Under DDP, Lightning routes `training_step(batch, batch_idx)` / `validation_step(...)` through the
+        # module's __call__ by patching the instance's `forward` (its _ForwardRedirection): that call's
+        # arguments are a batch, not forward inputs. The patch is only visible before the call starts.
+        # (A call traced by torch.compile is the user's own `self(...)`, never the redirection.)
+        if torch.compiler.is_compiling():
+            self._redirected.append(False)
+            return
+        forward = vars(module).get("forward")
+        self._redirected.append("_ForwardRedirection" in getattr(forward, "__qualname__", ""))
+
     def model_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.armed and not self.seen:
+        redirected = self._redirected.pop() if self._redirected else False
+        if self.armed and not self.seen and not redirected:
             self.args, self.kwargs, self.output = args, kwargs, output
 
     def feature_hook(self, name: str) -> Any:
@@ -413,6 +427,7 @@ class KnowledgeDistillation(CompressionCallback):
     def _install(self, pl_module: pl.LightningModule) -> None:
         self._uninstall()
         assert self._teacher is not None
+        self._handles.append(pl_module.register_forward_pre_hook(self._student.model_pre_hook, with_kwargs=True))
         self._handles.append(pl_module.register_forward_hook(self._student.model_hook, with_kwargs=True))
         for student_name, teacher_name in self.features.items():
             self._handles.append(
@@ -420,10 +435,10 @@ class KnowledgeDistillation(CompressionCallback):
             )
             layer = dict(self._teacher.named_modules())[teacher_name]
             self._handles.append(layer.register_forward_hook(self._teacher_capture.feature_hook(student_name)))
-        # An attribute on the instance shadows the class's method for this object only; `teardown` deletes
-        # it again. `training_step` is looked up with getattr at every step (also through DDP's redirection).
-        # An instance attribute may already be there (Lightning's torch.compile support puts the compiled
-        # training_step there): wrap it, and put it back afterwards.
+        # An attribute on the instance shadows the class's method for this object only; Lightning looks
+        # `training_step` up with getattr at every step (also through DDP's redirection). One may already be
+        # there (Lightning's torch.compile support puts the compiled training_step there): wrap it, and put
+        # it back in `teardown`.
         self._previous_step = pl_module.__dict__.get("training_step", _MISSING)
         original = pl_module.training_step
 
@@ -452,8 +467,9 @@ class KnowledgeDistillation(CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
-        self._student.disarm()
-        self._teacher_capture.disarm()
+        self._student.clear()
+        self._teacher_capture.clear()
+        self._trainer = None
         if stage == "fit":
             # Leave the user's optimizer as configure_optimizers made it; the adapters stay on this callback.
             self._remove_adapter_group()

@@ -16,7 +16,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_compress import KnowledgeDistillation  # noqa: E402
-from tests.callbacks.kd_models import TwoInputNet  # noqa: E402
+from tests.callbacks.kd_models import TwoInputNet, two_input_data  # noqa: E402
+
+
+class OddValidation(TwoInputNet):
+    """Odd validation batches skip ``self(...)``: under DDP the only call of the module is then Lightning's
+    forward redirection of ``validation_step(batch, batch_idx)``, which must not be taken for a forward."""
+
+    def validation_step(self, batch, batch_idx: int) -> None:  # noqa: ANN001
+        if batch_idx % 2 == 0:
+            return super().validation_step(batch, batch_idx)
+        x, extra, y = batch
+        logits = self.out(torch.relu(self.mid(torch.relu(self.a(x) + self.b(extra)) * 0.5)))
+        self.log("val_loss", torch.nn.functional.cross_entropy(logits, y))
+
+    def val_dataloader(self):  # noqa: ANN201
+        return torch.utils.data.DataLoader(two_input_data(32, seed=1), batch_size=8)  # 2 batches per process
 
 
 def main(out: Path) -> None:
@@ -36,7 +51,6 @@ def main(out: Path) -> None:
         devices=2,
         strategy="ddp",
         max_epochs=2,
-        limit_val_batches=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -45,7 +59,7 @@ def main(out: Path) -> None:
         default_root_dir=str(out),
         callbacks=[kd, Snap()],
     )
-    model = TwoInputNet()
+    model = OddValidation()
     trainer.fit(model)
     rank = trainer.global_rank
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +76,7 @@ def main(out: Path) -> None:
         "teacher_frozen": not any(p.requires_grad for p in kd.teacher.parameters()) and not kd.teacher.training,
         "teacher_forward_calls": kd.teacher_forward_calls,
         "train_batches": trainer.num_training_batches * trainer.max_epochs,
-        "val_batches": 1 * trainer.max_epochs,
+        "val_batches": 1 * trainer.max_epochs,  # the even batch of the two each process validates
         "agreement": kd.last_agreement,
         "world_size": trainer.world_size,
         "pid": os.getpid(),
