@@ -225,9 +225,8 @@ class KnowledgeDistillation(CompressionCallback):
         if isinstance(teacher, str):
             if teacher != "self" and not os.path.isfile(teacher):
                 raise ValueError(
-                    f"teacher must be an nn.Module, 'self' or the path of a LightningModule checkpoint; "
-                    "the file "
-                    f"{teacher!r} does not exist."
+                    "teacher must be an nn.Module, 'self' or the path of a LightningModule checkpoint; "
+                    f"the file {teacher!r} does not exist."
                 )
         elif not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, 'self' or a checkpoint path, got {type(teacher).__name__}.")
@@ -323,8 +322,8 @@ class KnowledgeDistillation(CompressionCallback):
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "KnowledgeDistillation adds its term to the loss training_step returns, which manual "
-                "optimization ignores. HINT: call "
-                "lightning_compress.functional.distillation.distillation_loss before manual_backward."
+                "optimization ignores. HINT: call lightning_compress.functional.distillation.distillation_loss "
+                "before manual_backward."
             )
         if isinstance(self.teacher_spec, str) and self.teacher_spec != "self" and self._teacher is None:
             self._teacher = self._load_checkpoint_teacher(self.teacher_spec, type(pl_module))
@@ -334,8 +333,7 @@ class KnowledgeDistillation(CompressionCallback):
                 raise ValueError(
                     "the teacher shares parameters with the student (it is the student or one of its "
                     "submodules), so it would be trained and saved with it. HINT: keep the teacher off the "
-                    "LightningModule; "
-                    "teacher='self' distills from a frozen copy of the student."
+                    "LightningModule; teacher='self' distills from a frozen copy of the student."
                 )
         self._student_layers = self._named_layers(pl_module, list(self.features), "student")
         # "self": the teacher is a copy of the student, so its layer names are the student's.
@@ -357,8 +355,8 @@ class KnowledgeDistillation(CompressionCallback):
             raise ValueError(
                 f"teacher checkpoint {path!r} holds no module loadable with "
                 f"{cls.__name__}.load_from_checkpoint: {type(err).__name__}: {err}. "
-                "HINT: pass teacher_class='package.module.Class' when the teacher's "
-                "class differs from the student's."
+                "HINT: pass teacher_class='package.module.Class' when the teacher's class differs from the "
+                "student's."
             ) from err
 
     @staticmethod
@@ -368,7 +366,7 @@ class KnowledgeDistillation(CompressionCallback):
         if missing:
             available = [n for n in modules if n]
             raise ValueError(
-                f"features names {who} layer(s) {missing} that do not exist. {who.capitalize()} layers: {available}."
+                f"features name {who} layer(s) {missing} that do not exist. {who.capitalize()} layers: {available}."
             )
         return {n: modules[n] for n in names}
 
@@ -488,27 +486,23 @@ class KnowledgeDistillation(CompressionCallback):
         finally:
             self._student.disarm()
         if output is None:
+            self._student.clear()
             return output  # the user skipped this batch
         loss = output["loss"] if isinstance(output, Mapping) else output
         if not isinstance(loss, Tensor):
             raise TypeError(
                 "KnowledgeDistillation needs training_step to return a loss tensor or a dict with 'loss', "
-                f"got "
-                f"{type(output).__name__}."
+                f"got {type(output).__name__}."
             )
         if not self._student.seen:
             raise RuntimeError(
                 "training_step never called the LightningModule, so there is no student output to distill. "
                 "KnowledgeDistillation matches the output of the first `self(...)` call in training_step "
                 "(calls of `self.forward(...)` or of submodules bypass forward hooks). HINT: call `self(x)`, "
-                "or compute "
-                "the loss yourself with lightning_compress.functional.distillation."
+                "or compute the loss yourself with lightning_compress.functional.distillation."
             )
         total = self._add_distillation(pl_module, loss)
-        if isinstance(output, Mapping):
-            output = {**output, "loss": total}
-            return output
-        return total
+        return {**output, "loss": total} if isinstance(output, Mapping) else total
 
     def _run_teacher(self, args: tuple, kwargs: dict) -> None:
         assert self._teacher is not None and self._trainer is not None
