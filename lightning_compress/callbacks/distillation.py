@@ -639,7 +639,7 @@ class KnowledgeDistillation(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._metrics:
-            # `pl_module.log` of six values costs about as much as a small student's forward pass: send them
+            # `pl_module.log` has a per-value cost that is noticeable on a small model's step: send the values
             # only at the steps where Lightning writes to its loggers (`log_every_n_steps`); callback_metrics
             # (ModelCheckpoint, EarlyStopping) keep the last written values in between.
             self.log_metrics(pl_module, self._loggable(), changed=False)

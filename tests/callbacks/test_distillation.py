@@ -447,3 +447,43 @@ def test_bf16_true_converts_the_teacher_to_the_students_dtype(tmp_path: Path) ->
     assert next(student.parameters()).dtype == torch.bfloat16
     assert next(kd.teacher.parameters()).dtype == torch.bfloat16
     assert kd.teacher_forward_calls == 2
+
+
+class DictOutput(TwoInputNet):
+    """A Hugging Face style forward: a dict with the logits under "logits" (and something else)."""
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor, *, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        return {"hidden": self.a(x), "logits": super().forward(x, extra, scale=scale)}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, extra, y = batch
+        return F.cross_entropy(self(x, extra, scale=0.5)["logits"], y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, extra, y = batch
+        self.log("val_loss", F.cross_entropy(self(x, extra, scale=0.5)["logits"], y))
+
+
+@pytest.mark.parametrize("output_key", [None, "logits"])
+def test_dict_outputs_use_their_logits(tmp_path: Path, output_key: str | None) -> None:
+    student, teacher = DictOutput(lr=0.5), DictOutput(width=32)
+    reference = copy.deepcopy(student)
+    kd = KnowledgeDistillation(teacher=teacher, alpha=0.5, temperature=2.0, output_key=output_key)
+    make_trainer(tmp_path, [kd], max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(student)
+    x, extra, y = two_input_data()[:16]
+    logits = reference(x, extra, scale=0.5)["logits"]
+    with torch.no_grad():
+        teacher_logits = teacher(x, extra, scale=0.5)["logits"]
+    D.distillation_loss(F.cross_entropy(logits, y), logits, teacher_logits, alpha=0.5, temperature=2.0).backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.5 * p.grad if p.grad is not None else 0
+    for k, v in params(student).items():
+        torch.testing.assert_close(v, params(reference)[k], rtol=1e-5, atol=1e-6)
+    assert kd.last_agreement is not None
+
+
+def test_output_key_that_does_not_exist_is_explained(tmp_path: Path) -> None:
+    kd = KnowledgeDistillation(teacher=DictOutput(), output_key="scores")
+    with pytest.raises(ValueError, match="cannot find the logits.*output_key='scores'"):
+        make_trainer(tmp_path, [kd], max_steps=1).fit(DictOutput())
