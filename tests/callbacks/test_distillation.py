@@ -487,3 +487,35 @@ def test_output_key_that_does_not_exist_is_explained(tmp_path: Path) -> None:
     kd = KnowledgeDistillation(teacher=DictOutput(), output_key="scores")
     with pytest.raises(ValueError, match="cannot find the logits.*output_key='scores'"):
         make_trainer(tmp_path, [kd], max_steps=1).fit(DictOutput())
+
+
+def test_yaml_teacher_as_checkpoint_path(tmp_path: Path) -> None:
+    from lightning_compress.cli import main
+
+    t = make_trainer(tmp_path / "teacher", [], max_steps=1)
+    t.fit(TwoInputNet(width=48))
+    t.save_checkpoint(tmp_path / "teacher.ckpt")
+    config = tmp_path / "kd.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  logger: false
+  enable_checkpointing: false
+  default_root_dir: {tmp_path / "student"}
+  callbacks:
+    - class_path: lightning_compress.KnowledgeDistillation
+      init_args:
+        teacher: {tmp_path / "teacher.ckpt"}
+        alpha: 0.6
+model:
+  class_path: tests.callbacks.kd_models.TwoInputNet
+"""
+    )
+    cli = main(["fit", "--config", str(config)])
+    (kd,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, KnowledgeDistillation)]
+    assert isinstance(kd.teacher, TwoInputNet) and kd.teacher.mid.in_features == 48
+    assert kd.teacher_forward_calls == 3  # two training steps, one validation batch
