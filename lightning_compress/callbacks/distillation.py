@@ -468,9 +468,9 @@ class KnowledgeDistillation(CompressionCallback):
         self._student.clear()
         self._teacher_capture.clear()
         self._trainer = None
-        if stage == "fit":
-            # Leave the user's optimizer as configure_optimizers made it; the adapters stay on this callback.
-            self._remove_adapter_group()
+        # The adapters' param group stays in the optimizer: a `trainer.save_checkpoint` after fit must save
+        # the optimizer state that the callback state (adapter shapes) will rebuild on resume. A new fit
+        # gets new optimizers from configure_optimizers anyway.
         super().teardown(trainer, pl_module, stage)
 
     @override

@@ -250,7 +250,7 @@ def test_teacher_is_frozen_and_kept_out_of_module_optimizer_and_checkpoint(tmp_p
     # teardown restored the user's module and optimizer
     assert "training_step" not in student.__dict__
     assert not student._forward_hooks and not teacher._forward_hooks
-    assert len(t.optimizers[0].param_groups) == 1
+    assert len(t.optimizers[0].param_groups) == 2  # kept, so a checkpoint saved after fit stays consistent
     TwoInputNet().load_state_dict(saved["state_dict"])  # the student's checkpoint loads into a plain model
 
 
@@ -374,7 +374,7 @@ def test_repeated_fit_keeps_adapters_and_restores_the_module(tmp_path: Path) -> 
     t = make_trainer(tmp_path, [kd], max_steps=1, limit_val_batches=0)
     t.fit(student)
     assert any(not torch.equal(v, adapter[k]) for k, v in params(kd.adapters).items()), "adapters keep training"
-    assert "training_step" not in student.__dict__ and len(t.optimizers[0].param_groups) == 1
+    assert "training_step" not in student.__dict__ and len(t.optimizers[0].param_groups) == 2
 
 
 def test_yaml_config_runs_and_saved_config_reloads(tmp_path: Path) -> None:
@@ -519,3 +519,18 @@ model:
     (kd,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, KnowledgeDistillation)]
     assert isinstance(kd.teacher, TwoInputNet) and kd.teacher.mid.in_features == 48
     assert kd.teacher_forward_calls == 3  # two training steps, one validation batch
+
+
+def test_checkpoint_saved_after_fit_resumes(tmp_path: Path) -> None:
+    teacher = TwoInputNet(width=32)
+    kd = KnowledgeDistillation(teacher=teacher, features={"mid": "mid"})
+    t = make_trainer(tmp_path, [kd], max_epochs=1, limit_val_batches=0)
+    t.fit(TwoInputNet(optimizer="adam"))
+    t.save_checkpoint(tmp_path / "after_fit.ckpt")
+    resumed = KnowledgeDistillation(teacher=teacher, features={"mid": "mid"})
+    t2 = make_trainer(tmp_path, [resumed], max_epochs=2, limit_val_batches=0)
+    t2.fit(TwoInputNet(optimizer="adam"), ckpt_path=tmp_path / "after_fit.ckpt")
+    for k, v in params(kd.adapters).items():
+        assert not torch.equal(params(resumed.adapters)[k], v), "the resumed adapters trained on"
+    adapter_state = t2.optimizers[0].state[resumed.adapters["mid"].weight]
+    assert int(adapter_state["step"]) == 2 * 4  # Adam's step count continued from the checkpoint
