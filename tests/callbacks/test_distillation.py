@@ -534,3 +534,18 @@ def test_checkpoint_saved_after_fit_resumes(tmp_path: Path) -> None:
         assert not torch.equal(params(resumed.adapters)[k], v), "the resumed adapters trained on"
     adapter_state = t2.optimizers[0].state[resumed.adapters["mid"].weight]
     assert int(adapter_state["step"]) == 2 * 4  # Adam's step count continued from the checkpoint
+
+
+def test_pruning_run_distils_from_its_own_dense_snapshot(tmp_path: Path) -> None:
+    from lightning_compress import GradualPruning
+
+    student = TwoInputNet()
+    dense = params(student)
+    pruning = GradualPruning(target_sparsity=0.5, end_step=4, update_every_n_steps=2, exclude=["out"])
+    kd = KnowledgeDistillation(teacher="self", alpha=0.5, log_agreement=False)
+    rec = Recorder()
+    make_trainer(tmp_path, [pruning, kd, rec], max_epochs=2, limit_val_batches=0, log_every_n_steps=1).fit(student)
+    assert float((student.mid.weight == 0).float().mean()) > 0.3  # the student is pruned ...
+    for k, v in params(kd.teacher).items():  # ... its teacher is the dense model it started from
+        torch.testing.assert_close(v, dense[k], rtol=0, atol=0)
+    assert rec.steps[-1]["compress/distill_loss"] > 0 and "compress/sparsity" in rec.steps[-1]
