@@ -347,7 +347,8 @@ class KnowledgeDistillation(CompressionCallback):
                 cls = getattr(importlib.import_module(module_name), class_name)
             except (ImportError, AttributeError, ValueError) as err:
                 raise ValueError(f"teacher_class {self.teacher_class!r} cannot be imported: {err}.") from err
-        if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        # Duck-typed: pytorch_lightning and lightning.pytorch define different LightningModule classes.
+        if not (isinstance(cls, type) and callable(getattr(cls, "load_from_checkpoint", None))):
             raise ValueError(f"teacher_class must name a LightningModule subclass, got {cls!r}.")
         try:
             return cls.load_from_checkpoint(path, map_location="cpu")
