@@ -1,7 +1,13 @@
 """lightning_compress: compress neural networks while they train, as PyTorch Lightning callbacks."""
 
 from lightning_compress.__about__ import __version__
-from lightning_compress.callbacks import CompressionCallback, GradualPruning, TensorDecomposition, load_decomposed
+from lightning_compress.callbacks import (
+    CompressionCallback,
+    GradualPruning,
+    KnowledgeDistillation,
+    TensorDecomposition,
+    load_decomposed,
+)
 from lightning_compress.functional.sparse import load_sparse, save_sparse
 from lightning_compress.report import CompressionReport
 
@@ -9,6 +15,7 @@ __all__ = [
     "CompressionCallback",
     "CompressionReport",
     "GradualPruning",
+    "KnowledgeDistillation",
     "TensorDecomposition",
     "__version__",
     "load_decomposed",
