@@ -2,5 +2,6 @@
 
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.pruning import GradualPruning
+from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 
-__all__ = ["CompressionCallback", "GradualPruning"]
+__all__ = ["CompressionCallback", "GradualPruning", "QuantizationAwareTraining"]
