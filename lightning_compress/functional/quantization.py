@@ -606,6 +606,7 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
+    weight_dtype: str = "uint8",
 ) -> str:
     """Write ``model`` as an int8 ONNX model that onnxruntime runs with int8 kernels.
 
@@ -625,6 +626,10 @@ def export_onnx(
         input_names: names of the graph inputs (default ``input``, ``input_1``, ...).
         output_names: names of the graph outputs (default ``output``, ...).
         dynamic_batch: make dim 0 of every input and output dynamic.
+        weight_dtype: ``"uint8"`` (default) stores the symmetric codes shifted by 128 with zero point
+            128, which onnxruntime runs with exact uint8 x uint8 kernels on every x86 CPU; ``"int8"``
+            keeps them signed (uint8 x int8 kernels: fastest on CPUs with VNNI, but on AVX2-only CPUs
+            their 16-bit intermediate sums can saturate; 7-bit weights avoid that).
 
     Returns:
         ``path``.
@@ -634,6 +639,8 @@ def export_onnx(
     """
     import onnx  # the [onnx] extra
 
+    if weight_dtype not in ("uint8", "int8"):
+        raise ValueError(f"weight_dtype must be 'uint8' or 'int8', got {weight_dtype!r}.")
     if example_input is None:
         raise ValueError(
             "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
@@ -649,10 +656,13 @@ def export_onnx(
         args, kwargs = tuple(example_input), {}
     else:
         args, kwargs = (example_input,), {}
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    input_names = input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(tensors))]
+    default_names = [("input" if i == 0 else f"input_{i}") for i in range(len(args))] + list(kwargs)
+    input_names = input_names or default_names
+    if kwargs:
+        # The TorchScript exporter passes inputs positionally: adapt keyword(-only) inputs.
+        model, args = _KeywordAdapter(model, tuple(kwargs), len(args)), (*args, *kwargs.values())
     with torch.no_grad():
-        outputs = model(*args, **kwargs)
+        outputs = model(*args)
     n_out = len(outputs) if isinstance(outputs, list | tuple) else 1
     output_names = output_names or [("output" if i == 0 else f"output_{i}") for i in range(n_out)]
     dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
@@ -663,14 +673,26 @@ def export_onnx(
         # which needs the extra `onnxscript` package; it is the one that works with the plain [onnx] extra.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, path, kwargs=kwargs or None, dynamo=False, opset_version=opset_version,
+            model, args, path, dynamo=False, opset_version=opset_version,
             input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
         )
     graph_model = onnx.load(path)
+    if weight_dtype == "uint8":
+        _weights_to_uint8_(graph_model)
     _integer_matmuls_(graph_model)
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, path)
     return path
+
+
+class _KeywordAdapter(nn.Module):
+    def __init__(self, model: nn.Module, keys: tuple[str, ...], positional: int) -> None:
+        super().__init__()
+        self.model, self.keys, self.positional = model, keys, positional
+
+    def forward(self, *inputs: Any) -> Any:
+        args, rest = inputs[: self.positional], inputs[self.positional :]
+        return self.model(*args, **dict(zip(self.keys, rest, strict=True)))
 
 
 def _integer_matmuls_(model: Any) -> None:
@@ -710,13 +732,14 @@ def _integer_matmuls_(model: Any) -> None:
         if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in inits:
             continue
         codes = numpy_helper.to_array(inits[w_dq.input[0]])
-        if codes.dtype != np.int8 or w_dq.input[1] not in inits:
+        if codes.dtype not in (np.int8, np.uint8) or w_dq.input[1] not in inits or w_dq.input[2] not in inits:
             continue
         w_scale = numpy_helper.to_array(inits[w_dq.input[1]]).astype(np.float32)
+        w_zero = numpy_helper.to_array(inits[w_dq.input[2]])
         prefix = node.output[0] + "_int"
         new_inits = [
             numpy_helper.from_array(np.ascontiguousarray(codes.T), prefix + "_wT"),
-            numpy_helper.from_array(np.zeros(codes.shape[0], np.int8), prefix + "_wzp"),
+            numpy_helper.from_array(w_zero, prefix + "_wzp"),
         ]
         new_nodes = []
         a_dq = producer.get(node.input[0])
@@ -755,6 +778,35 @@ def _integer_matmuls_(model: Any) -> None:
             graph.node.insert(index + offset, new)
         graph.initializer.extend(new_inits)
     _remove_dead_(model)
+
+
+def _weights_to_uint8_(model: Any) -> None:
+    """Store int8 weight codes as ``uint8`` with zero point 128 (the same values, still symmetric).
+
+    On x86 CPUs without VNNI, onnxruntime's uint8 x int8 kernels add pairs of products in 16-bit
+    registers (``VPMADDUBSW``), which saturate when activations near 255 meet weights near ±127 and
+    visibly corrupt outputs; uint8 x uint8 kernels do not. The codes are shifted by 128 (exact).
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    _constants_to_initializers_(model)
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        codes_name, zero_name = node.input[0], node.input[2]
+        if codes_name not in inits or zero_name not in inits:
+            continue
+        codes, zero = numpy_helper.to_array(inits[codes_name]), numpy_helper.to_array(inits[zero_name])
+        if codes.dtype != np.int8 or zero.dtype != np.int8 or np.any(zero != 0):
+            continue
+        shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
+        for name, array in ((codes_name, shifted), (zero_name, np.full(zero.shape, 128, np.uint8))):
+            graph.initializer.remove(inits[name])
+            inits[name] = numpy_helper.from_array(array, name)
+            graph.initializer.append(inits[name])
 
 
 def _constants_to_initializers_(model: Any) -> None:
