@@ -80,6 +80,10 @@ class CompressionCallback(Callback):
     # ---- example input for FLOPs -----------------------------------------------------------------
     def _capture_first_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # One sample of the first real forward call, so FLOPs are counted on what the model really sees.
+        # Under DDP/FSDP, Lightning first calls the module with the *training_step* arguments through a
+        # temporarily patched `forward` (its forward redirection); that call is not a real forward.
+        if getattr(module.forward, "__func__", None) is not type(module).forward:
+            return
         def first(t: torch.Tensor) -> torch.Tensor:
             return t[:1].detach().clone() if t.dim() > 0 else t.detach().clone()
 
