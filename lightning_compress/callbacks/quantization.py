@@ -42,7 +42,9 @@ def _check_step(argument: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{argument} must be a non-negative integer (an optimizer step) or None, got {value!r}.")
+        raise ValueError(
+            f"{argument} must be a non-negative integer (an optimizer step) or None, got {value!r}."
+        )
     return value
 
 
@@ -118,19 +120,23 @@ class QuantizationAwareTraining(CompressionCallback):
         self.start_step = _check_step("start_step", start_step) or 0
         self.freeze_observers_step = _check_step("freeze_observers_step", freeze_observers_step)
         self.freeze_bn_step = _check_step("freeze_bn_step", freeze_bn_step)
-        for argument, value in (("freeze_observers_step", self.freeze_observers_step),
-                                ("freeze_bn_step", self.freeze_bn_step)):
+        for argument, value in (
+            ("freeze_observers_step", self.freeze_observers_step),
+            ("freeze_bn_step", self.freeze_bn_step),
+        ):
             if value is not None and value <= self.start_step:
                 raise ValueError(
-                    f"{argument} must be > start_step, got {argument}={value} and start_step={self.start_step}. "
-                    "HINT: observers need at least one quantized step to see ranges; use None to never freeze."
+                    f"{argument} must be > start_step, got {argument}={value} and "
+                    f"start_step={self.start_step}. HINT: observers need at least one quantized step to see "
+                    "ranges; use None to never freeze."
                 )
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
         self.ema_decay = float(ema_decay)
         self.fold_bn = bool(fold_bn)
         self.overrides = {
-            str(p): _check_bits(f"overrides[{p!r}]", b, Q.SUPPORTED_WEIGHT_BITS) for p, b in (overrides or {}).items()
+            str(p): _check_bits(f"overrides[{p!r}]", b, Q.SUPPORTED_WEIGHT_BITS)
+            for p, b in (overrides or {}).items()
         }
         validate_patterns("overrides", list(self.overrides))
         self.include = validate_patterns("include", include)
@@ -157,8 +163,11 @@ class QuantizationAwareTraining(CompressionCallback):
         self.check_unique(trainer)
         selected = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         # Only exact supported classes: a user subclass may have its own forward, which the swap would skip.
-        unsupported = [f"{n} ({type(m).__name__})" for n, m in selected
-                       if type(m) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) and not Q.is_qat(m)]
+        unsupported = [
+            f"{n} ({type(m).__name__})"
+            for n, m in selected
+            if type(m) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) and not Q.is_qat(m)
+        ]
         if unsupported:
             raise ValueError(
                 f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d and nn.Conv2d are swapped. "
@@ -167,10 +176,21 @@ class QuantizationAwareTraining(CompressionCallback):
         names = [n for n, _ in selected]
         for pattern in self.overrides:
             if not any(matches(n, [pattern]) for n in names):
-                raise ValueError(f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}.")
-        bits = {n: next((b for p, b in self.overrides.items() if matches(n, [p])), self.weight_bits) for n in names}
-        Q.prepare_(pl_module, weight_bits=bits, activation_bits=self.activation_bits, modules=names,
-                   fold_bn=self.fold_bn, ema_decay=self.ema_decay)
+                raise ValueError(
+                    f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}."
+                )
+        bits = {
+            n: next((b for p, b in self.overrides.items() if matches(n, [p])), self.weight_bits)
+            for n in names
+        }
+        Q.prepare_(
+            pl_module,
+            weight_bits=bits,
+            activation_bits=self.activation_bits,
+            modules=names,
+            fold_bn=self.fold_bn,
+            ema_decay=self.ema_decay,
+        )
         modules = dict(pl_module.named_modules())
         self._layers = {n: modules[n] for n in names}
         self._phase = None
@@ -190,7 +210,8 @@ class QuantizationAwareTraining(CompressionCallback):
         current = {n: m.weight_bits for n, m in self._layers.items()}
         if saved and saved != current:
             raise ValueError(
-                f"The checkpoint was trained with quantized layers {saved}, this callback quantizes {current}. "
+                f"The checkpoint was trained with quantized layers {saved}, "
+                f"this callback quantizes {current}. "
                 "HINT: resume with the same weight_bits, overrides and include/exclude/types."
             )
 
@@ -201,7 +222,9 @@ class QuantizationAwareTraining(CompressionCallback):
         super().on_fit_start(trainer, pl_module)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._set_phase(trainer.global_step)
         self.log_metrics(pl_module, self._metrics)
 
@@ -248,17 +271,21 @@ class QuantizationAwareTraining(CompressionCallback):
         rows = []
         for n, m in self._layers.items():
             lo, hi = (float(v) for v in m.activation_range)
-            rows.append({
-                "layer": n,
-                "type": type(m).__name__.removeprefix("QAT"),
-                "weight_bits": m.weight_bits,
-                "activation_bits": m.activation_bits if m.activation_bits is not None else "-",
-                "input_range": f"[{lo:.3g}, {hi:.3g}]" if m.activation_observed else "-",
-                "folded_bn": "yes" if m.folded_bn is not None else "-",
-            })
+            rows.append(
+                {
+                    "layer": n,
+                    "type": type(m).__name__.removeprefix("QAT"),
+                    "weight_bits": m.weight_bits,
+                    "activation_bits": m.activation_bits if m.activation_bits is not None else "-",
+                    "input_range": f"[{lo:.3g}, {hi:.3g}]" if m.activation_observed else "-",
+                    "folded_bn": "yes" if m.folded_bn is not None else "-",
+                }
+            )
         return {
             "weight_bits": self._metrics.get("weight_bits", float(self.weight_bits)),
-            "activation_bits": self.activation_bits if self.activation_bits is not None else "none (weight-only)",
+            "activation_bits": self.activation_bits
+            if self.activation_bits is not None
+            else "none (weight-only)",
             "size_bytes": self._metrics.get("size_bytes"),
             "ratio": self._metrics.get("ratio"),
             "start_step": self.start_step,
@@ -275,21 +302,28 @@ class QuantizationAwareTraining(CompressionCallback):
         path = os.path.join(self.export_dir, "model_int8.pt")
         torch.save(int8, path)
         self.exported["torch"] = path
-        sample = example_input(pl_module, [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)])
+        sample = example_input(
+            pl_module, [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        )
         if sample is None:
-            rank_zero_info("QuantizationAwareTraining: no example input known, ONNX export skipped "
-                           "(set example_input_array on the LightningModule).")
+            rank_zero_info(
+                "QuantizationAwareTraining: no example input known, ONNX export skipped "
+                "(set example_input_array on the LightningModule)."
+            )
             return
         try:
             import onnx  # noqa: F401
         except ImportError:
-            rank_zero_info("QuantizationAwareTraining: onnx is not installed, ONNX export skipped "
-                           "(pip install 'lightning-compress[onnx]').")
+            rank_zero_info(
+                "QuantizationAwareTraining: onnx is not installed, ONNX export skipped "
+                "(pip install 'lightning-compress[onnx]')."
+            )
             return
         if isinstance(sample, CapturedCall):
             sample = sample.kwargs if not sample.args else sample.args
-        self.exported["onnx"] = Q.export_onnx(int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"),
-                                              _to_cpu(sample))
+        self.exported["onnx"] = Q.export_onnx(
+            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), _to_cpu(sample)
+        )
 
 
 def _to_cpu(sample: Any) -> Any:

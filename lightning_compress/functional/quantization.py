@@ -96,13 +96,17 @@ def fake_quantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -
     return torch.fake_quantize_per_channel_affine(weight, scale.float(), zero, 0, qmin, qmax)
 
 
-def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_activation(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Per-tensor affine fake-quantization (straight-through gradient inside the range)."""
     qmin, qmax = activation_qrange(bits)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (``int8`` storage) and per-channel scales of ``weight``.
 
     Example::
@@ -222,7 +226,9 @@ class _QATMixin:
         if bn is None:
             return self.weight, self.bias
         assert bn.running_mean is not None and bn.running_var is not None
-        return fold_batchnorm(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return fold_batchnorm(
+            self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+        )
 
     def _qat_forward(self, x: torch.Tensor, op: Any) -> torch.Tensor:
         x = self._quantize_input(x)
@@ -370,7 +376,9 @@ def prepare_(
         if is_qat(module):
             continue  # already prepared (a repeated fit): keep the observed state
         if type(module) not in _QAT_CLASS:
-            raise TypeError(f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}.")
+            raise TypeError(
+                f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}."
+            )
         module.__class__ = _QAT_CLASS[type(module)]
         module._init_qat(int(bits_of[name]), activation_bits, ema_decay)  # type: ignore[operator]
     if fold_bn:
@@ -394,8 +402,15 @@ def finalize_(model: nn.Module) -> None:
             if isinstance(module, _QATMixin):
                 for key in ("weight_scale", "activation_range"):
                     delattr(module, key)
-                for key in ("weight_bits", "activation_bits", "ema_decay", "fake_quant_enabled",
-                            "observer_enabled", "bn_frozen", "folded_bn"):
+                for key in (
+                    "weight_bits",
+                    "activation_bits",
+                    "ema_decay",
+                    "fake_quant_enabled",
+                    "observer_enabled",
+                    "bn_frozen",
+                    "folded_bn",
+                ):
                     module.__dict__.pop(key, None)
             module.__class__ = inverse[type(module)]
 
@@ -483,7 +498,9 @@ class Int8Layer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         scale_, zero_ = activation_qparams or (None, None)
         self.register_buffer("input_scale", None if scale_ is None else torch.tensor(float(scale_)))
-        self.register_buffer("input_zero_point", None if zero_ is None else torch.tensor(int(zero_), dtype=torch.int32))
+        self.register_buffer(
+            "input_zero_point", None if zero_ is None else torch.tensor(int(zero_), dtype=torch.int32)
+        )
 
     @property
     def in_features(self) -> int:  # noqa: D102
@@ -524,7 +541,8 @@ class Int8Layer(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         shape = "x".join(map(str, self.weight_int8.shape))
-        return f"{self.kind}, weight={shape}, weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
+        bits = f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
+        return f"{self.kind}, weight={shape}, {bits}"
 
 
 def _to_int8_layer(module: _QATMixin) -> Int8Layer:
@@ -542,8 +560,12 @@ def _to_int8_layer(module: _QATMixin) -> Int8Layer:
         return Int8Layer("linear", codes, scale, bias, module.weight_bits, act, module.activation_bits)
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     if module.padding_mode != "zeros":
-        raise NotImplementedError(f"padding_mode={module.padding_mode!r} is not supported by the int8 conversion.")
-    conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+        raise NotImplementedError(
+            f"padding_mode={module.padding_mode!r} is not supported by the int8 conversion."
+        )
+    conv_args = dict(
+        stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups
+    )
     kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
     return Int8Layer(kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args)
 
@@ -561,11 +583,12 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
     """
     if not any(True for _ in qat_modules(model)):
         raise ValueError(
-            "convert_to_int8 needs a model prepared for quantization (QuantizationAwareTraining or prepare_); "
+            "convert_to_int8 needs a model prepared for quantization "
+            "(QuantizationAwareTraining or prepare_); "
             "this model has no QAT layer."
         )
     out = copy.deepcopy(model).eval()
-    for name, module in list(out.named_modules()):
+    for module in list(out.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, _QATMixin):
                 setattr(module, child_name, _to_int8_layer(child))
@@ -673,8 +696,14 @@ def export_onnx(
         # which needs the extra `onnxscript` package; it is the one that works with the plain [onnx] extra.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, path, dynamo=False, opset_version=opset_version,
-            input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+            model,
+            args,
+            path,
+            dynamo=False,
+            opset_version=opset_version,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
         )
     graph_model = onnx.load(path)
     if weight_dtype == "uint8":
@@ -744,15 +773,22 @@ def _integer_matmuls_(model: Any) -> None:
         new_nodes = []
         a_dq = producer.get(node.input[0])
         if (
-            a_dq is not None and a_dq.op_type == "DequantizeLinear" and a_dq.input[1] in inits
-            and len(a_dq.input) > 2 and a_dq.input[2] in inits
+            a_dq is not None
+            and a_dq.op_type == "DequantizeLinear"
+            and a_dq.input[1] in inits
+            and len(a_dq.input) > 2
+            and a_dq.input[2] in inits
         ):
             x_q, x_zp = a_dq.input[0], a_dq.input[2]
             x_scale = float(numpy_helper.to_array(inits[a_dq.input[1]]))
-            new_inits.append(numpy_helper.from_array((w_scale * x_scale).astype(np.float32), prefix + "_scale"))
+            new_inits.append(
+                numpy_helper.from_array((w_scale * x_scale).astype(np.float32), prefix + "_scale")
+            )
             scaled = prefix + "_scaled"
             new_nodes += [
-                helper.make_node("MatMulInteger", [x_q, prefix + "_wT", x_zp, prefix + "_wzp"], [prefix + "_i32"]),
+                helper.make_node(
+                    "MatMulInteger", [x_q, prefix + "_wT", x_zp, prefix + "_wzp"], [prefix + "_i32"]
+                ),
                 helper.make_node("Cast", [prefix + "_i32"], [prefix + "_f"], to=TensorProto.FLOAT),
                 helper.make_node("Mul", [prefix + "_f", prefix + "_scale"], [scaled]),
             ]
@@ -760,9 +796,16 @@ def _integer_matmuls_(model: Any) -> None:
             # Weight-only: quantize the input per call (onnxruntime fuses this into DynamicQuantizeMatMul).
             new_inits.append(numpy_helper.from_array(w_scale, prefix + "_scale"))
             new_nodes += [
-                helper.make_node("DynamicQuantizeLinear", [node.input[0]], [prefix + "_xq", prefix + "_xs", prefix + "_xzp"]),
-                helper.make_node("MatMulInteger", [prefix + "_xq", prefix + "_wT", prefix + "_xzp", prefix + "_wzp"],
-                                 [prefix + "_i32"]),
+                helper.make_node(
+                    "DynamicQuantizeLinear",
+                    [node.input[0]],
+                    [prefix + "_xq", prefix + "_xs", prefix + "_xzp"],
+                ),
+                helper.make_node(
+                    "MatMulInteger",
+                    [prefix + "_xq", prefix + "_wT", prefix + "_xzp", prefix + "_wzp"],
+                    [prefix + "_i32"],
+                ),
                 helper.make_node("Cast", [prefix + "_i32"], [prefix + "_f"], to=TensorProto.FLOAT),
                 helper.make_node("Mul", [prefix + "_f", prefix + "_xs"], [prefix + "_fx"]),
                 helper.make_node("Mul", [prefix + "_fx", prefix + "_scale"], [prefix + "_scaled"]),

@@ -18,8 +18,14 @@ def _mlp() -> nn.Sequential:
 
 def _cnn() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 10),
     )
 
 
@@ -77,7 +83,9 @@ def test_fold_batchnorm_matches_conv_then_bn() -> None:
     bn.bias.data.uniform_(-1, 1)
     bn.eval()
     x = torch.randn(2, 3, 7, 7)
-    w, b = Q.fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    w, b = Q.fold_batchnorm(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+    )
     torch.testing.assert_close(F.conv2d(x, w, b), bn(conv(x)), atol=1e-5, rtol=1e-5)
 
 
@@ -110,8 +118,12 @@ def test_prepare_finalize_round_trip() -> None:
     keys = set(model.state_dict())
     names = Q.prepare_(model, fold_bn=True)
     assert names == ["0", "4", "7"]
-    assert [p for p in model.parameters()] == weights  # the same Parameter objects (optimizers, other callbacks)
-    assert set(model.state_dict()) == keys | {f"{n}.{b}" for n in names for b in ("weight_scale", "activation_range")}
+    assert [
+        p for p in model.parameters()
+    ] == weights  # the same Parameter objects (optimizers, other callbacks)
+    assert set(model.state_dict()) == keys | {
+        f"{n}.{b}" for n in names for b in ("weight_scale", "activation_range")
+    }
     model.train()
     model(torch.randn(4, 1, 8, 8))
     Q.finalize_(model)
@@ -165,7 +177,6 @@ def test_convert_matches_fake_quant_and_is_4x_smaller(fold_bn: bool) -> None:
     model.train()
     model(x)
     model.eval()
-    fp32_bytes = _bytes(copy.deepcopy(model).state_dict())
     int8 = Q.convert_to_int8(model)
     assert model[0].__class__ is Q.QATConv2d  # the original is untouched
     with torch.no_grad():
@@ -250,7 +261,9 @@ def test_export_onnx_int8_initializers_and_int8_kernels(tmp_path, activation_bit
     assert os.path.getsize(fp32_path) / os.path.getsize(path) >= 3.3  # biases and scales stay fp32
     session, ops = _session(path)
     assert not any(op in ("Gemm", "FusedGemm", "MatMul") for op in ops), ops  # no fp32 matmul left
-    assert any(op in ("QGemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") for op in ops)
+    assert any(
+        op in ("QGemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") for op in ops
+    )
     got = session.run(None, {"input": x.numpy()})[0]  # dynamic batch: traced with 1 row, run with 256
     with torch.no_grad():
         expected = model(x).numpy()
