@@ -185,7 +185,7 @@ def test_convert_matches_fake_quant_and_is_4x_smaller(fold_bn: bool) -> None:
     assert isinstance(int8[1], nn.Identity) == fold_bn
 
 
-def test_linear_int8_state_dict_ratio_and_kernel() -> None:
+def test_linear_int8_state_dict_ratio_and_outputs() -> None:
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
     fp32_bytes = _bytes(model.state_dict())
     Q.prepare_(model)
@@ -197,7 +197,7 @@ def test_linear_int8_state_dict_ratio_and_kernel() -> None:
     ratio = fp32_bytes / _bytes(int8.state_dict())
     assert ratio >= 3.8
     with torch.no_grad():
-        fast = int8(x)  # torch._weight_int8pack_mm: fp32 activations x int8 weights
+        fast = int8(x)
         h = torch.fake_quantize_per_tensor_affine(
             F.relu(int8[0](x)), int8[2].input_scale, int8[2].input_zero_point, 0, 255
         )
