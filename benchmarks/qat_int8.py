@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress import QuantizationAwareTraining, convert_to_int8, export_onnx
@@ -51,10 +50,9 @@ class DigitsMLP(DigitsCNN):
         self.classifier = nn.Linear(hidden, 10)
 
 
-def fit(model: pl.LightningModule, dm: DigitsDataModule, epochs: int, callbacks: list) -> None:
-    pl.seed_everything(0, verbose=False)
+def fit(model: pl.LightningModule, dm: DigitsDataModule, epochs: int, callbacks: list, root: str) -> None:
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, default_root_dir=root,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(model, dm)
@@ -97,36 +95,43 @@ def interleaved_median_ms(fns: dict[str, Any], repeats: int, rounds: int = 5) ->
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def run(title: str, make: Any, epochs: int, qat_kwargs: dict, batch: int, repeats: int, tmp: str) -> list[str]:
+def run(
+    title: str, make: Any, epochs: int, qat_kwargs: dict, batch: int, repeats: int, tmp: str, seeds: list[int]
+) -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dm = DigitsDataModule()
     dm.setup()
     x_val, y_val = dm.val_set.tensors
     steps_per_epoch = len(dm.train_dataloader())
+    acc: dict[str, list[float]] = {k: [] for k in ("fp32", "ptq", "ptq_int8", "qat", "int8")}
+    for seed in seeds:
+        # fp32
+        pl.seed_everything(seed, verbose=False)
+        fp32_s = make()
+        fit(fp32_s, dm, epochs, [], tmp)
+        acc["fp32"].append(accuracy(fp32_s, x_val, y_val))
 
-    # fp32
-    fp32 = make()
-    fit(fp32, dm, epochs, [])
-    acc_fp32 = accuracy(fp32, x_val, y_val)
+        # PTQ: the trained fp32 model, swapped and calibrated on 8 training batches, no training
+        ptq = copy.deepcopy(fp32_s)
+        Q.prepare_(ptq, fold_bn=True)
+        Q.calibrate_(ptq, dm.train_dataloader(), num_batches=8)
+        acc["ptq"].append(accuracy(ptq, x_val, y_val))
+        acc["ptq_int8"].append(accuracy(convert_to_int8(ptq), x_val, y_val))
 
-    # PTQ: the trained fp32 model, swapped and calibrated on 8 training batches, no training
-    ptq = copy.deepcopy(fp32)
-    Q.prepare_(ptq, fold_bn=True)
-    Q.calibrate_(ptq, dm.train_dataloader(), num_batches=8)
-    acc_ptq = accuracy(ptq, x_val, y_val)
-    acc_ptq_int8 = accuracy(convert_to_int8(ptq), x_val, y_val)
-
-    # QAT: the same training run with the callback
-    qat_model = make()
-    qat = QuantizationAwareTraining(
-        start_step=steps_per_epoch, freeze_bn_step=(epochs - 2) * steps_per_epoch,
-        freeze_observers_step=(epochs - 1) * steps_per_epoch, **qat_kwargs,
-    )  # fmt: skip
-    fit(qat_model, dm, epochs, [qat])
-    acc_qat = accuracy(qat_model, x_val, y_val)
+        # QAT: the same training run (same seed) with the callback
+        pl.seed_everything(seed, verbose=False)
+        qat_s = make()
+        qat = QuantizationAwareTraining(
+            start_step=steps_per_epoch, freeze_bn_step=(epochs - 2) * steps_per_epoch,
+            freeze_observers_step=(epochs - 1) * steps_per_epoch, **qat_kwargs,
+        )  # fmt: skip
+        fit(qat_s, dm, epochs, [qat], tmp)
+        acc["qat"].append(accuracy(qat_s, x_val, y_val))
+        acc["int8"].append(accuracy(convert_to_int8(qat_s), x_val, y_val))
+        if seed == seeds[0]:
+            fp32, qat_model = fp32_s, qat_s
     int8 = convert_to_int8(qat_model)
-    acc_int8 = accuracy(int8, x_val, y_val)
     with torch.no_grad():
         agree_torch = float((int8(x_val).argmax(1) == qat_model(x_val).argmax(1)).float().mean())
 
@@ -152,7 +157,9 @@ def run(title: str, make: Any, epochs: int, qat_kwargs: dict, batch: int, repeat
     with torch.no_grad():
         agree_onnx = float((ours_logits.argmax(1) == qat_model(x_val).numpy().argmax(1)).mean())
     xb = torch.randn(batch, *x_val.shape[1:]).clamp(0, 1).numpy()
-    ort_ms = interleaved_median_ms({k: (lambda s=s: s.run(None, {"input": xb})) for k, s in sessions.items()}, repeats)
+    ort_ms = interleaved_median_ms(
+        {k: (lambda s=s: s.run(None, {"input": xb})) for k, s in sessions.items()}, repeats
+    )
 
     # PyTorch eager latency: fp32 vs the converted int8 model (2 threads)
     torch.set_num_threads(2)
@@ -165,19 +172,25 @@ def run(title: str, make: Any, epochs: int, qat_kwargs: dict, batch: int, repeat
     return [
         f"## {title}",
         "",
-        f"Training: {epochs} epochs; QAT from step {qat.start_step}, BatchNorm frozen at {qat.freeze_bn_step}, "
-        f"observers frozen at {qat.freeze_observers_step}; PTQ calibrated on 8 batches.",
+        f"Training: {epochs} epochs; QAT from step {qat.start_step}, BatchNorm frozen at "
+        f"{qat.freeze_bn_step}, observers frozen at {qat.freeze_observers_step}; PTQ calibrated on 8 "
+        f"batches. QAT options: {qat_kwargs or 'defaults'}.",
         "",
-        "| model | val accuracy |",
-        "| --- | ---: |",
-        f"| fp32 | {acc_fp32:.2%} |",
-        f"| PTQ (fake-quant / int8 PyTorch) | {acc_ptq:.2%} / {acc_ptq_int8:.2%} |",
-        f"| QAT (fake-quant) | {acc_qat:.2%} |",
-        f"| QAT int8 PyTorch (`convert_to_int8`) | {acc_int8:.2%} |",
-        f"| QAT int8 ONNX (`export_onnx`, onnxruntime) | {onnx_acc['ours']:.2%} |",
-        f"| fp32 ONNX + onnxruntime `quantize_dynamic` | {onnx_acc['dynamic']:.2%} |",
+        f"| model | val accuracy, mean over seeds {seeds} | per seed |",
+        "| --- | ---: | --- |",
+        row("fp32", acc["fp32"]),
+        row("PTQ, fake-quant", acc["ptq"]),
+        row("PTQ, int8 PyTorch", acc["ptq_int8"]),
+        row("QAT, fake-quant", acc["qat"]),
+        row("QAT, int8 PyTorch (`convert_to_int8`)", acc["int8"]),
+        f"| QAT, int8 ONNX (`export_onnx`, onnxruntime), seed {seeds[0]} | {onnx_acc['ours']:.2%} | |",
+        f"| fp32 ONNX + onnxruntime `quantize_dynamic`, seed {seeds[0]} | {onnx_acc['dynamic']:.2%} | |",
         "",
-        f"Top-1 agreement with the fake-quant model: int8 PyTorch {agree_torch:.2%}, int8 ONNX {agree_onnx:.2%}.",
+        f"QAT - fp32: {statistics.mean(acc['qat']) - statistics.mean(acc['fp32']):+.2%} (mean); "
+        f"PTQ - fp32: {statistics.mean(acc['ptq']) - statistics.mean(acc['fp32']):+.2%}.",
+        "",
+        f"Top-1 agreement with the fake-quant model: int8 PyTorch {agree_torch:.2%}, "
+        f"int8 ONNX {agree_onnx:.2%}.",
         "",
         "| size | bytes | fp32 / this |",
         "| --- | ---: | ---: |",
@@ -190,12 +203,26 @@ def run(title: str, make: Any, epochs: int, qat_kwargs: dict, batch: int, repeat
         f"| latency, batch {batch}, median | ms | speed-up vs fp32 |",
         "| --- | ---: | ---: |",
         f"| onnxruntime fp32 | {ort_ms['fp32']:.3f} | 1.00x |",
-        f"| onnxruntime, our int8 export | {ort_ms['ours']:.3f} | {ort_ms['fp32'] / ort_ms['ours']:.2f}x |",
-        f"| onnxruntime, `quantize_dynamic` | {ort_ms['dynamic']:.3f} | {ort_ms['fp32'] / ort_ms['dynamic']:.2f}x |",
+        f"| onnxruntime, our int8 export | {ort_ms['ours']:.3f} | {speed(ort_ms, 'ours')} |",
+        f"| onnxruntime, `quantize_dynamic` | {ort_ms['dynamic']:.3f} | {speed(ort_ms, 'dynamic')} |",
         f"| PyTorch eager fp32 | {torch_ms['fp32']:.3f} | 1.00x |",
-        f"| PyTorch eager int8 (`convert_to_int8`) | {torch_ms['int8']:.3f} | {torch_ms['fp32'] / torch_ms['int8']:.2f}x |",
+        f"| PyTorch eager int8 (`convert_to_int8`) | {torch_ms['int8']:.3f} | {speed(torch_ms, 'int8')} |",
         "",
     ]
+
+
+def speed(ms: dict[str, float], key: str) -> str:
+    return f"{ms['fp32'] / ms[key]:.2f}x"
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def row(label: str, values: list[float]) -> str:
+    return f"| {label} | {statistics.mean(values):.2%} | {', '.join(f'{v:.2%}' for v in values)} |"
 
 
 def anchor_mlp(repeats: int, tmp: str) -> list[str]:
@@ -217,10 +244,15 @@ def anchor_mlp(repeats: int, tmp: str) -> list[str]:
     export_onnx(model, paths["ours_s8"], x[:1], weight_dtype="int8")
     sessions = {k: ort_session(p) for k, p in paths.items()}
     xi = x.numpy()
-    ms = interleaved_median_ms({k: (lambda s=s: s.run(None, {"input": xi})) for k, s in sessions.items()}, repeats)
+    ms = interleaved_median_ms(
+        {k: (lambda s=s: s.run(None, {"input": xi})) for k, s in sessions.items()}, repeats
+    )
     with torch.no_grad():
         ref = model(x).numpy()
-    err = {k: float(np.abs(s.run(None, {"input": xi})[0] - ref).max() / np.abs(ref).max()) for k, s in sessions.items()}
+    err = {
+        k: float(np.abs(s.run(None, {"input": xi})[0] - ref).max() / np.abs(ref).max())
+        for k, s in sessions.items()
+    }
     size = {k: os.path.getsize(p) for k, p in paths.items()}
     names = {
         "fp32": "fp32",
@@ -236,8 +268,8 @@ def anchor_mlp(repeats: int, tmp: str) -> list[str]:
     ]
     for k, label in names.items():
         lines.append(
-            f"| {label} | {ms[k]:.3f} | {ms['fp32'] / ms[k]:.2f}x | {size[k]} | {size['fp32'] / size[k]:.2f}x "
-            f"| {err[k]:.4f} |"
+            f"| {label} | {ms[k]:.3f} | {speed(ms, k)} | {size[k]} | "
+            f"{size['fp32'] / size[k]:.2f}x | {err[k]:.4f} |"
         )
     return [*lines, ""]
 
@@ -246,18 +278,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = [
         "# QAT int8 benchmark",
         "",
-        f"torch {torch.__version__}, pytorch-lightning {pl.__version__}; {os.cpu_count()} CPU cores (shared).",
+        f"torch {torch.__version__}, pytorch-lightning {pl.__version__}, onnxruntime {ort_version()}; "
+        f"{os.cpu_count()} CPU cores shared with other jobs: noisy timings; ratios from one process.",
         "",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         out += anchor_mlp(args.repeats, tmp)
-        out += run("Digits CNN", DigitsCNN, args.epochs, {}, 256, args.repeats, tmp)
-        out += run("Linear-heavy MLP (64-1024x4-10)", DigitsMLP, args.epochs, {"fold_bn": False}, 64, args.repeats, tmp)
+        for kwargs in ({}, {"fold_bn": False}):
+            out += run("Digits CNN", DigitsCNN, args.epochs, kwargs, 256, args.repeats, tmp, args.seeds)
+        out += run(
+            "Linear-heavy MLP (64-1024x4-10)", DigitsMLP, args.epochs, {}, 64, args.repeats, tmp, args.seeds
+        )
     print("\n".join(out))
 
 

@@ -1,6 +1,6 @@
 """Quantization-aware training on the digits CNN, then int8 PyTorch and int8 ONNX models.
 
-    python examples/quantization_digits.py
+python examples/quantization_digits.py
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from lightning_compress.demo import DigitsCNN, DigitsDataModule
 def main(out_dir: str = "outputs/quantization_example") -> None:
     pl.seed_everything(0)
     dm, model = DigitsDataModule(), DigitsCNN()
-    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_step=23, freeze_bn_step=92,
-                                    freeze_observers_step=115)
-    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", default_root_dir=out_dir, enable_progress_bar=False)
+    qat = QuantizationAwareTraining(
+        weight_bits=8, activation_bits=8, start_step=23, freeze_bn_step=92, freeze_observers_step=115
+    )
+    trainer = pl.Trainer(
+        max_epochs=6, accelerator="cpu", default_root_dir=out_dir, enable_progress_bar=False, callbacks=[qat]
+    )
     trainer.fit(model, dm)
 
     # The trained model still fake-quantizes (and still loads its checkpoints strictly).

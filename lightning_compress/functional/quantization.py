@@ -694,6 +694,7 @@ def export_onnx(
     graph_model = onnx.load(path)
     if weight_dtype == "uint8":
         _weights_to_uint8_(graph_model)
+    _hoist_quantize_(graph_model)
     _integer_matmuls_(graph_model)
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, path)
@@ -807,6 +808,52 @@ def _integer_matmuls_(model: Any) -> None:
             graph.node.insert(index + offset, new)
         graph.initializer.extend(new_inits)
     _remove_dead_(model)
+
+
+# Ops through which per-tensor quantization commutes exactly (monotonic or pure data movement):
+# Q(maxpool(x)) == maxpool(Q(x)), Q(flatten(x)) == flatten(Q(x)).
+_COMMUTES_WITH_QUANTIZE = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+
+
+def _hoist_quantize_(model: Any) -> None:
+    """Copy a layer-input ``Q → DQ`` up through pooling/reshapes to the producing ``Relu`` / conv.
+
+    In ``conv → relu → maxpool → flatten → Q → DQ → gemm`` the conv's output is not re-quantized where
+    onnxruntime looks for it, so the conv would run in fp32. The same ``Q → DQ`` (same scale) placed
+    right after the relu gives identical values (quantization commutes with max-pooling and reshapes)
+    and lets onnxruntime fuse ``QLinearConv`` and run the pooling on uint8.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        tensor = q.input[0]
+        node = producer.get(tensor)
+        moved = False
+        while (
+            node is not None
+            and node.op_type in _COMMUTES_WITH_QUANTIZE
+            and len(consumers.get(tensor, [])) == 1
+        ):
+            tensor = node.input[0]
+            node = producer.get(tensor)
+            moved = True
+        if not moved or node is None or node.op_type not in ("Relu", "Conv"):
+            continue
+        if len(consumers.get(tensor, [])) != 1:
+            continue
+        hoisted = tensor + "_hoisted"
+        qn = helper.make_node("QuantizeLinear", [hoisted, *q.input[1:]], [hoisted + "_q"])
+        dqn = helper.make_node("DequantizeLinear", [hoisted + "_q", *q.input[1:]], [tensor])
+        node.output[list(node.output).index(tensor)] = hoisted
+        index = list(graph.node).index(node) + 1
+        graph.node.insert(index, dqn)
+        graph.node.insert(index, qn)
 
 
 def _weights_to_uint8_(model: Any) -> None:
