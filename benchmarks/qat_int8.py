@@ -232,7 +232,10 @@ def anchor_mlp(repeats: int, tmp: str) -> list[str]:
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(1024, 1024), nn.ReLU())]).eval()
     x = torch.randn(64, 1024)
-    paths = {k: os.path.join(tmp, f"anchor_{k}.onnx") for k in ("fp32", "ours", "ours_s8", "dynamic")}
+    paths = {
+        k: os.path.join(tmp, f"anchor_{k}.onnx") for k in ("fp32", "ours", "ours_s8", "ours_7bit", "dynamic")
+    }
+    seven = copy.deepcopy(model)
     torch.onnx.export(
         model, (x,), paths["fp32"], dynamo=False, opset_version=17, input_names=["input"],
         dynamic_axes={"input": {0: "batch"}},
@@ -242,6 +245,9 @@ def anchor_mlp(repeats: int, tmp: str) -> list[str]:
     Q.calibrate_(model, [x])
     export_onnx(model, paths["ours"], x[:1])
     export_onnx(model, paths["ours_s8"], x[:1], weight_dtype="int8")
+    Q.prepare_(seven, weight_bits=7)
+    Q.calibrate_(seven, [x])
+    export_onnx(seven, paths["ours_7bit"], x[:1])
     sessions = {k: ort_session(p) for k, p in paths.items()}
     xi = x.numpy()
     ms = interleaved_median_ms(

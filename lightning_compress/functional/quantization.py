@@ -615,7 +615,7 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
-    weight_dtype: str = "uint8",
+    weight_dtype: str = "auto",
 ) -> str:
     """Write ``model`` as an int8 ONNX model that onnxruntime runs with int8 kernels.
 
@@ -635,10 +635,12 @@ def export_onnx(
         input_names: names of the graph inputs (default ``input``, ``input_1``, ...).
         output_names: names of the graph outputs (default ``output``, ...).
         dynamic_batch: make dim 0 of every input and output dynamic.
-        weight_dtype: ``"uint8"`` (default) stores the symmetric codes shifted by 128 with zero point
-            128, which onnxruntime runs with exact uint8 x uint8 kernels on every x86 CPU; ``"int8"``
-            keeps them signed (uint8 x int8 kernels: fastest on CPUs with VNNI, but on AVX2-only CPUs
-            their 16-bit intermediate sums can saturate; 7-bit weights avoid that).
+        weight_dtype: how weight codes are stored. onnxruntime's uint8 x int8 kernels are the fastest,
+            but on x86 CPUs without VNNI they add pairs of products in 16-bit registers, which
+            saturate for weights beyond ±64 (visible output errors). ``"auto"`` (default) keeps a
+            layer's codes ``int8`` when they fit in ±64 (7-bit weights: ``weight_bits<=7``) and
+            otherwise stores them as ``uint8`` with zero point 128 (the same values; exact uint8 x uint8
+            kernels, somewhat slower). ``"int8"`` / ``"uint8"`` force one storage for every layer.
 
     Returns:
         ``path``.
@@ -648,8 +650,8 @@ def export_onnx(
     """
     import onnx  # the [onnx] extra
 
-    if weight_dtype not in ("uint8", "int8"):
-        raise ValueError(f"weight_dtype must be 'uint8' or 'int8', got {weight_dtype!r}.")
+    if weight_dtype not in ("auto", "uint8", "int8"):
+        raise ValueError(f"weight_dtype must be 'auto', 'uint8' or 'int8', got {weight_dtype!r}.")
     if example_input is None:
         raise ValueError(
             "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
@@ -692,8 +694,8 @@ def export_onnx(
             dynamic_axes=dynamic_axes,
         )
     graph_model = onnx.load(path)
-    if weight_dtype == "uint8":
-        _weights_to_uint8_(graph_model)
+    if weight_dtype != "int8":
+        _weights_to_uint8_(graph_model, keep_int8_within=64 if weight_dtype == "auto" else -1)
     _hoist_quantize_(graph_model)
     _integer_matmuls_(graph_model)
     onnx.checker.check_model(graph_model)
@@ -856,12 +858,13 @@ def _hoist_quantize_(model: Any) -> None:
         graph.node.insert(index, qn)
 
 
-def _weights_to_uint8_(model: Any) -> None:
+def _weights_to_uint8_(model: Any, keep_int8_within: int = -1) -> None:
     """Store int8 weight codes as ``uint8`` with zero point 128 (the same values, still symmetric).
 
     On x86 CPUs without VNNI, onnxruntime's uint8 x int8 kernels add pairs of products in 16-bit
-    registers (``VPMADDUBSW``), which saturate when activations near 255 meet weights near ±127 and
-    visibly corrupt outputs; uint8 x uint8 kernels do not. The codes are shifted by 128 (exact).
+    registers (``VPMADDUBSW``): 2 x 255 x 127 overflows int16 and visibly corrupts outputs, while
+    2 x 255 x 64 does not. uint8 x uint8 kernels never saturate. The codes are shifted by 128 (exact).
+    Layers whose codes all lie within ``±keep_int8_within`` stay int8.
     """
     import numpy as np
     from onnx import numpy_helper
@@ -877,6 +880,8 @@ def _weights_to_uint8_(model: Any) -> None:
             continue
         codes, zero = numpy_helper.to_array(inits[codes_name]), numpy_helper.to_array(inits[zero_name])
         if codes.dtype != np.int8 or zero.dtype != np.int8 or np.any(zero != 0):
+            continue
+        if codes.size and int(np.abs(codes.astype(np.int16)).max()) <= keep_int8_within:
             continue
         shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
         for name, array in ((codes_name, shifted), (zero_name, np.full(zero.shape, 128, np.uint8))):

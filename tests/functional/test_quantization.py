@@ -254,7 +254,7 @@ def test_export_onnx_int8_initializers_and_int8_kernels(tmp_path, activation_bit
     path = Q.export_onnx(model, str(tmp_path / "int8.onnx"), x[:1])
     graph = onnx.load(path).graph
     weights = [i for i in graph.initializer if len(i.dims) == 2]
-    # 8-bit weight initializers (uint8 codes with zero point 128 by default: exact on AVX2-only CPUs).
+    # 8-bit weight initializers (8-bit codes become uint8 with zero point 128: exact on AVX2-only CPUs).
     assert weights and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
     import os
 
@@ -290,7 +290,9 @@ def test_export_onnx_conv_and_keyword_inputs(tmp_path) -> None:
     model(image, side=side)
     model.eval()
     path = Q.export_onnx(model, str(tmp_path / "m.onnx"), {"image": image[:2], "side": side[:2]})
-    session, _ = _session(path)
+    session, ops = _session(path)
+    # Both convs run as int8 QLinearConv: the second one's input Q/DQ was hoisted through MaxPool.
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "FusedConv" not in ops, ops
     names = [i.name for i in session.get_inputs()]
     got = session.run(None, dict(zip(names, (image.numpy(), side.numpy()), strict=True)))[0]
     with torch.no_grad():
@@ -306,13 +308,20 @@ def test_export_onnx_requires_example_input(tmp_path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_export_onnx_signed_weights_option(tmp_path) -> None:
+def test_export_onnx_weight_storage(tmp_path) -> None:
     model = _mlp()
-    Q.prepare_(model)
+    Q.prepare_(model, weight_bits={"0": 7, "2": 8, "4": 7})
     model.train()
     model(torch.randn(8, 16))
-    path = Q.export_onnx(model, str(tmp_path / "m.onnx"), torch.randn(1, 16), weight_dtype="int8")
-    weights = [i for i in onnx.load(path).graph.initializer if len(i.dims) == 2]
-    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+
+    def dtypes(weight_dtype: str) -> list[int]:
+        path = Q.export_onnx(model, str(tmp_path / "m.onnx"), torch.randn(1, 16), weight_dtype=weight_dtype)
+        graph = onnx.load(path).graph
+        return [i.data_type for i in graph.initializer if len(i.dims) == 2]
+
+    int8, uint8 = onnx.TensorProto.INT8, onnx.TensorProto.UINT8
+    assert dtypes("int8") == [int8, int8, int8]
+    assert dtypes("uint8") == [uint8, uint8, uint8]
+    assert sorted(dtypes("auto")) == sorted([int8, uint8, int8])  # 7-bit codes fit the fast signed kernels
     with pytest.raises(ValueError, match="weight_dtype"):
         Q.export_onnx(model, str(tmp_path / "x.onnx"), torch.randn(1, 16), weight_dtype="int4")
