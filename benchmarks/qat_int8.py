@@ -286,6 +286,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--anchor-only", action="store_true", help="only the 4 x 1024 MLP latency table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = [
@@ -297,9 +298,9 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         out += anchor_mlp(args.repeats, tmp)
-        for kwargs in ({}, {"weight_bits": 7}, {"fold_bn": False}):
+        for kwargs in [] if args.anchor_only else ({}, {"weight_bits": 7}, {"fold_bn": False}):
             out += run("Digits CNN", DigitsCNN, args.epochs, kwargs, 256, args.repeats, tmp, args.seeds)
-        for kwargs in ({}, {"weight_bits": 7}):
+        for kwargs in [] if args.anchor_only else ({}, {"weight_bits": 7}):
             title = "Linear-heavy MLP (64-1024x4-10)"
             out += run(title, DigitsMLP, args.epochs, kwargs, 64, args.repeats, tmp, args.seeds)
     print("\n".join(out))

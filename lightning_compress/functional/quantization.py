@@ -373,8 +373,11 @@ def prepare_(
     bits_of = weight_bits if isinstance(weight_bits, Mapping) else dict.fromkeys(names, weight_bits)
     for name in names:
         module = named[name]
-        if is_qat(module):
-            continue  # already prepared (a repeated fit): keep the observed state
+        if isinstance(module, _QATMixin):
+            # Already prepared (a repeated fit): keep the observed state, take the new configuration.
+            module.weight_bits, module.activation_bits = int(bits_of[name]), activation_bits
+            module.ema_decay = ema_decay
+            continue
         if type(module) not in _QAT_CLASS:
             raise TypeError(
                 f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}."
