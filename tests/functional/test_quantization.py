@@ -325,3 +325,23 @@ def test_export_onnx_weight_storage(tmp_path) -> None:
     assert sorted(dtypes("auto")) == sorted([int8, uint8, int8])  # 7-bit codes fit the fast signed kernels
     with pytest.raises(ValueError, match="weight_dtype"):
         Q.export_onnx(model, str(tmp_path / "x.onnx"), torch.randn(1, 16), weight_dtype="int4")
+
+
+def test_conv1d_prepare_convert_export(tmp_path) -> None:
+    model = nn.Sequential(
+        nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12, 4)
+    )
+    names = Q.prepare_(model, fold_bn=True)
+    assert names == ["0", "4"] and isinstance(model[1], Q.FoldedBatchNorm1d)
+    x = torch.randn(32, 3, 12)
+    model.train()
+    model(x)
+    model.eval()
+    int8 = Q.convert_to_int8(model)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(int8(x), expected, atol=1e-4, rtol=1e-4)
+    session, ops = _session(Q.export_onnx(model, str(tmp_path / "c1.onnx"), x[:1]))
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert (got.argmax(1) == expected.numpy().argmax(1)).mean() >= 0.97
+    assert np.abs(got - expected.numpy()).max() < 0.05 * np.abs(expected.numpy()).max()
