@@ -5,9 +5,11 @@ from lightning_compress.callbacks import (
     CompressionCallback,
     GradualPruning,
     KnowledgeDistillation,
+    QuantizationAwareTraining,
     TensorDecomposition,
     load_decomposed,
 )
+from lightning_compress.functional.quantization import convert_to_int8, export_onnx
 from lightning_compress.functional.sparse import load_sparse, save_sparse
 from lightning_compress.report import CompressionReport
 
@@ -16,8 +18,11 @@ __all__ = [
     "CompressionReport",
     "GradualPruning",
     "KnowledgeDistillation",
+    "QuantizationAwareTraining",
     "TensorDecomposition",
     "__version__",
+    "convert_to_int8",
+    "export_onnx",
     "load_decomposed",
     "load_sparse",
     "save_sparse",

@@ -4,5 +4,13 @@ from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.decomposition import TensorDecomposition, load_decomposed
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.pruning import GradualPruning
+from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 
-__all__ = ["CompressionCallback", "GradualPruning", "KnowledgeDistillation", "TensorDecomposition", "load_decomposed"]
+__all__ = [
+    "CompressionCallback",
+    "GradualPruning",
+    "KnowledgeDistillation",
+    "QuantizationAwareTraining",
+    "TensorDecomposition",
+    "load_decomposed",
+]

@@ -83,9 +83,7 @@ class CompressionCallback(Callback):
     # ---- example input for FLOPs -----------------------------------------------------------------
     def _capture_first_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # One sample of the first real forward call, so FLOPs are counted on what the model really sees.
-        if "forward" in vars(module):
-            # Lightning's forward redirection (DDP and friends) patches the instance's `forward` to route
-            # `training_step(batch, batch_idx)` through the wrapper: those are not forward inputs.
+        if is_forward_redirection(module):
             return
 
         def first(t: torch.Tensor) -> torch.Tensor:
@@ -122,6 +120,17 @@ class CompressionCallback(Callback):
         self.last_report = build_report(trainer, pl_module, ours)
         if trainer.is_global_zero:
             _publish(trainer, self.last_report, directory)
+
+
+def is_forward_redirection(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is being called through Lightning's forward redirection.
+
+    Under DDP (and other wrapping strategies) Lightning routes ``training_step(batch, batch_idx)``
+    through the wrapper by patching the instance's ``forward`` for one call; forward hooks on the
+    LightningModule see that call with the *step's* arguments. It is not a real forward.
+    """
+    forward = vars(module).get("forward")
+    return "_ForwardRedirection" in getattr(forward, "__qualname__", "")
 
 
 def _loggers_write_now(trainer: pl.Trainer) -> bool:

@@ -141,32 +141,21 @@ class TensorDecomposition(CompressionCallback):
             )
         if budget_metric not in ("params", "flops"):
             raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
-        if apply_at != "fit_end" and (
-            isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0
-        ):
-            raise ValueError(
-                f"apply_at must be 'fit_end' or a non-negative optimizer step (int), got {apply_at!r}."
-            )
+        if apply_at != "fit_end" and (isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0):
+            raise ValueError(f"apply_at must be 'fit_end' or a non-negative optimizer step (int), got {apply_at!r}.")
         if apply_at_epoch is not None:
             if apply_at != "fit_end":
                 raise ValueError(
-                    "give apply_at (a step) or apply_at_epoch, not both; "
-                    f"got {apply_at!r} and {apply_at_epoch!r}."
+                    f"give apply_at (a step) or apply_at_epoch, not both; got {apply_at!r} and {apply_at_epoch!r}."
                 )
             if not _is_number(apply_at_epoch, 0.0, math.inf):
-                raise ValueError(
-                    f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}."
-                )
+                raise ValueError(f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}.")
         self.types = validate_patterns("types", types)
         unknown = [t for t in self.types if t not in F.DECOMPOSABLE_TYPES]
         if unknown or not self.types:
-            raise ValueError(
-                f"types must be a non-empty list from {list(F.DECOMPOSABLE_TYPES)}, got {list(types)!r}."
-            )
+            raise ValueError(f"types must be a non-empty list from {list(F.DECOMPOSABLE_TYPES)}, got {list(types)!r}.")
         if not _is_number(min_reduction, 1.0, math.inf):
-            raise ValueError(
-                f"min_reduction must be a number >= 1 (a MAC reduction factor), got {min_reduction!r}."
-            )
+            raise ValueError(f"min_reduction must be a number >= 1 (a MAC reduction factor), got {min_reduction!r}.")
         if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
             raise ValueError(f"latency_batch must be an int >= 1, got {latency_batch!r}.")
         if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
@@ -211,9 +200,7 @@ class TensorDecomposition(CompressionCallback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        spawn = getattr(strategy, "_start_method", None) == "spawn" or type(strategy).__name__.endswith(
-            "SpawnStrategy"
-        )
+        spawn = getattr(strategy, "_start_method", None) == "spawn" or type(strategy).__name__.endswith("SpawnStrategy")
         if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy) or spawn:
             raise ValueError(
                 f"TensorDecomposition supports single-device training and strategy='ddp'; got "
@@ -230,8 +217,7 @@ class TensorDecomposition(CompressionCallback):
                 method = F.resolve_method(layer, self.method)
             except ValueError as err:
                 raise ValueError(
-                    f"layer {layer_name!r} ({_describe(layer)}): {err} "
-                    "HINT: narrow `types`/`include`, or `exclude` it."
+                    f"layer {layer_name!r} ({_describe(layer)}): {err} HINT: narrow `types`/`include`, or `exclude` it."
                 ) from None
             if isinstance(self.rank, int) and not isinstance(self.rank, bool):
                 limit = F.max_ranks(layer, method)
@@ -251,9 +237,7 @@ class TensorDecomposition(CompressionCallback):
             if isinstance(m, nn.Linear | nn.Conv2d) and not any(n.startswith(p + ".") for p in self._plans)
         ]
 
-    def _rebuild_before_load(
-        self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
-    ) -> None:
+    def _rebuild_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # Runs before the LightningModule copies a state dict in: rebuild every chain the state dict
         # holds, so strict loading finds matching keys and shapes.
         plans = F.structure_from_state_dict(module, state_dict, prefix)
@@ -332,9 +316,7 @@ class TensorDecomposition(CompressionCallback):
         self._refresh_metrics(pl_module)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(
-                    {self.metric(k): v for k, v in self._metrics.items()}, step=trainer.global_step
-                )
+                logger.log_metrics({self.metric(k): v for k, v in self._metrics.items()}, step=trainer.global_step)
         super().on_fit_end(trainer, pl_module)
 
     @override
@@ -432,8 +414,7 @@ class TensorDecomposition(CompressionCallback):
                         layer,
                         plan,
                         geometry,
-                        status=f"skipped: MAC reduction {reduction:.2f}x "
-                        f"< min_reduction {self.min_reduction:g}x",
+                        status=f"skipped: MAC reduction {reduction:.2f}x < min_reduction {self.min_reduction:g}x",
                     )
                 )
                 continue
@@ -456,9 +437,7 @@ class TensorDecomposition(CompressionCallback):
                 row.update(latency)
                 if self.skip_slower and after >= before:
                     status = f"skipped: measured slower ({after * 1e3:.3f} ms vs {before * 1e3:.3f} ms)"
-                    rows.append(
-                        {**_row(layer_name, layer, plan, geometry, status=status, error=error), **latency}
-                    )
+                    rows.append({**_row(layer_name, layer, plan, geometry, status=status, error=error), **latency})
                     continue
             rows.append(row)
             decisions[layer_name] = plan
@@ -603,11 +582,7 @@ def _is_number(value: Any, low: float, high: float, low_open: bool = False) -> b
 
 
 def _percent_hint(value: Any) -> str:
-    return (
-        " HINT: a fraction, not a percentage (0.9, not 90)."
-        if _is_number(value, 1.0, 100.0, low_open=True)
-        else ""
-    )
+    return " HINT: a fraction, not a percentage (0.9, not 90)." if _is_number(value, 1.0, 100.0, low_open=True) else ""
 
 
 def _check_rank(rank: Any) -> None:
@@ -620,11 +595,7 @@ def _check_rank(rank: Any) -> None:
     if isinstance(rank, float) and not math.isnan(rank):
         if 0.0 < rank <= 1.0:
             return
-        hint = (
-            f" HINT: write {int(rank)} (an int) for an absolute rank."
-            if rank > 1 and rank.is_integer()
-            else ""
-        )
+        hint = f" HINT: write {int(rank)} (an int) for an absolute rank." if rank > 1 and rank.is_integer() else ""
         raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.{hint}")
     raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
 
@@ -708,9 +679,7 @@ def _row(
         "method": None if plan is None else plan.method,
         "ranks": None if plan is None else "x".join(map(str, plan.ranks)),
         "params_before": F.params_of(layer, None),
-        "params_after": F.params_of(layer, plan)
-        if status == "decomposed" and plan
-        else F.params_of(layer, None),
+        "params_after": F.params_of(layer, plan) if status == "decomposed" and plan else F.params_of(layer, None),
         "flops_before": 2 * F.macs_of(layer, None, geometry),
         "flops_after": 2 * F.macs_of(layer, plan if status == "decomposed" else None, geometry),
         "error": None if error is None else round(error, 5),

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.callbacks.base import CompressionCallback, is_forward_redirection
 from lightning_compress.functional import distillation as F
 from lightning_compress.schedules import Schedule, ScheduleName, resolve_schedule, resolve_window
 
@@ -116,8 +116,7 @@ class _Capture:
         if torch.compiler.is_compiling():
             self._redirected.append(False)
             return
-        forward = vars(module).get("forward")
-        self._redirected.append("_ForwardRedirection" in getattr(forward, "__qualname__", ""))
+        self._redirected.append(is_forward_redirection(module))
 
     def model_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         redirected = self._redirected.pop() if self._redirected else False

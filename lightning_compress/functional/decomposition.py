@@ -100,9 +100,7 @@ def resolve_method(layer: nn.Module, method: str) -> str:
     if isinstance(layer, nn.Linear):
         if method in ("auto", "svd"):
             return "svd"
-        raise ValueError(
-            f"method={method!r} handles Conv2d layers only. HINT: Linear layers take 'svd' or 'auto'."
-        )
+        raise ValueError(f"method={method!r} handles Conv2d layers only. HINT: Linear layers take 'svd' or 'auto'.")
     if isinstance(layer, nn.Conv2d):
         if is_pointwise(layer):
             return "svd"
@@ -113,9 +111,7 @@ def resolve_method(layer: nn.Module, method: str) -> str:
                 "method='svd' handles Linear and 1x1 Conv2d layers only. HINT: use 'tucker2', 'cp' or 'auto'."
             )
         return method
-    raise ValueError(
-        f"cannot decompose a {type(layer).__name__}; decomposable types are {list(DECOMPOSABLE_TYPES)}."
-    )
+    raise ValueError(f"cannot decompose a {type(layer).__name__}; decomposable types are {list(DECOMPOSABLE_TYPES)}.")
 
 
 def skip_reason(layer: nn.Module) -> str | None:
@@ -467,9 +463,7 @@ def build_chain(layer: nn.Module, plan: LayerPlan) -> nn.Sequential:
     o, i, kh, kw = _dims(layer)
     if isinstance(layer, nn.Linear):
         (r,) = plan.ranks
-        return nn.Sequential(
-            nn.Linear(i, r, bias=False, **factory), nn.Linear(r, o, bias=has_bias, **factory)
-        )
+        return nn.Sequential(nn.Linear(i, r, bias=False, **factory), nn.Linear(r, o, bias=has_bias, **factory))
     conv: nn.Conv2d = layer  # type: ignore[assignment]
     common = {"padding_mode": conv.padding_mode, **factory}
     if plan.method == "svd":
@@ -553,9 +547,7 @@ def plan_from_chain(chain: nn.Module) -> LayerPlan | None:
     return None
 
 
-def plan_from_state_dict(
-    layer: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str
-) -> LayerPlan | None:
+def plan_from_state_dict(layer: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str) -> LayerPlan | None:
     """The plan a checkpoint's ``state_dict`` holds for the layer at ``prefix`` (``None``: not decomposed).
 
     The shapes alone say it: ``<prefix>0.weight`` ... ``<prefix>{1,2,3}.weight`` are the factors of the
@@ -636,9 +628,7 @@ def decompose(
                 # SVD initialisation of the small spatial modes asks for more vectors than they have;
                 # tensorly fills the rest randomly and says so.
                 warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-                cp = parafac(
-                    w, rank=r, init="svd", svd=gram_svd, n_iter_max=n_iter_max, tol=tol, random_state=seed
-                )
+                cp = parafac(w, rank=r, init="svd", svd=gram_svd, n_iter_max=n_iter_max, tol=tol, random_state=seed)
                 approx = tl.cp_to_tensor(cp)
             a, b, c, d = cp.factors
             chain[0].weight.copy_(b.T[:, :, None, None])
@@ -652,9 +642,7 @@ def decompose(
     return chain, error
 
 
-def _truncated_svd(
-    matrix: torch.Tensor, rank: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _truncated_svd(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if matrix.numel() <= _EXACT_SVD_MAX_NUMEL or rank * 4 > min(matrix.shape):
         if matrix.shape[0] < matrix.shape[1]:  # LAPACK is much faster on tall matrices: transpose
             v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)

@@ -87,9 +87,7 @@ def test_model_dependent_errors_before_the_first_step(tmp_path: Any, kwargs: dic
     spy = Spy()
     model = TinyCNN()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    t = trainer(
-        tmp_path / "run", [TensorDecomposition(**kwargs), spy], max_steps=3, enable_checkpointing=True
-    )
+    t = trainer(tmp_path / "run", [TensorDecomposition(**kwargs), spy], max_steps=3, enable_checkpointing=True)
     with pytest.raises(ValueError, match=message):
         t.fit(model)
     assert spy.batches == 0
@@ -150,9 +148,7 @@ def test_fit_end_decomposes_with_reference_factors(tmp_path: Any) -> None:
 
 def test_mid_fit_decomposition_fine_tunes_with_rebuilt_optimizer(tmp_path: Any) -> None:
     class Probe(Callback):
-        def on_train_batch_start(
-            self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-        ) -> None:
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
             if trainer.global_step == 3:  # right after the decomposition (this probe runs after it)
                 self.just_decomposed = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
@@ -163,9 +159,7 @@ def test_mid_fit_decomposition_fine_tunes_with_rebuilt_optimizer(tmp_path: Any) 
     t.fit(model)
     assert "head.1.0.weight" in probe.just_decomposed
     final = model.state_dict()
-    assert not torch.equal(
-        final["head.1.0.weight"], probe.just_decomposed["head.1.0.weight"]
-    )  # factors trained
+    assert not torch.equal(final["head.1.0.weight"], probe.just_decomposed["head.1.0.weight"])  # factors trained
     optimizer = t.optimizers[0]
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     assert all(optimizer.state[p] for p in model.parameters())  # every parameter was stepped
@@ -207,9 +201,7 @@ def test_layers_that_do_not_pay_are_skipped_with_reasons(tmp_path: Any) -> None:
     decomposition = TensorDecomposition(rank=0.2, min_reduction=1.0, measure_latency=True, skip_slower=False)
     trainer(tmp_path, [decomposition], max_steps=2).fit(TinyCNN(scheduler=False))
     measured = [r for r in decomposition._rows if r["status"] == "decomposed"]
-    assert len(measured) == 4 and all(
-        r["latency_ms_before"] > 0 and r["latency_ms_after"] > 0 for r in measured
-    )
+    assert len(measured) == 4 and all(r["latency_ms_before"] > 0 and r["latency_ms_after"] > 0 for r in measured)
 
 
 def test_resume_after_decomposition_rebuilds_structure_before_weights(tmp_path: Any) -> None:
@@ -255,9 +247,7 @@ def test_post_training_checkpoint_loads_with_helper_and_in_validate(tmp_path: An
         TinyCNN.load_from_checkpoint(path)  # why the helper exists
     # A Trainer with the callback attached restores it too (validate / test / predict with ckpt_path).
     fresh = TinyCNN()
-    results = trainer(tmp_path, [TensorDecomposition(rank=0.25)]).validate(
-        fresh, ckpt_path=path, verbose=False
-    )
+    results = trainer(tmp_path, [TensorDecomposition(rank=0.25)]).validate(fresh, ckpt_path=path, verbose=False)
     assert results[0]["val_loss"] > 0 and isinstance(fresh.head[1], nn.Sequential)
 
 

@@ -13,9 +13,7 @@ from lightning_compress.functional import decomposition as F
 from lightning_compress.functional.stats import module_flops
 
 
-def _conv(
-    i: int = 6, o: int = 10, k: int | tuple[int, int] = 3, dtype: torch.dtype = torch.float64, **kw
-) -> nn.Conv2d:
+def _conv(i: int = 6, o: int = 10, k: int | tuple[int, int] = 3, dtype: torch.dtype = torch.float64, **kw) -> nn.Conv2d:
     return nn.Conv2d(i, o, k, **kw).to(dtype)
 
 
@@ -162,9 +160,7 @@ def test_vbmf_threshold_constant() -> None:
     assert F._tau_threshold(1.0) == pytest.approx(2.5129, abs=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("shape", "rank", "noise"), [((50, 50), 3, 0.5), ((40, 120), 8, 0.2), ((200, 64), 12, 1.0)]
-)
+@pytest.mark.parametrize(("shape", "rank", "noise"), [((50, 50), 3, 0.5), ((40, 120), 8, 0.2), ((200, 64), 12, 1.0)])
 def test_vbmf_recovers_planted_rank(shape: tuple[int, int], rank: int, noise: float) -> None:
     g = torch.Generator().manual_seed(1)
     signal = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
@@ -186,9 +182,7 @@ def test_allocate_budget_meets_budget_and_is_monotone() -> None:
         assert total <= share * full
         ranks = [p.ranks if p else None for p in plans]
         if previous is not None and None not in ranks and None not in previous:
-            assert all(
-                a >= b for r, q in zip(ranks, previous, strict=True) for a, b in zip(r, q, strict=True)
-            )
+            assert all(a >= b for r, q in zip(ranks, previous, strict=True) for a, b in zip(r, q, strict=True))
         previous = ranks
     with pytest.raises(ValueError, match="cannot be met"):
         F.allocate_budget(layers, budget=10, fixed=0)

@@ -1,0 +1,336 @@
+"""QuantizationAwareTraining: train with fake-quantized weights and activations, ship int8.
+
+*When* (start, observer and BatchNorm freezing) and *where* (which layers, at which bits) live here;
+*how* (fake-quantization, module swaps, int8 conversion, ONNX export) lives in
+:mod:`lightning_compress.functional.quantization`.
+
+The layers are swapped in ``setup`` (before Lightning restores a checkpoint), so
+``fit(ckpt_path=...)`` loads the observed ranges and scales into the already-swapped model with strict
+loading. The swap changes the class of the user's own layer objects in place: the user's ``forward``,
+multi-input/keyword signatures, parameter names and any other callback's references (e.g.
+:class:`~lightning_compress.GradualPruning`'s masks) keep working.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_compress.callbacks.base import CompressionCallback, example_input
+from lightning_compress.functional import quantization as Q
+from lightning_compress.report import CapturedCall
+from lightning_compress.targets import matches, select_modules, validate_patterns
+
+_STATE_VERSION = 1
+
+
+def _check_bits(argument: str, value: Any, accepted: Sequence[int]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in accepted:
+        hint = " HINT: bits per value, not bytes." if value == 1 else ""
+        raise ValueError(f"{argument} must be one of {list(accepted)}, got {value!r}.{hint}")
+    return value
+
+
+def _check_step(argument: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{argument} must be a non-negative integer (an optimizer step) or None, got {value!r}.")
+    return value
+
+
+class QuantizationAwareTraining(CompressionCallback):
+    """Quantization-aware training: the model learns to live at low precision, then ships as int8.
+
+    From ``start_step`` every selected Linear / Conv1d / Conv2d layer fake-quantizes its weight
+    (symmetric, per output channel, zero point 0) and its input (affine per tensor, range from an EMA of
+    the observed min/max), with straight-through gradients. Other layer types (Conv3d, embeddings,
+    attention's raw ``in_proj_weight``, normalisation) are left in fp32.
+
+    After ``fit``, :func:`~lightning_compress.convert_to_int8` gives a model with int8 weights and
+    :func:`~lightning_compress.export_onnx` an int8 ONNX file (or set ``export_dir``).
+
+    Args:
+        weight_bits: bits of the weights, 2 to 8 (8 default; 4 is common for weight compression).
+        activation_bits: bits of each quantized layer's input (8), or ``None`` for weight-only.
+        start_step: optimizer step at which fake-quantization starts (``trainer.global_step``).
+        freeze_observers_step: step from which scales and ranges stop changing (``None``: never).
+        freeze_bn_step: step from which folded BatchNorms use running statistics (``None``: never).
+        fold_bn: fold a BatchNorm that directly follows a conv in an ``nn.Sequential`` into the conv's
+            quantized weight during training (the standard QAT recipe); conversion removes it.
+        ema_decay: EMA weight of the old activation range, in ``[0, 1)``.
+        overrides: ``{pattern: weight_bits}`` for layers that need other bits (e.g. ``{"classifier": 8}``).
+        include: module name patterns (glob or ``re:``) to quantize; all supported layers by default.
+        exclude: module name patterns to keep in fp32.
+        types: layer class names to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``.
+        export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
+            an example input is known (``example_input_array`` or the first training batch),
+            ``model_int8.onnx`` there.
+        name: distinguishes several instances (state key and ``compress/<name>/...`` metrics).
+
+    Logged metrics (``pl_module.log``, every training step): ``compress/weight_bits`` (mean over the
+    quantized weights), ``compress/size_bytes`` (parameters at their quantized bit widths, scales
+    included), ``compress/ratio`` (fp32 bytes / ``size_bytes``).
+
+    Example::
+
+        >>> import pytorch_lightning as pl
+        >>> from lightning_compress import QuantizationAwareTraining
+        >>> qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, freeze_bn_step=200)
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[qat], logger=False, enable_checkpointing=False)
+        >>> QuantizationAwareTraining(weight_bits=16)
+        Traceback (most recent call last):
+        ...
+        ValueError: weight_bits must be one of [2, 3, 4, 5, 6, 7, 8], got 16.
+    """
+
+    report_title = "quantization"
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+        *,
+        start_step: int = 0,
+        freeze_observers_step: int | None = None,
+        freeze_bn_step: int | None = None,
+        fold_bn: bool = True,
+        ema_decay: float = 0.99,
+        overrides: dict[str, int] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+        export_dir: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.weight_bits = _check_bits("weight_bits", weight_bits, Q.SUPPORTED_WEIGHT_BITS)
+        if activation_bits is not None:
+            _check_bits("activation_bits", activation_bits, Q.SUPPORTED_ACTIVATION_BITS)
+        self.activation_bits = activation_bits
+        self.start_step = _check_step("start_step", start_step) or 0
+        self.freeze_observers_step = _check_step("freeze_observers_step", freeze_observers_step)
+        self.freeze_bn_step = _check_step("freeze_bn_step", freeze_bn_step)
+        for argument, value in (
+            ("freeze_observers_step", self.freeze_observers_step),
+            ("freeze_bn_step", self.freeze_bn_step),
+        ):
+            if value is not None and value <= self.start_step:
+                raise ValueError(
+                    f"{argument} must be > start_step, got {argument}={value} and "
+                    f"start_step={self.start_step}. HINT: observers need at least one quantized step to see "
+                    "ranges; use None to never freeze."
+                )
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+        self.ema_decay = float(ema_decay)
+        self.fold_bn = bool(fold_bn)
+        self.overrides = {
+            str(p): _check_bits(f"overrides[{p!r}]", b, Q.SUPPORTED_WEIGHT_BITS) for p, b in (overrides or {}).items()
+        }
+        validate_patterns("overrides", list(self.overrides))
+        self.include = validate_patterns("include", include)
+        self.exclude = validate_patterns("exclude", exclude)
+        self.types = validate_patterns("types", types) or list(Q.QUANTIZABLE_TYPES)
+        unsupported = [t for t in self.types if t not in Q.QUANTIZABLE_TYPES]
+        if unsupported:
+            raise ValueError(
+                f"types must be among {list(Q.QUANTIZABLE_TYPES)}, got {unsupported}. "
+                "HINT: other layers (Conv3d, Embedding, attention's in_proj_weight) stay in fp32."
+            )
+        self.export_dir = export_dir
+
+        self._layers: dict[str, Any] = {}
+        self._phase: tuple[bool, bool, bool] | None = None
+        self._metrics: dict[str, float] = {}
+        self.exported: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        selected = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
+        # Only exact supported classes: a user subclass may have its own forward, which the swap would skip.
+        unsupported = [
+            f"{n} ({type(m).__name__})"
+            for n, m in selected
+            if type(m) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) and not Q.is_qat(m)
+        ]
+        if unsupported:
+            raise ValueError(
+                f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d and nn.Conv2d are swapped. "
+                "HINT: exclude these modules."
+            )
+        names = [n for n, _ in selected]
+        for pattern in self.overrides:
+            if not any(matches(n, [pattern]) for n in names):
+                raise ValueError(f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}.")
+        bits = {n: next((b for p, b in self.overrides.items() if matches(n, [p])), self.weight_bits) for n in names}
+        Q.prepare_(
+            pl_module,
+            weight_bits=bits,
+            activation_bits=self.activation_bits,
+            modules=names,
+            fold_bn=self.fold_bn,
+            ema_decay=self.ema_decay,
+        )
+        modules = dict(pl_module.named_modules())
+        self._layers = {n: modules[n] for n in names}
+        self._phase = None
+        self._set_phase(trainer.global_step)
+        self._refresh_metrics(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Observed ranges and scales are buffers of the swapped layers: they travel in the model's own
+        # state_dict. The phase follows from trainer.global_step. This records the configuration, so a
+        # resume with different bits fails loudly instead of mixing scales.
+        return {"version": _STATE_VERSION, "layer_bits": {n: m.weight_bits for n, m in self._layers.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("layer_bits", {})
+        current = {n: m.weight_bits for n, m in self._layers.items()}
+        if saved and saved != current:
+            raise ValueError(
+                f"The checkpoint was trained with quantized layers {saved}, "
+                f"this callback quantizes {current}. "
+                "HINT: resume with the same weight_bits, overrides and include/exclude/types."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._phase = None
+        self._set_phase(trainer.global_step)
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._set_phase(trainer.global_step)
+        self.log_metrics(pl_module, self._metrics)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        _sync_observers(self._layers)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is not None and trainer.is_global_zero:
+            self._export(trainer, pl_module)
+        super().on_fit_end(trainer, pl_module)
+
+    # ---------------------------------------------------------------- phases
+    def phase_at(self, step: int) -> tuple[bool, bool, bool]:
+        """``(fake_quant_enabled, observer_enabled, bn_frozen)`` at optimizer step ``step``."""
+        enabled = step >= self.start_step
+        observing = enabled and (self.freeze_observers_step is None or step < self.freeze_observers_step)
+        bn_frozen = self.freeze_bn_step is not None and step >= self.freeze_bn_step
+        return enabled, observing, bn_frozen
+
+    def _set_phase(self, step: int) -> None:
+        phase = self.phase_at(step)
+        if phase == self._phase:
+            return
+        for module in self._layers.values():
+            module.fake_quant_enabled, module.observer_enabled, module.bn_frozen = phase
+        self._phase = phase
+
+    def _refresh_metrics(self, pl_module: pl.LightningModule) -> None:
+        # Parameter counts and bits do not change during a fit: computed once in setup.
+        dense, effective, mean_bits = Q.quantized_size_bytes(pl_module)
+        self._metrics = {"weight_bits": mean_bits, "size_bytes": float(effective), "ratio": dense / effective}
+
+    # ---------------------------------------------------------------- results
+    @override
+    def layer_bits(self) -> dict[str, float]:
+        return {n: float(m.weight_bits) for n, m in self._layers.items()}
+
+    @override
+    def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        rows = []
+        for n, m in self._layers.items():
+            lo, hi = (float(v) for v in m.activation_range)
+            rows.append(
+                {
+                    "layer": n,
+                    "type": type(m).__name__.removeprefix("QAT"),
+                    "weight_bits": m.weight_bits,
+                    "activation_bits": m.activation_bits if m.activation_bits is not None else "-",
+                    "input_range": f"[{lo:.3g}, {hi:.3g}]" if m.activation_observed else "-",
+                    "folded_bn": "yes" if m.folded_bn is not None else "-",
+                }
+            )
+        return {
+            "weight_bits": self._metrics.get("weight_bits", float(self.weight_bits)),
+            "activation_bits": self.activation_bits if self.activation_bits is not None else "none (weight-only)",
+            "size_bytes": self._metrics.get("size_bytes"),
+            "ratio": self._metrics.get("ratio"),
+            "start_step": self.start_step,
+            "freeze_observers_step": self.freeze_observers_step,
+            "freeze_bn_step": self.freeze_bn_step,
+            **{f"exported_{k}": v for k, v in self.exported.items()},
+            "layers": rows,
+        }
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.export_dir is not None
+        os.makedirs(self.export_dir, exist_ok=True)
+        int8 = Q.convert_to_int8(pl_module)
+        path = os.path.join(self.export_dir, "model_int8.pt")
+        torch.save(int8, path)
+        self.exported["torch"] = path
+        sample = example_input(pl_module, [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)])
+        if sample is None:
+            rank_zero_info(
+                "QuantizationAwareTraining: no example input known, ONNX export skipped "
+                "(set example_input_array on the LightningModule)."
+            )
+            return
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            rank_zero_info(
+                "QuantizationAwareTraining: onnx is not installed, ONNX export skipped "
+                "(pip install 'lightning-compress[onnx]')."
+            )
+            return
+        if isinstance(sample, CapturedCall):
+            sample = sample.kwargs if not sample.args else sample.args
+        self.exported["onnx"] = Q.export_onnx(
+            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), _to_cpu(sample)
+        )
+
+
+def _to_cpu(sample: Any) -> Any:
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(sample, torch.Tensor, lambda t: t.cpu())
+
+
+def _sync_observers(layers: dict[str, Any]) -> None:
+    """Average the observed activation ranges over DDP processes, so every rank quantizes alike.
+
+    Weight scales follow from the weights, which DDP already keeps identical. One all-reduce per step.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    observed = [m for m in layers.values() if m.activation_bits is not None and m.observer_enabled]
+    if not observed:
+        return
+    flat = torch.cat([m.activation_range for m in observed])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for i, m in enumerate(observed):
+        m.activation_range.copy_(flat[2 * i : 2 * i + 2])
