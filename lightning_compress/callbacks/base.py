@@ -83,7 +83,8 @@ class CompressionCallback(Callback):
     # ---- example input for FLOPs -----------------------------------------------------------------
     def _capture_first_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # One sample of the first real forward call, so FLOPs are counted on what the model really sees.
-        if is_forward_redirection(module):
+        if torch.compiler.is_compiling() or is_forward_redirection(module):
+            # Inside a compiled region a capture cannot remove its own hook; the first eager call will do.
             return
 
         def first(t: torch.Tensor) -> torch.Tensor:
