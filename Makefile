@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    train the digits CNN with pruning and print the compression report
+#   make run    train the digits CNN with pruning + quantization-aware training, export int8, print the report
 #   make test   run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lightning-compress fit --config configs/pruning.yaml
+	$(VENV)/bin/lightning-compress fit --config configs/main.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q

@@ -285,7 +285,7 @@ def test_unreached_apply_step_decomposes_at_fit_end_with_a_warning(tmp_path: Any
 
 
 def test_yaml_config_builds_the_callback() -> None:
-    from lightning_compress.cli import main
+    from lightning_compress.cli import build_cli as main
 
     config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "decomposition.yaml")
     cli = main(["--config", config, "--trainer.logger=false"], run=False)

@@ -378,7 +378,7 @@ def test_repeated_fit_keeps_adapters_and_restores_the_module(tmp_path: Path) -> 
 
 
 def test_yaml_config_runs_and_saved_config_reloads(tmp_path: Path) -> None:
-    from lightning_compress.cli import main
+    from lightning_compress.cli import build_cli as main
 
     args = [
         "fit",
@@ -490,7 +490,7 @@ def test_output_key_that_does_not_exist_is_explained(tmp_path: Path) -> None:
 
 
 def test_yaml_teacher_as_checkpoint_path(tmp_path: Path) -> None:
-    from lightning_compress.cli import main
+    from lightning_compress.cli import build_cli as main
 
     t = make_trainer(tmp_path / "teacher", [], max_steps=1)
     t.fit(TwoInputNet(width=48))
