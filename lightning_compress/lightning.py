@@ -26,4 +26,16 @@ class GradualPruning(_callbacks.GradualPruning, _Callback):  # noqa: D101
     __doc__ = _callbacks.GradualPruning.__doc__
 
 
-__all__ = ["GradualPruning"]
+class QuantizationAwareTraining(_callbacks.QuantizationAwareTraining, _Callback):  # noqa: D101
+    __doc__ = _callbacks.QuantizationAwareTraining.__doc__
+
+
+class KnowledgeDistillation(_callbacks.KnowledgeDistillation, _Callback):  # noqa: D101
+    __doc__ = _callbacks.KnowledgeDistillation.__doc__
+
+
+class TensorDecomposition(_callbacks.TensorDecomposition, _Callback):  # noqa: D101
+    __doc__ = _callbacks.TensorDecomposition.__doc__
+
+
+__all__ = ["GradualPruning", "KnowledgeDistillation", "QuantizationAwareTraining", "TensorDecomposition"]

@@ -22,7 +22,6 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.optimizer import _optimizers_to_device
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -201,7 +200,7 @@ class TensorDecomposition(CompressionCallback):
             return
         strategy = trainer.strategy
         spawn = getattr(strategy, "_start_method", None) == "spawn" or type(strategy).__name__.endswith("SpawnStrategy")
-        if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy) or spawn:
+        if not _is_strategy(strategy, "SingleDeviceStrategy", "DDPStrategy") or spawn:
             raise ValueError(
                 f"TensorDecomposition supports single-device training and strategy='ddp'; got "
                 f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
@@ -489,7 +488,7 @@ class TensorDecomposition(CompressionCallback):
         old_optimizers = list(trainer.optimizers)
         old_lrs = [[group["lr"] for group in opt.param_groups] for opt in old_optimizers]
         old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
-        if isinstance(strategy, DDPStrategy):
+        if _is_strategy(strategy, "DDPStrategy"):
             # DDP's reducer holds the old parameter list: wrap the LightningModule again (this also
             # broadcasts rank zero's new factors to every process).
             strategy.model = strategy._setup_model(strategy.lightning_module)
@@ -687,3 +686,8 @@ def _row(
         "latency_ms_after": None,
         "status": status,
     }
+
+
+def _is_strategy(strategy: Any, *names: str) -> bool:
+    # By class name, so that both pytorch_lightning's and lightning.pytorch's strategies are recognised.
+    return any(cls.__name__ in names for cls in type(strategy).__mro__)
