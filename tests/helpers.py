@@ -87,3 +87,8 @@ def trainer(tmp_path: Any, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Tr
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def ddp_trainer(out: Any, callbacks: list[pl.Callback], strategy: Any = "ddp", **kwargs: Any) -> pl.Trainer:
+    """A quiet two-process CPU trainer (gloo) for the scripts under ``tests/scripts``."""
+    return trainer(out, callbacks, devices=2, strategy=strategy, **kwargs)

@@ -186,6 +186,7 @@ class GradualPruning(CompressionCallback):
         self._pending_state: dict[str, Any] | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._params_of: dict[int, list[ParameterTarget]] = {}
+        self._hot: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._metrics: dict[str, float] = {}
         self._model_id: int | None = None
 
@@ -243,11 +244,11 @@ class GradualPruning(CompressionCallback):
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
-        self._apply_masks(trainer)
         self._params_of = {
             id(opt): [t for t in self._targets if any(t.parameter is p for g in opt.param_groups for p in g["params"])]
             for opt in trainer.optimizers
         }
+        self._apply_masks(trainer)
         self._remove_hooks()
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         self._refresh_metrics(trainer.global_step)
@@ -268,16 +269,16 @@ class GradualPruning(CompressionCallback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        for t in self._params_of.get(id(optimizer), ()):
-            param = t.parameter
-            if param.grad is None:
-                continue
-            if self.criterion == "taylor" and self._last_update_step < self._window[1]:
-                score = (param.detach() * param.grad).abs_()
-                acc = self._taylor.get(t.name)
-                self._taylor[t.name] = score if acc is None else acc.add_(score)
-            if t.name in self._masks:
-                param.grad.mul_(self._masks[t.name])
+        if self.criterion == "taylor" and self._last_update_step < self._window[1]:
+            for t in self._params_of.get(id(optimizer), ()):
+                param = t.parameter
+                if param.grad is not None:
+                    score = (param.detach() * param.grad).abs_()
+                    acc = self._taylor.get(t.name)
+                    self._taylor[t.name] = score if acc is None else acc.add_(score)
+        for param, pruned in self._hot.get(id(optimizer), ()):
+            if param.grad is not None:
+                param.grad.masked_fill_(pruned, 0.0)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -345,6 +346,13 @@ class GradualPruning(CompressionCallback):
         self._refresh_metrics(step)
 
     def _apply_masks(self, trainer: pl.Trainer, zero_optimizer_state: bool = False) -> None:
+        """Zero the pruned weights (at an update, also their optimizer state); refresh the per-step lists."""
+        # Per optimizer: (parameter, inverted mask) pairs, so the two per-step hooks do one masked_fill_
+        # per tensor and nothing else (no name lookups, no bool-to-float conversion of the mask).
+        self._hot = {
+            key: [(t.parameter, ~self._masks[t.name]) for t in targets if t.name in self._masks]
+            for key, targets in self._params_of.items()
+        }
         for t in self._targets:
             mask = self._masks.get(t.name)
             if mask is None:
@@ -357,10 +365,9 @@ class GradualPruning(CompressionCallback):
                             value.mul_(mask)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for t in self._params_of.get(id(optimizer), ()):
-            mask = self._masks.get(t.name)
-            if mask is not None:
-                F.apply_mask_(t.parameter, mask)
+        # `detach()` shares storage and bypasses autograd: cheaper than entering no_grad at every step.
+        for param, pruned in self._hot.get(id(optimizer), ()):
+            param.detach().masked_fill_(pruned, 0.0)
 
     @torch.no_grad()
     def _rewind_weights(self, trainer: pl.Trainer) -> None:

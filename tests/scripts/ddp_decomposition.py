@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from lightning_compress import TensorDecomposition  # noqa: E402
+from tests.helpers import ddp_trainer  # noqa: E402
 
 
 class TinyCNN(pl.LightningModule):
@@ -77,19 +78,7 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     decomposition = TensorDecomposition(rank=0.3, apply_at=3, min_reduction=1.0, measure_latency=False)
-    trainer = pl.Trainer(
-        strategy="ddp",
-        devices=2,
-        accelerator="cpu",
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[decomposition],
-        default_root_dir=out,
-    )
+    trainer = ddp_trainer(out, [decomposition], max_steps=6, max_epochs=-1)
     model = TinyCNN()
     trainer.fit(model)
     optimizer = trainer.optimizers[0]

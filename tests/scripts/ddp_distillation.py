@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_compress import KnowledgeDistillation  # noqa: E402
 from tests.callbacks.kd_models import TwoInputNet, two_input_data  # noqa: E402
+from tests.helpers import ddp_trainer  # noqa: E402
 
 
 class OddValidation(TwoInputNet):
@@ -46,19 +47,7 @@ def main(out: Path) -> None:
             if not initial:  # adapters exist from the first step on; copy them after one update
                 initial.update({k: v.detach().clone() for k, v in kd.adapters.state_dict().items()})
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(out),
-        callbacks=[kd, Snap()],
-    )
+    trainer = ddp_trainer(str(out), [kd, Snap()])
     model = OddValidation()
     trainer.fit(model)
     rank = trainer.global_rank

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from lightning_compress import GradualPruning  # noqa: E402
-from tests.helpers import TinyMLP  # noqa: E402
+from tests.helpers import TinyMLP, ddp_trainer  # noqa: E402
 
 
 class SaveMasks(pl.Callback):
@@ -35,19 +35,7 @@ def main(out: str, strategy: str) -> None:
     # taylor scores come from all-reduced gradients; random uses a step-seeded generator
     pruning = GradualPruning(0.7, criterion="taylor", end_step=6, update_every_n_steps=2)
     model = TinyMLP()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[pruning, SaveMasks(pruning, out)],
-        default_root_dir=out,
-    )
+    trainer = ddp_trainer(out, [pruning, SaveMasks(pruning, out)], strategy=strategy)
     trainer.fit(model)
     if trainer.global_rank == 0:
         # For ddp_spawn this is the parent process: it must end with the pruned weights.

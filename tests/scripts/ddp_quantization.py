@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from lightning_compress import QuantizationAwareTraining  # noqa: E402
 from lightning_compress.functional.quantization import qat_modules  # noqa: E402
-from tests.helpers import TinyMLP  # noqa: E402
+from tests.helpers import TinyMLP, ddp_trainer  # noqa: E402
 
 
 class Dump(pl.Callback):
@@ -35,21 +35,14 @@ def main(out: str) -> None:
     pl.seed_everything(0)
     model = TinyMLP()
     qat = QuantizationAwareTraining(start_step=1, freeze_observers_step=6)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
+    trainer = ddp_trainer(
+        out,
+        [qat, Dump(out)],
         # DDP's default broadcast_buffers would copy rank 0's observer buffers at every forward and hide
         # whether the callback keeps ranks in agreement itself; turn it off to test the callback.
         strategy=DDPStrategy(broadcast_buffers=False),
-        max_epochs=2,
         limit_train_batches=4,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        callbacks=[qat, Dump(out)],
     )
     trainer.fit(model)
 
