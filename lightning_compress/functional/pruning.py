@@ -196,10 +196,28 @@ def _nm_mask(groups: torch.Tensor, chosen: torch.Tensor, structure: Structure, s
 
 
 def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean selector of the ``k`` lowest values (stable order, so every process picks the same)."""
-    chosen = torch.zeros_like(values, dtype=torch.bool)
-    if k > 0:
-        chosen[values.argsort(stable=True)[:k]] = True
+    """Boolean selector of exactly the ``k`` lowest values; ties go to the lowest index, so every process
+    picks the same.
+
+    A selection (``kthvalue``, linear time) rather than a full sort: on 150k weights it is several times
+    faster than ``argsort``, and it runs at every mask update.
+    """
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    # What is already pruned (-inf) is chosen first; select among the rest only, which shrinks as sparsity grows.
+    pruned = torch.isneginf(values)
+    done = int(pruned.sum())
+    if k <= done:
+        chosen = torch.zeros_like(values, dtype=torch.bool)
+        chosen[pruned.nonzero().flatten()[:k]] = True
+        return chosen
+    threshold = values[~pruned].kthvalue(k - done).values
+    chosen = values < threshold
+    ties = (values == threshold).nonzero().flatten()[: k - int(chosen.sum())]
+    chosen[ties] = True
     return chosen
 
 
@@ -254,6 +272,12 @@ def global_masks(
     values = [_group_scores(scores[n], masks.get(n), structure, norm) for n in names]
     sizes = [to_groups(scores[n], structure).shape[1] for n in names]
     flat = torch.cat(values)
+    if len(set(sizes)) == 1:  # equal groups (always so for unstructured): a count, no sort needed
+        keep = ~_lowest(flat, max(round(sparsity * flat.numel()), _already_pruned(flat)))
+        return {
+            name: from_groups(part[:, None].expand(-1, sizes[0]), structure, scores[name].shape)
+            for name, part in zip(names, keep.split([v.numel() for v in values]), strict=True)
+        }
     weight = torch.cat([torch.full_like(v, s) for v, s in zip(values, sizes, strict=True)])
     order = flat.argsort(stable=True)
     # Prune the lowest groups until the pruned share of all weights is closest to the target.
