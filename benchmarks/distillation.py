@@ -13,6 +13,12 @@ the first not timed), and of one teacher forward on a training-sized batch, inte
 ``--timing-repeats`` repeats in the same process, with the ratio ``kd_step / (plain_step + teacher_forward)``.
 
     python benchmarks/distillation.py                 # 5 seeds, 6 epochs, teacher DigitsCNN(8, 64)
+    python benchmarks/distillation.py --student mlp --student-hidden 16   # an MLP student, same teacher
+
+``--student mlp`` replaces the student by ``DigitsMLP`` (a one-hidden-layer MLP on the flattened 8x8
+image, ``--student-hidden`` units); the teacher is still a ``DigitsCNN``. ``--timing-repeats 0`` skips
+the cost part. Besides mean ± sd, the paired difference (KD - alone, same seed) is summarised by its
+standard error, ``mean / SE`` and the number of seeds where KD is better, equal and worse.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Subset
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress import KnowledgeDistillation
 from lightning_compress.demo import DigitsCNN, DigitsDataModule
@@ -45,6 +54,40 @@ class Digits(DigitsDataModule):
         if self.fraction < 1.0:
             keep = max(1, round(self.fraction * len(self.train_set)))
             self.train_set = Subset(self.train_set, range(keep))
+
+
+class DigitsMLP(pl.LightningModule):
+    """A one-hidden-layer MLP on the flattened 8x8 digits: a much weaker student than any ``DigitsCNN``.
+
+    Same conventions as ``DigitsCNN`` (Adam, ``train_loss``, ``val_acc``); the hidden Linear is ``head.1``
+    there as well, so ``--hint`` works with either student.
+    """
+
+    def __init__(self, hidden: int = 32, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, 10)
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(x))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
 class StepTimer(pl.Callback):
@@ -97,7 +140,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--teacher-epochs", type=int, default=15)
-    parser.add_argument("--student-width", type=int, default=4)
+    parser.add_argument("--student", choices=["cnn", "mlp"], default="cnn", help="DigitsCNN or DigitsMLP student")
+    parser.add_argument("--student-width", type=int, default=4, help="channels of a cnn student")
     parser.add_argument("--student-hidden", type=int, default=32)
     parser.add_argument("--teacher-width", type=int, default=8)
     parser.add_argument("--teacher-hidden", type=int, default=64)
@@ -108,7 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--teacher-fraction", type=float, default=None, help="share the teacher trains on (default: the students')"
     )
-    parser.add_argument("--timing-repeats", type=int, default=5)
+    parser.add_argument("--timing-repeats", type=int, default=5, help="0: accuracy only")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -123,13 +167,23 @@ def main() -> None:
     teacher_acc = run(teacher, args.teacher_epochs, [], root, teacher_fraction)
     teacher.eval()
     n_teacher = sum(p.numel() for p in teacher.parameters())
-    n_student = sum(p.numel() for p in DigitsCNN(width=args.student_width, hidden=args.student_hidden).parameters())
+
+    def student() -> pl.LightningModule:
+        if args.student == "mlp":
+            return DigitsMLP(hidden=args.student_hidden)
+        return DigitsCNN(width=args.student_width, hidden=args.student_hidden)
+
+    if args.student == "mlp":
+        student_name = f"DigitsMLP(hidden={args.student_hidden})"
+    else:
+        student_name = f"DigitsCNN(width={args.student_width}, hidden={args.student_hidden})"
+    n_student = sum(p.numel() for p in student().parameters())
     print(
         f"teacher: DigitsCNN(width={args.teacher_width}, hidden={args.teacher_hidden}), {n_teacher} params, "
         f"trained on {teacher_fraction:.0%} of the training split, val_acc={teacher_acc:.4f}"
     )
     print(
-        f"student: DigitsCNN(width={args.student_width}, hidden={args.student_hidden}), {n_student} params "
+        f"student: {student_name}, {n_student} params "
         f"({n_student / n_teacher:.3f}x), {args.epochs} epochs on {args.train_fraction:.0%} of the training split"
     )
 
@@ -141,9 +195,6 @@ def main() -> None:
             features={"head.1": "head.1"} if args.hint else None,
             feature_weight=0.1,
         )
-
-    def student() -> DigitsCNN:
-        return DigitsCNN(width=args.student_width, hidden=args.student_hidden)
 
     # Accuracy: same initial weights, same data order, with and without the callback.
     plain_acc, kd_acc = [], []
@@ -159,12 +210,22 @@ def main() -> None:
             accs.append(run(model, args.epochs, callbacks, root, args.train_fraction))
         print(f"| {seed} | {plain_acc[-1]:.4f} | {kd_acc[-1]:.4f} | {kd_acc[-1] - plain_acc[-1]:+.4f} |")
 
-    def mean_sd(values: list[float]) -> str:
+    def mean_sd(values: list[float], sign: str = "") -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+        return f"{statistics.mean(values):{sign}.4f} ± {sd:.4f}"
 
     diffs = [k - p for k, p in zip(kd_acc, plain_acc, strict=True)]
-    print(f"| mean ± sd | {mean_sd(plain_acc)} | {mean_sd(kd_acc)} | {mean_sd(diffs)} |")
+    print(f"| mean ± sd | {mean_sd(plain_acc)} | {mean_sd(kd_acc)} | {mean_sd(diffs, '+')} |")
+    if len(diffs) > 1:
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5
+        mean = statistics.mean(diffs)
+        better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        print(
+            f"paired KD - alone: mean {mean:+.4f}, SE {se:.4f}, mean/SE {mean / se if se else float('inf'):+.2f}; "
+            f"KD better on {better}, equal on {len(diffs) - better - worse}, worse on {worse} of {len(diffs)} seeds"
+        )
+    if args.timing_repeats < 1:
+        return
 
     # Cost: plain and KD runs interleaved, each followed by a teacher-forward timing, so that a load change
     # on a shared machine hits both sides of every ratio.
