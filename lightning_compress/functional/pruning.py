@@ -163,6 +163,9 @@ def element_scores(
 
 
 def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure, norm: float) -> torch.Tensor:
+    if structure.kind == "unstructured":  # one weight per group: its (non-negative) score is the group's
+        value = scores.reshape(-1)
+        return value if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
     groups = to_groups(scores, structure)
     # Normalised by group size so that groups of different layers compare fairly in global scope.
     value = torch.linalg.vector_norm(groups, ord=norm, dim=1) / groups.shape[1] ** (1.0 / norm)
@@ -274,9 +277,12 @@ def global_masks(
     flat = torch.cat(values)
     if len(set(sizes)) == 1:  # equal groups (always so for unstructured): a count, no sort needed
         keep = ~_lowest(flat, max(round(sparsity * flat.numel()), _already_pruned(flat)))
+        parts = keep.split([v.numel() for v in values])
+        if structure.kind == "unstructured":
+            return {name: part.reshape(scores[name].shape) for name, part in zip(names, parts, strict=True)}
         return {
             name: from_groups(part[:, None].expand(-1, sizes[0]), structure, scores[name].shape)
-            for name, part in zip(names, keep.split([v.numel() for v in values]), strict=True)
+            for name, part in zip(names, parts, strict=True)
         }
     weight = torch.cat([torch.full_like(v, s) for v, s in zip(values, sizes, strict=True)])
     order = flat.argsort(stable=True)
