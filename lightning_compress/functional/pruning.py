@@ -199,10 +199,9 @@ def _nm_mask(groups: torch.Tensor, chosen: torch.Tensor, structure: Structure, s
 
 
 def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean selector of exactly the ``k`` lowest values; ties go to the lowest index, so every process
-    picks the same.
+    """Boolean selector of exactly the ``k`` lowest values.
 
-    A selection (``kthvalue``, linear time) rather than a full sort: on 150k weights it is several times
+    Ties go to the lowest index, so every process picks the same. A selection (``kthvalue``, linear time) rather than a full sort: on 150k weights it is several times
     faster than ``argsort``, and it runs at every mask update.
     """
     n = values.numel()
