@@ -201,8 +201,9 @@ def _nm_mask(groups: torch.Tensor, chosen: torch.Tensor, structure: Structure, s
 def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean selector of exactly the ``k`` lowest values.
 
-    Ties go to the lowest index, so every process picks the same. A selection (``kthvalue``, linear time) rather than a full sort: on 150k weights it is several times
-    faster than ``argsort``, and it runs at every mask update.
+    Ties go to the lowest index, so every process picks the same. A selection (``kthvalue``, linear
+    time) rather than a full sort: on 150k weights it is several times faster than ``argsort``, and it
+    runs at every mask update.
     """
     n = values.numel()
     if k <= 0:
