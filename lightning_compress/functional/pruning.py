@@ -300,9 +300,3 @@ def global_masks(
     for name, part, size in zip(names, keep.split([v.numel() for v in values]), sizes, strict=True):
         out[name] = from_groups(part[:, None].expand(-1, size), structure, scores[name].shape)
     return out
-
-
-@torch.no_grad()
-def apply_mask_(tensor: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero ``tensor`` where ``mask`` is ``False``, in place."""
-    tensor.mul_(mask)
