@@ -18,7 +18,21 @@ def random_classification(n: int = 128, features: int = 16, classes: int = 4, se
     return TensorDataset(x, (x @ w).argmax(1))
 
 
-class TinyMLP(pl.LightningModule):
+class ClassifierSteps:
+    """Cross-entropy training and validation steps shared by the tiny test models."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+class TinyMLP(ClassifierSteps, pl.LightningModule):
     """Linear-ReLU-Linear-ReLU-Linear classifier on random features."""
 
     def __init__(
@@ -38,16 +52,6 @@ class TinyMLP(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.hparams.optimizer == "adamw":

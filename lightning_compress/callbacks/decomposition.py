@@ -26,6 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress._validation import is_number, percent_hint
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.functional import decomposition as F
 from lightning_compress.functional.stats import module_flops
@@ -131,12 +132,12 @@ class TensorDecomposition(CompressionCallback):
             rank = 0.25
         if rank is not None:
             _check_rank(rank)
-        if energy is not None and not _is_number(energy, 0.0, 1.0, low_open=True):
-            raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}." + _percent_hint(energy))
-        if budget is not None and not (_is_number(budget, 0.0, 1.0, low_open=True) and budget < 1.0):
+        if energy is not None and not is_number(energy, 0.0, 1.0, low_open=True):
+            raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}." + percent_hint(energy))
+        if budget is not None and not (is_number(budget, 0.0, 1.0, low_open=True) and budget < 1.0):
             raise ValueError(
                 f"budget must be a fraction in (0, 1) of the model's {budget_metric}, got {budget!r}."
-                + _percent_hint(budget)
+                + percent_hint(budget)
             )
         if budget_metric not in ("params", "flops"):
             raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
@@ -147,19 +148,19 @@ class TensorDecomposition(CompressionCallback):
                 raise ValueError(
                     f"give apply_at (a step) or apply_at_epoch, not both; got {apply_at!r} and {apply_at_epoch!r}."
                 )
-            if not _is_number(apply_at_epoch, 0.0, math.inf):
+            if not is_number(apply_at_epoch, 0.0, math.inf):
                 raise ValueError(f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}.")
         self.types = validate_patterns("types", types)
         unknown = [t for t in self.types if t not in F.DECOMPOSABLE_TYPES]
         if unknown or not self.types:
             raise ValueError(f"types must be a non-empty list from {list(F.DECOMPOSABLE_TYPES)}, got {list(types)!r}.")
-        if not _is_number(min_reduction, 1.0, math.inf):
+        if not is_number(min_reduction, 1.0, math.inf):
             raise ValueError(f"min_reduction must be a number >= 1 (a MAC reduction factor), got {min_reduction!r}.")
         if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
             raise ValueError(f"latency_batch must be an int >= 1, got {latency_batch!r}.")
         if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
             raise ValueError(f"n_iter_max must be an int >= 1, got {n_iter_max!r}.")
-        if not _is_number(tol, 0.0, math.inf, low_open=True):
+        if not is_number(tol, 0.0, math.inf, low_open=True):
             raise ValueError(f"tol must be a positive number, got {tol!r}.")
         self.method = method
         self.rank, self.energy, self.budget, self.budget_metric = rank, energy, budget, budget_metric
@@ -574,16 +575,6 @@ def load_decomposed(
 
 
 # ---------------------------------------------------------------------------- helpers
-def _is_number(value: Any, low: float, high: float, low_open: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return False
-    return (low < value if low_open else low <= value) and value <= high
-
-
-def _percent_hint(value: Any) -> str:
-    return " HINT: a fraction, not a percentage (0.9, not 90)." if _is_number(value, 1.0, 100.0, low_open=True) else ""
-
-
 def _check_rank(rank: Any) -> None:
     if rank == "vbmf" and isinstance(rank, str):
         return

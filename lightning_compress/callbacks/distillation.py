@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
+from lightning_compress._validation import percent_hint
 from lightning_compress.callbacks.base import CompressionCallback, is_forward_redirection
 from lightning_compress.functional import distillation as F
 from lightning_compress.schedules import Schedule, ScheduleName, resolve_schedule, resolve_window
@@ -67,8 +68,7 @@ def _check_number(argument: str, value: Any) -> float:
 def _check_alpha(argument: str, value: Any) -> float:
     value = _check_number(argument, value)
     if not 0.0 <= value <= 1.0:
-        hint = " HINT: a fraction, not a percentage (0.5, not 50)." if 1 < value <= 100 else ""
-        raise ValueError(f"{argument} must be in [0, 1], got {value!r}.{hint}")
+        raise ValueError(f"{argument} must be in [0, 1], got {value!r}.{percent_hint(value)}")
     return value
 
 
@@ -191,7 +191,7 @@ class KnowledgeDistillation(CompressionCallback):
         >>> KnowledgeDistillation(teacher="self", alpha=70)
         Traceback (most recent call last):
         ...
-        ValueError: alpha must be in [0, 1], got 70.0. HINT: a fraction, not a percentage (0.5, not 50).
+        ValueError: alpha must be in [0, 1], got 70.0. HINT: a fraction, not a percentage (0.7, not 70).
     """
 
     report_title = "distillation"

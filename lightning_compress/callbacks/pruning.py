@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.utils import prune
 from typing_extensions import override
 
+from lightning_compress._validation import check_step, percent_hint
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.functional import pruning as F
 from lightning_compress.functional.stats import count_nonzero
@@ -50,8 +51,7 @@ def _check_sparsity(argument: str, value: Any, upper: float = 1.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ValueError(f"{argument} must be a number in [0, {upper:g}), got {value!r}.")
     if not 0 <= value < upper:
-        hint = " HINT: a fraction, not a percentage (0.9, not 90)." if 1 < value <= 100 else ""
-        raise ValueError(f"{argument} must be in [0, {upper:g}), got {value!r}.{hint}")
+        raise ValueError(f"{argument} must be in [0, {upper:g}), got {value!r}.{percent_hint(value)}")
     return float(value)
 
 
@@ -141,9 +141,9 @@ class GradualPruning(CompressionCallback):
         upper = limit + 1e-12 if self.structure.kind == "n:m" else 1.0
         self.target_sparsity = _check_sparsity("target_sparsity", target_sparsity, upper)
         self.schedule = resolve_schedule(schedule)
-        for argument, value in (("start_step", start_step), ("end_step", end_step), ("rewind_to_step", rewind_to_step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{argument} must be a non-negative integer step, got {value!r}.")
+        check_step("start_step", start_step)
+        check_step("end_step", end_step, optional=True)
+        check_step("rewind_to_step", rewind_to_step, optional=True)
         for argument, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
             if value is not None and (not isinstance(value, int | float) or value < 0):
                 raise ValueError(f"{argument} must be a non-negative number of epochs, got {value!r}.")

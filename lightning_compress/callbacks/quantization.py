@@ -23,6 +23,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_compress._validation import check_step
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.functional import quantization as Q
 from lightning_compress.report import CapturedCall
@@ -35,14 +36,6 @@ def _check_bits(argument: str, value: Any, accepted: Sequence[int]) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in accepted:
         hint = " HINT: bits per value, not bytes." if value == 1 else ""
         raise ValueError(f"{argument} must be one of {list(accepted)}, got {value!r}.{hint}")
-    return value
-
-
-def _check_step(argument: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{argument} must be a non-negative integer (an optimizer step) or None, got {value!r}.")
     return value
 
 
@@ -115,9 +108,9 @@ class QuantizationAwareTraining(CompressionCallback):
         if activation_bits is not None:
             _check_bits("activation_bits", activation_bits, Q.SUPPORTED_ACTIVATION_BITS)
         self.activation_bits = activation_bits
-        self.start_step = _check_step("start_step", start_step) or 0
-        self.freeze_observers_step = _check_step("freeze_observers_step", freeze_observers_step)
-        self.freeze_bn_step = _check_step("freeze_bn_step", freeze_bn_step)
+        self.start_step = check_step("start_step", start_step, optional=True) or 0
+        self.freeze_observers_step = check_step("freeze_observers_step", freeze_observers_step, optional=True)
+        self.freeze_bn_step = check_step("freeze_bn_step", freeze_bn_step, optional=True)
         for argument, value in (
             ("freeze_observers_step", self.freeze_observers_step),
             ("freeze_bn_step", self.freeze_bn_step),

@@ -11,17 +11,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from lightning_compress import TensorDecomposition  # noqa: E402
-from tests.helpers import ddp_trainer  # noqa: E402
+from tests.helpers import ClassifierSteps, ddp_trainer  # noqa: E402
 
 
-class TinyCNN(pl.LightningModule):
+class TinyCNN(ClassifierSteps, pl.LightningModule):
     """conv 3->16, conv 16->32 (stride 2), grouped conv, Linear, classifier; SGD + per-step StepLR."""
 
     def __init__(self, lr: float = 0.05, scheduler: bool = True) -> None:
@@ -41,16 +40,6 @@ class TinyCNN(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.head(self.features(x)))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
