@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,26 +35,11 @@ from lightning_compress.functional.stats import (
     module_flops,
     serialized_bytes,
 )
+from lightning_compress.inputs import CapturedCall, as_call
+
+__all__ = ["REPORT_BASENAME", "CapturedCall", "CompressionReport", "as_call"]
 
 REPORT_BASENAME = "compression_report"
-
-
-class CapturedCall(NamedTuple):
-    """Positional and keyword arguments of one recorded forward call."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-def as_call(example_input: Any) -> CapturedCall:
-    """Lightning's ``example_input_array`` convention: a tensor, a tuple of args, or a dict of kwargs."""
-    if isinstance(example_input, CapturedCall):
-        return example_input
-    if isinstance(example_input, Mapping):
-        return CapturedCall((), dict(example_input))
-    if isinstance(example_input, list | tuple):
-        return CapturedCall(tuple(example_input), {})
-    return CapturedCall((example_input,), {})
 
 
 @dataclass

@@ -29,6 +29,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from lightning_compress._validation import check_step, is_number
+
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
@@ -164,34 +166,77 @@ def steps_per_epoch(trainer: pl.Trainer) -> int:
     return max(1, int(total) // epochs)
 
 
-def resolve_window(
-    trainer: pl.Trainer,
-    *,
-    start_step: int | None,
-    end_step: int | None,
-    start_epoch: float | None = None,
-    end_epoch: float | None = None,
-    default_end_fraction: float = 0.75,
-) -> tuple[int, int]:
-    """Resolve a callback's ``(start, end)`` step window, converting epoch sugar to steps.
+@dataclass(frozen=True)
+class StepWindow:
+    """The optimizer steps ``[start, end)`` over which a callback's value moves, given in steps or epochs.
 
-    The default end is ``default_end_fraction`` of ``trainer.estimated_stepping_batches``, leaving
-    the rest of training to recover at the final value.
+    Every time-windowed callback (pruning, distillation) validates its window arguments here, in its
+    constructor, and resolves them against the trainer in ``on_fit_start`` (epochs need the trainer to
+    become steps). The default end is ``default_end_fraction`` of ``trainer.estimated_stepping_batches``,
+    leaving the rest of training to recover at the final value.
+
+    Example::
+
+        >>> StepWindow(start_step=10, end_step=100)
+        StepWindow(start_step=10, end_step=100, start_epoch=None, end_epoch=None)
+        >>> StepWindow(start_step=5, end_step=5)
+        Traceback (most recent call last):
+        ...
+        ValueError: end_step must be > start_step, got start_step=5 and end_step=5.
+        >>> StepWindow(start_epoch=-3)
+        Traceback (most recent call last):
+        ...
+        ValueError: start_epoch must be a non-negative number of epochs, got -3.
     """
-    start = 0 if start_step is None else start_step
-    if start_epoch is not None:
-        start = round(start_epoch * steps_per_epoch(trainer))
-    if end_epoch is not None:
-        end = round(end_epoch * steps_per_epoch(trainer))
-    elif end_step is not None:
-        end = end_step
-    else:
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+
+    start_step: int = 0
+    end_step: int | None = None
+    start_epoch: float | None = None
+    end_epoch: float | None = None
+
+    def __post_init__(self) -> None:
+        check_step("start_step", self.start_step)
+        check_step("end_step", self.end_step, optional=True)
+        for argument, value in (("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch)):
+            if value is not None and not is_number(value, 0.0, math.inf):
+                raise ValueError(f"{argument} must be a non-negative number of epochs, got {value!r}.")
+        if self.start_epoch is not None and self.start_step != 0:
             raise ValueError(
-                "end_step is required when the trainer's length is unknown (max_steps=-1 and max_epochs=-1)."
+                f"give start_step or start_epoch, not both; got start_step={self.start_step} and "
+                f"start_epoch={self.start_epoch}."
             )
-        end = max(start + 1, int(total * default_end_fraction))
-    if end <= start:
-        raise ValueError(f"end_step must be > start_step, got start_step={start} and end_step={end}.")
-    return start, end
+        if self.end_epoch is not None and self.end_step is not None:
+            raise ValueError(
+                f"give end_step or end_epoch, not both; got end_step={self.end_step} and end_epoch={self.end_epoch}."
+            )
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(
+                f"end_step must be > start_step, got start_step={self.start_step} and end_step={self.end_step}."
+            )
+        if self.start_epoch is not None and self.end_epoch is not None and self.end_epoch <= self.start_epoch:
+            raise ValueError(
+                f"end_epoch must be > start_epoch, got start_epoch={self.start_epoch} and end_epoch={self.end_epoch}."
+            )
+
+    def resolve(self, trainer: pl.Trainer, default_end_fraction: float = 0.75) -> tuple[int, int]:
+        """``(start, end)`` in optimizer steps for ``trainer``, epoch arguments converted."""
+        start = self.start_step
+        if self.start_epoch is not None:
+            start = round(self.start_epoch * steps_per_epoch(trainer))
+        if self.end_epoch is not None:
+            end = round(self.end_epoch * steps_per_epoch(trainer))
+        elif self.end_step is not None:
+            end = self.end_step
+        else:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "end_step is required when the trainer's length is unknown (max_steps=-1 and max_epochs=-1)."
+                )
+            end = max(start + 1, int(total * default_end_fraction))
+        if end <= start:
+            raise ValueError(
+                f"the window ends before it starts: start step {start}, end step {end} "
+                f"(from {self}). HINT: an end_epoch rounds to a step; give end_step/start_step directly."
+            )
+        return start, end

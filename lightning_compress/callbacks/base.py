@@ -18,12 +18,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_compress.report import CapturedCall, CompressionReport
+from lightning_compress._lightning_internals import is_forward_redirection, loggers_write_now
+from lightning_compress.inputs import first_sample, to_device
+from lightning_compress.report import CompressionReport
 
 
 class CompressionCallback(Callback):
@@ -66,7 +67,7 @@ class CompressionCallback(Callback):
         logged value for ``ModelCheckpoint`` / ``EarlyStopping``, and loggers see every value they would
         have recorded anyway.
         """
-        if not changed and not _loggers_write_now(pl_module.trainer):
+        if not changed and not loggers_write_now(pl_module.trainer):
             return
         for key, value in metrics.items():
             pl_module.log(self.metric(key), value, on_step=True, on_epoch=False, batch_size=1, **kwargs)
@@ -87,12 +88,7 @@ class CompressionCallback(Callback):
             # Inside a compiled region a capture cannot remove its own hook; the first eager call will do.
             return
 
-        def first(t: torch.Tensor) -> torch.Tensor:
-            return t[:1].detach().clone() if t.dim() > 0 else t.detach().clone()
-
-        self._example_input = CapturedCall(
-            apply_to_collection(args, torch.Tensor, first), apply_to_collection(kwargs, torch.Tensor, first)
-        )
+        self._example_input = first_sample(args, kwargs)
         self._remove_capture()
 
     def _remove_capture(self) -> None:
@@ -107,7 +103,14 @@ class CompressionCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove everything this callback attached to the user's module (subclasses extend it)."""
         self._remove_capture()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` after an exception (also one raised in `setup`): give the
+        # user's module back here, whatever failed.
+        self.teardown(trainer, pl_module, trainer.state.fn or "fit")
 
     # ---- fit end: the combined report ------------------------------------------------------------
     @override
@@ -123,37 +126,17 @@ class CompressionCallback(Callback):
             _publish(trainer, self.last_report, directory)
 
 
-def is_forward_redirection(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is being called through Lightning's forward redirection.
-
-    Under DDP (and other wrapping strategies) Lightning routes ``training_step(batch, batch_idx)``
-    through the wrapper by patching the instance's ``forward`` for one call; forward hooks on the
-    LightningModule see that call with the *step's* arguments. It is not a real forward.
-    """
-    forward = vars(module).get("forward")
-    return "_ForwardRedirection" in getattr(forward, "__qualname__", "")
-
-
-def _loggers_write_now(trainer: pl.Trainer) -> bool:
-    # Lightning decides per step whether logged step metrics reach the loggers (log_every_n_steps);
-    # its logger connector exposes that decision. If that internal ever moves, log every step.
-    try:
-        return bool(trainer._logger_connector.should_update_logs)
-    except AttributeError:
-        return True
-
-
 def example_input(pl_module: pl.LightningModule, callbacks: list[CompressionCallback]) -> Any:
     """The input to count FLOPs on: ``pl_module.example_input_array`` or the first captured forward call.
 
     Follows Lightning's convention: a tensor, a tuple of positional arguments, or a dict of keyword
-    arguments (a captured call is a :class:`~lightning_compress.report.CapturedCall`).
+    arguments (a captured call is a :class:`~lightning_compress.inputs.CapturedCall`).
     """
     if getattr(pl_module, "example_input_array", None) is not None:
         return pl_module.example_input_array
     for cb in callbacks:
         if cb._example_input is not None:
-            return apply_to_collection(cb._example_input, torch.Tensor, torch.Tensor.to, pl_module.device)
+            return to_device(cb._example_input, pl_module.device)
     return None
 
 

@@ -21,20 +21,18 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.optimizer import _optimizers_to_device
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress._validation import is_number, percent_hint
+from lightning_compress._lightning_internals import is_spawn, optimizers_to_device, rewrap_ddp, strategy_is
+from lightning_compress._validation import check_range, is_number
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.functional import decomposition as F
 from lightning_compress.functional.stats import module_flops
-from lightning_compress.report import as_call
+from lightning_compress.inputs import as_call
 from lightning_compress.schedules import steps_per_epoch
 from lightning_compress.targets import select_modules, validate_patterns
-
-_STATE_VERSION = 1
 
 
 class TensorDecomposition(CompressionCallback):
@@ -132,13 +130,10 @@ class TensorDecomposition(CompressionCallback):
             rank = 0.25
         if rank is not None:
             _check_rank(rank)
-        if energy is not None and not is_number(energy, 0.0, 1.0, low_open=True):
-            raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}." + percent_hint(energy))
-        if budget is not None and not (is_number(budget, 0.0, 1.0, low_open=True) and budget < 1.0):
-            raise ValueError(
-                f"budget must be a fraction in (0, 1) of the model's {budget_metric}, got {budget!r}."
-                + percent_hint(budget)
-            )
+        if energy is not None:
+            check_range("energy", energy, 0.0, 1.0, low_open=True)
+        if budget is not None:
+            check_range("budget", budget, 0.0, 1.0, low_open=True, high_open=True)
         if budget_metric not in ("params", "flops"):
             raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
         if apply_at != "fit_end" and (isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0):
@@ -200,8 +195,8 @@ class TensorDecomposition(CompressionCallback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        spawn = getattr(strategy, "_start_method", None) == "spawn" or type(strategy).__name__.endswith("SpawnStrategy")
-        if not _is_strategy(strategy, "SingleDeviceStrategy", "DDPStrategy") or spawn:
+        spawn = is_spawn(strategy)
+        if not strategy_is(strategy, "SingleDeviceStrategy", "DDPStrategy") or spawn:
             raise ValueError(
                 f"TensorDecomposition supports single-device training and strategy='ddp'; got "
                 f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
@@ -249,7 +244,6 @@ class TensorDecomposition(CompressionCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
             "applied": self._applied,
             "plans": {k: p.as_dict() for k, p in self._plans.items()},
             "rows": self._rows,
@@ -489,13 +483,10 @@ class TensorDecomposition(CompressionCallback):
         old_optimizers = list(trainer.optimizers)
         old_lrs = [[group["lr"] for group in opt.param_groups] for opt in old_optimizers]
         old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
-        if _is_strategy(strategy, "DDPStrategy"):
-            # DDP's reducer holds the old parameter list: wrap the LightningModule again (this also
-            # broadcasts rank zero's new factors to every process).
-            strategy.model = strategy._setup_model(strategy.lightning_module)
-            strategy._register_ddp_hooks()
+        if strategy_is(strategy, "DDPStrategy"):
+            rewrap_ddp(strategy)  # DDP's reducer holds the old parameter list
         strategy.setup_optimizers(trainer)
-        _optimizers_to_device(strategy.optimizers, strategy.root_device)
+        optimizers_to_device(strategy.optimizers, strategy.root_device)
         for old, new, lrs in zip(old_optimizers, trainer.optimizers, old_lrs, strict=False):
             for group in new.param_groups:
                 for p in group["params"]:
@@ -677,8 +668,3 @@ def _row(
         "latency_ms_after": None,
         "status": status,
     }
-
-
-def _is_strategy(strategy: Any, *names: str) -> bool:
-    # By class name, so that both pytorch_lightning's and lightning.pytorch's strategies are recognised.
-    return any(cls.__name__ in names for cls in type(strategy).__mro__)

@@ -50,36 +50,25 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
-from lightning_compress._validation import percent_hint
-from lightning_compress.callbacks.base import CompressionCallback, is_forward_redirection
+from lightning_compress._lightning_internals import is_forward_redirection
+from lightning_compress._validation import check_choice, check_range
+from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.functional import distillation as F
-from lightning_compress.schedules import Schedule, ScheduleName, resolve_schedule, resolve_window
+from lightning_compress.schedules import Schedule, ScheduleName, StepWindow, resolve_schedule
 
-_STATE_VERSION = 1
 _MISSING = object()
 
 
-def _check_number(argument: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{argument} must be a number, got {value!r}.")
-    return float(value)
-
-
-def _check_alpha(argument: str, value: Any) -> float:
-    value = _check_number(argument, value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{argument} must be in [0, 1], got {value!r}.{percent_hint(value)}")
-    return value
-
-
 def _check_temperature(argument: str, value: Any) -> float:
-    value = _check_number(argument, value)
-    if not value > 0 or math.isinf(value):
-        raise ValueError(
-            f"{argument} must be a finite number > 0, got {value!r}. HINT: 1 is a plain softmax; "
-            "Hinton et al. used 2-20."
-        )
-    return value
+    return check_range(
+        argument,
+        value,
+        0.0,
+        math.inf,
+        low_open=True,
+        high_open=True,
+        hint=" HINT: 1 is a plain softmax; Hinton et al. used 2-20.",
+    )
 
 
 class _Capture:
@@ -191,7 +180,7 @@ class KnowledgeDistillation(CompressionCallback):
         >>> KnowledgeDistillation(teacher="self", alpha=70)
         Traceback (most recent call last):
         ...
-        ValueError: alpha must be in [0, 1], got 70.0. HINT: a fraction, not a percentage (0.7, not 70).
+        ValueError: alpha must be a number in [0, 1], got 70. HINT: a fraction, not a percentage (0.7, not 70).
     """
 
     report_title = "distillation"
@@ -230,33 +219,27 @@ class KnowledgeDistillation(CompressionCallback):
         elif not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, 'self' or a checkpoint path, got {type(teacher).__name__}.")
         self.teacher_spec = teacher
-        self.alpha = _check_alpha("alpha", alpha)
-        self.initial_alpha = self.alpha if initial_alpha is None else _check_alpha("initial_alpha", initial_alpha)
+        self.alpha = check_range("alpha", alpha, 0.0, 1.0)
+        self.initial_alpha = (
+            self.alpha if initial_alpha is None else check_range("initial_alpha", initial_alpha, 0.0, 1.0)
+        )
         self.temperature = _check_temperature("temperature", temperature)
         self.initial_temperature = (
             self.temperature
             if initial_temperature is None
             else _check_temperature("initial_temperature", initial_temperature)
         )
-        if loss not in ("kl", "mse"):
-            raise ValueError(f"loss must be one of ['kl', 'mse'], got {loss!r}.")
-        self.loss = loss
+        self.loss = check_choice("loss", loss, ("kl", "mse"))
         self.alpha_schedule = resolve_schedule(alpha_schedule, "alpha_schedule")
         self.temperature_schedule = resolve_schedule(temperature_schedule, "temperature_schedule")
-        for argument, value in (("start_step", start_step), ("end_step", end_step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{argument} must be an integer >= 0, got {value!r}.")
-        self.start_step, self.end_step = start_step, end_step
-        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.window = StepWindow(start_step, end_step, start_epoch, end_epoch)
         features = dict(features or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in features.items()):
             raise ValueError(
                 f"features must map student layer names to teacher layer names (strings), got {features!r}."
             )
         self.features = features
-        self.feature_weight = _check_number("feature_weight", feature_weight)
-        if self.feature_weight < 0:
-            raise ValueError(f"feature_weight must be >= 0, got {feature_weight!r}.")
+        self.feature_weight = check_range("feature_weight", feature_weight, 0.0, math.inf)
         if self.alpha == 0 and self.initial_alpha == 0 and not (self.features and self.feature_weight > 0):
             raise ValueError(
                 "alpha=0 and no feature hints: nothing would be distilled. HINT: alpha in (0, 1], or "
@@ -268,8 +251,8 @@ class KnowledgeDistillation(CompressionCallback):
         if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, str | int)):
             raise ValueError(f"output_key must be a string, an integer or None, got {output_key!r}.")
         self.output_key = output_key
-        if adapter_lr is not None and not _check_number("adapter_lr", adapter_lr) > 0:
-            raise ValueError(f"adapter_lr must be > 0, got {adapter_lr!r}.")
+        if adapter_lr is not None:
+            check_range("adapter_lr", adapter_lr, 0.0, math.inf, low_open=True)
         self.adapter_lr = adapter_lr
         self.log_agreement = log_agreement
         self.seed = seed
@@ -378,7 +361,6 @@ class KnowledgeDistillation(CompressionCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "version": _STATE_VERSION,
             "adapter_shapes": dict(self._adapter_shapes),
             "adapters": {k: v.detach().cpu() for k, v in self.adapters.state_dict().items()},
         }
@@ -390,13 +372,7 @@ class KnowledgeDistillation(CompressionCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
-        self._window = resolve_window(
-            trainer,
-            start_step=self.start_step,
-            end_step=self.end_step,
-            start_epoch=self.start_epoch,
-            end_epoch=self.end_epoch,
-        )
+        self._window = self.window.resolve(trainer)
         state, self._pending_state = self._pending_state, None
         if self.teacher_spec == "self":
             # After DDP's initial broadcast, so every process copies the same weights.
@@ -472,11 +448,6 @@ class KnowledgeDistillation(CompressionCallback):
         # the optimizer state that the callback state (adapter shapes) will rebuild on resume. A new fit
         # gets new optimizers from configure_optimizers anyway.
         super().teardown(trainer, pl_module, stage)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning does not call `teardown` after an exception: give the user's module back here.
-        self.teardown(trainer, pl_module, "fit")
 
     # ---------------------------------------------------------------- the training step
     def _distilled_step(self, pl_module: pl.LightningModule, original: Any, *args: Any, **kwargs: Any) -> Any:

@@ -31,11 +31,12 @@ import torch.distributed as dist
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from lightning_compress._validation import check_step, percent_hint
+from lightning_compress._lightning_internals import is_spawn
+from lightning_compress._validation import check_choice, check_int, check_range, check_step
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.functional import pruning as F
 from lightning_compress.functional.stats import count_nonzero
-from lightning_compress.schedules import Schedule, ScheduleName, resolve_schedule, resolve_window
+from lightning_compress.schedules import Schedule, ScheduleName, StepWindow, resolve_schedule
 from lightning_compress.targets import (
     DEFAULT_PRUNABLE_TYPES,
     ParameterTarget,
@@ -43,16 +44,6 @@ from lightning_compress.targets import (
     select_parameters,
     validate_patterns,
 )
-
-_STATE_VERSION = 1
-
-
-def _check_sparsity(argument: str, value: Any, upper: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{argument} must be a number in [0, {upper:g}), got {value!r}.")
-    if not 0 <= value < upper:
-        raise ValueError(f"{argument} must be in [0, {upper:g}), got {value!r}.{percent_hint(value)}")
-    return float(value)
 
 
 class GradualPruning(CompressionCallback):
@@ -105,8 +96,8 @@ class GradualPruning(CompressionCallback):
         >>> GradualPruning(target_sparsity=90)
         Traceback (most recent call last):
         ...
-        ValueError: target_sparsity must be in [0, 1), got 90. HINT: a fraction, not a percentage (0.9, not 90).
-    """
+        ValueError: target_sparsity must be a number in [0, 1), got 90. HINT: a fraction, not a percentage (0.9, not 90).
+    """  # noqa: E501
 
     report_title = "pruning"
 
@@ -139,35 +130,24 @@ class GradualPruning(CompressionCallback):
         if target_sparsity is None:
             target_sparsity = limit if self.structure.kind == "n:m" else 0.9
         upper = limit + 1e-12 if self.structure.kind == "n:m" else 1.0
-        self.target_sparsity = _check_sparsity("target_sparsity", target_sparsity, upper)
+        self.target_sparsity = check_range("target_sparsity", target_sparsity, 0.0, upper, high_open=True)
         self.schedule = resolve_schedule(schedule)
-        check_step("start_step", start_step)
-        check_step("end_step", end_step, optional=True)
+        self.window = StepWindow(start_step, end_step, start_epoch, end_epoch)
         check_step("rewind_to_step", rewind_to_step, optional=True)
-        for argument, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
-            if value is not None and (not isinstance(value, int | float) or value < 0):
-                raise ValueError(f"{argument} must be a non-negative number of epochs, got {value!r}.")
-        if end_step is not None and end_step <= start_step:
-            raise ValueError(f"end_step must be > start_step, got start_step={start_step} and end_step={end_step}.")
-        if start_epoch is not None and end_epoch is not None and end_epoch <= start_epoch:
-            raise ValueError(f"end_epoch must be > start_epoch, got {start_epoch} and {end_epoch}.")
-        if not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
-            raise ValueError(f"update_every_n_steps must be an integer >= 1, got {update_every_n_steps!r}.")
-        if criterion not in F.CRITERIA:
-            raise ValueError(f"criterion must be one of {list(F.CRITERIA)}, got {criterion!r}.")
-        if scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}.")
-        if not isinstance(norm, int | float) or norm <= 0:
-            raise ValueError(f"norm must be a positive number (the n of the Ln norm), got {norm!r}.")
-        self.overrides = {str(p): _check_sparsity(f"overrides[{p!r}]", s, upper) for p, s in (overrides or {}).items()}
+        check_int("update_every_n_steps", update_every_n_steps, minimum=1)
+        check_choice("criterion", criterion, F.CRITERIA)
+        check_choice("scope", scope, ("global", "layer"))
+        check_range("norm", norm, 0.0, math.inf, low_open=True, hint=" HINT: the n of the Ln norm.")
+        self.overrides = {
+            str(p): check_range(f"overrides[{p!r}]", s, 0.0, upper, high_open=True)
+            for p, s in (overrides or {}).items()
+        }
         validate_patterns("overrides", list(self.overrides))
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
         self.types = validate_patterns("types", types)
         if rewind_to_step is not None and end_step is not None and rewind_to_step >= end_step:
             raise ValueError(f"rewind_to_step must be < end_step, got {rewind_to_step} >= {end_step}.")
-        self.start_step, self.end_step = start_step, end_step
-        self.start_epoch, self.end_epoch = start_epoch, end_epoch
         self.update_every_n_steps = update_every_n_steps
         self.criterion = criterion
         self.scope = scope
@@ -195,7 +175,7 @@ class GradualPruning(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not self.make_permanent and getattr(trainer.strategy, "_start_method", None) == "spawn":
+        if not self.make_permanent and is_spawn(trainer.strategy):
             raise ValueError(
                 "make_permanent=False cannot be used with a spawn strategy (ddp_spawn): the parent process "
                 "reloads weights with strict=False and would silently drop the masked reparametrisation. "
@@ -223,7 +203,6 @@ class GradualPruning(CompressionCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
             "last_update_step": self._last_update_step,
             "masks": {k: v.cpu() for k, v in self._masks.items()},
             "taylor": {k: v.cpu() for k, v in self._taylor.items()},
@@ -232,13 +211,7 @@ class GradualPruning(CompressionCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window = resolve_window(
-            trainer,
-            start_step=self.start_step,
-            end_step=self.end_step,
-            start_epoch=self.start_epoch,
-            end_epoch=self.end_epoch,
-        )
+        self._window = self.window.resolve(trainer)
         if self.rewind_to_step is not None and self.rewind_to_step >= self._window[1]:
             raise ValueError(f"rewind_to_step must be < end_step, got {self.rewind_to_step} >= {self._window[1]}.")
         if self._pending_state is not None:

@@ -23,20 +23,15 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_compress._validation import check_step
+from lightning_compress._validation import check_choice, check_range, check_step
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.functional import quantization as Q
 from lightning_compress.report import CapturedCall
 from lightning_compress.targets import matches, select_modules, validate_patterns
 
-_STATE_VERSION = 1
-
 
 def _check_bits(argument: str, value: Any, accepted: Sequence[int]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in accepted:
-        hint = " HINT: bits per value, not bytes." if value == 1 else ""
-        raise ValueError(f"{argument} must be one of {list(accepted)}, got {value!r}.{hint}")
-    return value
+    return check_choice(argument, value, accepted, hint=" HINT: bits per value, not bytes." if value == 1 else "")
 
 
 class QuantizationAwareTraining(CompressionCallback):
@@ -121,9 +116,7 @@ class QuantizationAwareTraining(CompressionCallback):
                     f"start_step={self.start_step}. HINT: observers need at least one quantized step to see "
                     "ranges; use None to never freeze."
                 )
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
-        self.ema_decay = float(ema_decay)
+        self.ema_decay = check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.fold_bn = bool(fold_bn)
         self.overrides = {
             str(p): _check_bits(f"overrides[{p!r}]", b, Q.SUPPORTED_WEIGHT_BITS) for p, b in (overrides or {}).items()
@@ -186,7 +179,7 @@ class QuantizationAwareTraining(CompressionCallback):
         # Observed ranges and scales are buffers of the swapped layers: they travel in the model's own
         # state_dict. The phase follows from trainer.global_step. This records the configuration, so a
         # resume with different bits fails loudly instead of mixing scales.
-        return {"version": _STATE_VERSION, "layer_bits": {n: m.weight_bits for n, m in self._layers.items()}}
+        return {"layer_bits": {n: m.weight_bits for n, m in self._layers.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

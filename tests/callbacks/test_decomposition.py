@@ -13,10 +13,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_compress import TensorDecomposition, load_decomposed
 from lightning_compress.functional import decomposition as F
-from tests.helpers import TinyMLP, trainer
+from tests.helpers import TinyMLP, random_classification, trainer
 from tests.scripts.ddp_decomposition import TinyCNN
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ddp_decomposition.py")
@@ -48,9 +49,9 @@ BAD_INIT = [
     (dict(rank=25.0), "HINT: write 25"),
     (dict(rank=True), "rank must be"),
     (dict(rank="auto"), "rank must be"),
-    (dict(energy=0.0), r"energy must be a fraction in \(0, 1\]"),
+    (dict(energy=0.0), r"energy must be a number in \(0, 1\]"),
     (dict(energy=95), "HINT: a fraction"),
-    (dict(budget=1.0), "budget must be a fraction"),
+    (dict(budget=1.0), "budget must be a number in"),
     (dict(budget=0.5, budget_metric="bytes"), "budget_metric"),
     (dict(method="tt"), "method must be one of"),
     (dict(rank=0.5, energy=0.9), "at most one of rank, energy, budget"),
@@ -291,3 +292,20 @@ def test_yaml_config_builds_the_callback() -> None:
     cli = main(["--config", config, "--trainer.logger=false"], run=False)
     (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, TensorDecomposition)]
     assert (callback.rank, callback.apply_at_epoch, callback.exclude) == (0.25, 5, ["classifier"])
+
+
+def test_failure_in_setup_leaves_no_hook_on_the_model(tmp_path: Any) -> None:
+    """A decomposition refused in `setup` must not leave its load_state_dict pre-hook on the user's module."""
+    model = TinyMLP()
+    decomposition = TensorDecomposition(rank=10_000, **QUIET)  # larger than any layer allows: refused in setup
+    trainer = pl.Trainer(
+        max_steps=1,
+        callbacks=[decomposition],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match="rank=10000 is larger than"):
+        trainer.fit(model, DataLoader(random_classification(), batch_size=16))
+    assert len(model._load_state_dict_pre_hooks) == 0

@@ -54,7 +54,7 @@ class Recorder(pl.Callback):
             "freeze_observers_step must be > start_step",
         ),
         (dict(freeze_bn_step=0), ValueError, "freeze_bn_step must be > start_step"),
-        (dict(ema_decay=1.0), ValueError, r"ema_decay must be in \[0, 1\)"),
+        (dict(ema_decay=1.0), ValueError, r"ema_decay must be a number in \[0, 1\)"),
         (dict(types=["Conv3d"]), ValueError, "HINT: other layers"),
         (dict(include="net.0"), TypeError, "HINT: write"),
         (dict(overrides={"net.0": 12}), ValueError, r"overrides\['net.0'\]"),
