@@ -119,6 +119,10 @@ def select_modules(
     selected = [(n, m) for n, m in candidates if (not include or matches(n, include)) and not matches(n, exclude)]
     if not selected:
         raise ValueError(_nothing_selected_message(model, include, exclude, types))
+    chosen = {n for n, _ in selected}
+    _refuse_partial_ties(
+        model, [f"{n}.{p}" if n else p for n, m in selected for p, _ in m.named_parameters(recurse=False)], chosen
+    )
     return selected
 
 
@@ -159,7 +163,45 @@ def select_parameters(
     ]
     if not selected:
         raise ValueError(_nothing_selected_message(model, include, exclude, types))
-    return selected
+    _refuse_partial_ties(model, [t.name for t in selected], {t.module_name for t in selected})
+    # A tensor tied between two selected modules is one parameter: compress (and count) it once.
+    seen: set[int] = set()
+    unique = []
+    for t in selected:
+        if id(t.parameter) not in seen:
+            seen.add(id(t.parameter))
+            unique.append(t)
+    return unique
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """For every parameter reachable under several names (a tied weight), its other names.
+
+    Example::
+
+        >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight  # tied, as language models tie the output layer to the embedding
+        >>> tied_parameters(nn.ModuleDict({"emb": emb, "head": head}))
+        {'emb.weight': ['head.weight'], 'head.weight': ['emb.weight']}
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    return {n: [o for o in names if o != n] for names in names_of.values() if len(names) > 1 for n in names}
+
+
+def _refuse_partial_ties(model: nn.Module, selected: list[str], modules: set[str]) -> None:
+    """A selected tensor also owned by an unselected module would be compressed (or untied) behind its back."""
+    ties = tied_parameters(model)
+    for name in selected:
+        outside = [o for o in ties.get(name, []) if o.rpartition(".")[0] not in modules]
+        if outside:
+            module = name.rpartition(".")[0] or name
+            raise ValueError(
+                f"{name} is tied to {', '.join(outside)} (one tensor, two modules): compressing {module!r} alone "
+                "would change the other module too, or untie them. HINT: exclude "
+                f"{module!r}, or select the other module as well so the tied pair is compressed as one."
+            )
 
 
 def _check_patterns_match(

@@ -99,9 +99,10 @@ class LayerStats:
         }
 
 
-def layer_stats(module: nn.Module, name: str = "", bits: float = 32.0) -> LayerStats:
-    """Statistics of the parameters ``module`` owns directly."""
-    params = list(module.parameters(recurse=False))
+def layer_stats(module: nn.Module, name: str = "", bits: float = 32.0, skip: Iterable[torch.Tensor] = ()) -> LayerStats:
+    """Statistics of the parameters ``module`` owns directly, except those in ``skip`` (counted elsewhere)."""
+    skipped = {id(p) for p in skip}
+    params = [p for p in module.parameters(recurse=False) if id(p) not in skipped]
     return LayerStats(
         name=name,
         type=type(module).__name__,
@@ -112,13 +113,20 @@ def layer_stats(module: nn.Module, name: str = "", bits: float = 32.0) -> LayerS
 
 
 def model_stats(model: nn.Module, bits: Mapping[str, float] | None = None) -> list[LayerStats]:
-    """Per-module statistics for every module owning parameters; ``bits`` maps module name to bit width."""
+    """Per-module statistics for every module owning parameters; ``bits`` maps module name to bit width.
+
+    A tied parameter (one tensor owned by two modules) is counted once, with the first module that owns it.
+    """
     bits = bits or {}
-    return [
-        layer_stats(m, name, bits.get(name, 32.0))
-        for name, m in model.named_modules()
-        if any(True for _ in m.parameters(recurse=False))
-    ]
+    seen: list[torch.Tensor] = []
+    rows = []
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        rows.append(layer_stats(m, name, bits.get(name, 32.0), skip=seen))
+        seen.extend(own)
+    return rows
 
 
 def serialized_bytes(obj: Any) -> int:
