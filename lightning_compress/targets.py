@@ -31,7 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DEFAULT_PRUNABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
+# "Conv1D" is Hugging Face's transposed Linear (GPT-2's attention and MLP layers), not torch's Conv1d.
+DEFAULT_PRUNABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "Conv1D")
+
+# Layer types whose weight holds the output channels in dim 1, not dim 0: Hugging Face's Conv1D stores a
+# Linear's weight as [in, out]; transposed convolutions store [in, out / groups, *kernel].
+_OUTPUT_IN_DIM_1: frozenset[str] = frozenset({"Conv1D", "_ConvTransposeNd"})
 
 # Which parameters of a module hold its weights. MultiheadAttention keeps its input projection as raw
 # parameters that its forward reads directly (not through a Linear), so they are named here;
@@ -58,6 +63,18 @@ class ParameterTarget:
     def parameter(self) -> torch.Tensor:
         """The parameter tensor itself (looked up live, so module swaps are seen)."""
         return getattr(self.module, self.param_name)
+
+    @property
+    def output_axis(self) -> int:
+        """The dimension of the weight that indexes output channels (1 for HF ``Conv1D``, else 0)."""
+        return 1 if self.param_name == "weight" and type_names(self.module) & _OUTPUT_IN_DIM_1 else 0
+
+    def out_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (shaped like the parameter) viewed with the output channels in dim 0, as masks expect.
+
+        Its own inverse: ``t.out_first(t.out_first(x))`` is ``x``.
+        """
+        return tensor.transpose(0, 1) if self.output_axis else tensor
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

@@ -28,6 +28,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.nn.utils import prune
 from typing_extensions import override
 
@@ -184,7 +185,7 @@ class GradualPruning(CompressionCallback):
         self._undo_torch_reparametrisation(pl_module)
         self._targets = select_parameters(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         for t in self._targets:
-            F.check_fits(self.structure, t.name, t.parameter.shape)
+            F.check_fits(self.structure, t.name, t.out_first(t.parameter).shape)
         names = [t.name for t in self._targets]
         for pattern in self.overrides:
             if not any(matches(t.name, [pattern]) or matches(t.module_name, [pattern]) for t in self._targets):
@@ -291,10 +292,14 @@ class GradualPruning(CompressionCallback):
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        # Scores and masks go to the functional layer with output channels first (HF Conv1D is [in, out]).
         scores = {
-            t.name: F.element_scores(t.parameter, self.criterion, taylor=self._taylor.get(t.name), generator=generator)
+            t.name: t.out_first(
+                F.element_scores(t.parameter, self.criterion, taylor=self._taylor.get(t.name), generator=generator)
+            )
             for t in self._targets
         }
+        current = {t.name: t.out_first(self._masks[t.name]) for t in self._targets if t.name in self._masks}
         targets = self.target_at(step)
         overridden = {
             t.name
@@ -304,12 +309,11 @@ class GradualPruning(CompressionCallback):
         if self.scope == "global":
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
-            masks = F.global_masks(shared, self._masks, level, self.structure, self.norm) if shared else {}
-            masks.update(
-                F.layer_masks({k: scores[k] for k in overridden}, self._masks, targets, self.structure, self.norm)
-            )
+            masks = F.global_masks(shared, current, level, self.structure, self.norm) if shared else {}
+            masks.update(F.layer_masks({k: scores[k] for k in overridden}, current, targets, self.structure, self.norm))
         else:
-            masks = F.layer_masks(scores, self._masks, targets, self.structure, self.norm)
+            masks = F.layer_masks(scores, current, targets, self.structure, self.norm)
+        masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
         self._masks = _broadcast_masks(trainer, masks)
         self._taylor = {}
         self._last_update_step = step
@@ -317,6 +321,14 @@ class GradualPruning(CompressionCallback):
         if step >= self._window[1] and self._rewind:
             self._rewind_weights(trainer)
         self._refresh_metrics(step)
+        shortfall = self._metrics["target_sparsity"] - self._metrics["sparsity"]
+        if step >= self._window[1] and shortfall > 0.01:
+            rank_zero_warn(
+                f"GradualPruning: reached sparsity {self._metrics['sparsity']:.3f} of the target "
+                f"{self._metrics['target_sparsity']:.3f}: every pruned tensor keeps at least one "
+                f"{'weight' if self.structure.kind == 'unstructured' else 'group'} (a layer is never emptied), "
+                "and too few are left to go further. HINT: prune more layers or lower target_sparsity."
+            )
 
     def _apply_masks(self, trainer: pl.Trainer, zero_optimizer_state: bool = False) -> None:
         """Zero the pruned weights (at an update, also their optimizer state); refresh the per-step lists."""

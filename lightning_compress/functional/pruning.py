@@ -228,6 +228,30 @@ def _already_pruned(values: torch.Tensor) -> int:
     return int(torch.isneginf(values).sum())
 
 
+def _protect_best(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with its best group at ``+inf``: a global ranking may thin a layer, never empty it."""
+    if values.numel() == 0 or torch.isneginf(values).all():
+        return values
+    best = int(values.argmax())
+    out = values.clone()
+    out[best] = math.inf
+    return out
+
+
+def _per_layer_normalised(values: torch.Tensor) -> torch.Tensor:
+    """Group scores divided by the mean of the layer's live groups, so one global ranking compares layers fairly.
+
+    Raw channel norms differ by orders of magnitude between layers (a depthwise 3x3 filter vs a 512-wide
+    projection, a classifier initialised small); ranked raw, whole layers go first. Divided by their
+    layer's mean they compare a channel with its neighbours, as Torch-Pruning's global ranking does.
+    """
+    live = values[torch.isfinite(values)]
+    if live.numel() == 0:
+        return values
+    scale = live.mean()
+    return values / scale if scale > 0 else values
+
+
 def layer_masks(
     scores: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
@@ -248,7 +272,8 @@ def layer_masks(
             out[name] = _nm_mask(groups, _lowest(cost, k), structure, score.shape)
         else:
             values = _group_scores(score, old, structure, norm)
-            k = max(round(sparsity[name] * values.numel()), _already_pruned(values))
+            # Never the whole tensor: at least one group stays (a layer is thinned, never removed).
+            k = max(min(round(sparsity[name] * values.numel()), values.numel() - 1), _already_pruned(values))
             keep = ~_lowest(values, k)
             out[name] = from_groups(
                 keep[:, None].expand(-1, to_groups(score, structure).shape[1]), structure, score.shape
@@ -263,7 +288,12 @@ def global_masks(
     structure: Structure,
     norm: float = 2.0,
 ) -> dict[str, torch.Tensor]:
-    """New masks reaching ``sparsity`` over all tensors together: the lowest-scored groups anywhere go first."""
+    """New masks reaching ``sparsity`` over all tensors together: the lowest-scored groups anywhere go first.
+
+    Channel and block scores are first divided by their layer's mean (see :func:`_per_layer_normalised`),
+    and every tensor keeps its best group, so a layer is never emptied; when that leaves too few groups
+    to reach ``sparsity``, the masks reach as close as they can (the caller measures and says so).
+    """
     names = list(scores)
     if structure.kind == "n:m":
         per = [_nm_costs(scores[n], masks.get(n), structure) for n in names]
@@ -273,10 +303,14 @@ def global_masks(
         return {n: _nm_mask(g, c, structure, scores[n].shape) for n, (_, g), c in zip(names, per, chosen, strict=True)}
 
     values = [_group_scores(scores[n], masks.get(n), structure, norm) for n in names]
+    if structure.kind != "unstructured":
+        values = [_per_layer_normalised(v) for v in values]
+    values = [_protect_best(v) for v in values]
     sizes = [to_groups(scores[n], structure).shape[1] for n in names]
     flat = torch.cat(values)
+    selectable = int((flat != math.inf).sum())
     if len(set(sizes)) == 1:  # equal groups (always so for unstructured): a count, no sort needed
-        keep = ~_lowest(flat, max(round(sparsity * flat.numel()), _already_pruned(flat)))
+        keep = ~_lowest(flat, max(min(round(sparsity * flat.numel()), selectable), _already_pruned(flat)))
         parts = keep.split([v.numel() for v in values])
         if structure.kind == "unstructured":
             return {name: part.reshape(scores[name].shape) for name, part in zip(names, parts, strict=True)}
@@ -293,7 +327,7 @@ def global_masks(
     pruned_before = float(cumulative[k - 1]) if k > 0 else 0.0
     if k < len(order) and abs(float(cumulative[k]) - target) < abs(pruned_before - target):
         k += 1
-    k = max(k, _already_pruned(flat))
+    k = max(min(k, selectable), _already_pruned(flat))
     keep = torch.ones_like(flat, dtype=torch.bool)
     keep[order[:k]] = False
     out = {}

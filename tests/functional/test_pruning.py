@@ -87,7 +87,33 @@ def test_global_scope_ranks_across_layers() -> None:
     small = torch.full((4, 4), 0.01) + torch.rand(4, 4) * 0.001
     large = torch.ones(4, 4) + torch.rand(4, 4)
     masks = F.global_masks({"a": small, "b": large}, {}, 0.5, F.parse_structure("unstructured"))
-    assert not masks["a"].any() and masks["b"].all()
+    # 16 of 32 go: the 15 lowest of `a` (its best weight always stays) and the lowest of `b`.
+    expected_a = torch.zeros(16, dtype=torch.bool)
+    expected_a[small.flatten().argmax()] = True
+    expected_b = torch.ones(16, dtype=torch.bool)
+    expected_b[large.flatten().argmin()] = False
+    assert torch.equal(masks["a"].flatten(), expected_a)
+    assert torch.equal(masks["b"].flatten(), expected_b)
+
+
+def test_global_channels_never_empty_a_layer_and_compare_layers_by_relative_norm() -> None:
+    # Layer `a` has tiny filters (norms 0.01..0.04), `b` large ones (norms 1..4): ranked raw, all of `a` would go.
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None].expand(4, 3) * 0.01
+    b = torch.tensor([4.0, 3.0, 2.0, 1.0])[:, None].expand(4, 3) * 1.0
+    masks = F.global_masks({"a": a, "b": b}, {}, 0.5, F.parse_structure("channels"))
+    # Relative to its layer's mean both layers look alike: each loses its two weakest filters.
+    assert masks["a"][:, 0].tolist() == [False, False, True, True]
+    assert masks["b"][:, 0].tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channels", "block:1x3"])
+def test_no_sparsity_empties_a_tensor(structure: str) -> None:
+    scores = {"one": torch.rand(1, 3), "many": torch.rand(6, 3)}
+    for masks in (
+        F.layer_masks(scores, {}, {"one": 0.99, "many": 0.99}, F.parse_structure(structure)),
+        F.global_masks(scores, {}, 0.99, F.parse_structure(structure)),
+    ):
+        assert all(m.any() for m in masks.values())
 
 
 def test_check_fits_names_layer_and_hint() -> None:
