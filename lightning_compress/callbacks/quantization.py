@@ -1,8 +1,8 @@
 """QuantizationAwareTraining: train with fake-quantized weights and activations, ship int8.
 
 *When* (start, observer and BatchNorm freezing) and *where* (which layers, at which bits) live here;
-*how* (fake-quantization, module swaps, int8 conversion, ONNX export) lives in
-:mod:`lightning_compress.functional.quantization`.
+*how* lives in :mod:`lightning_compress.functional.qat` (module swaps, observers),
+:mod:`~lightning_compress.functional.int8` (conversion) and :mod:`lightning_compress.export.onnx`.
 
 The layers are swapped in ``setup`` (before Lightning restores a checkpoint), so
 ``fit(ckpt_path=...)`` loads the observed ranges and scales into the already-swapped model with strict
@@ -25,8 +25,11 @@ from typing_extensions import override
 
 from lightning_compress._validation import check_choice, check_range, check_step
 from lightning_compress.callbacks.base import CompressionCallback, example_input
-from lightning_compress.functional import quantization as Q
-from lightning_compress.report import CapturedCall
+from lightning_compress.export.onnx import export_onnx
+from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
+from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
+from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_
+from lightning_compress.inputs import to_device
 from lightning_compress.targets import matches, select_modules, validate_patterns
 
 
@@ -99,9 +102,9 @@ class QuantizationAwareTraining(CompressionCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        self.weight_bits = _check_bits("weight_bits", weight_bits, Q.SUPPORTED_WEIGHT_BITS)
+        self.weight_bits = _check_bits("weight_bits", weight_bits, SUPPORTED_WEIGHT_BITS)
         if activation_bits is not None:
-            _check_bits("activation_bits", activation_bits, Q.SUPPORTED_ACTIVATION_BITS)
+            _check_bits("activation_bits", activation_bits, SUPPORTED_ACTIVATION_BITS)
         self.activation_bits = activation_bits
         self.start_step = check_step("start_step", start_step, optional=True) or 0
         self.freeze_observers_step = check_step("freeze_observers_step", freeze_observers_step, optional=True)
@@ -119,16 +122,16 @@ class QuantizationAwareTraining(CompressionCallback):
         self.ema_decay = check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.fold_bn = bool(fold_bn)
         self.overrides = {
-            str(p): _check_bits(f"overrides[{p!r}]", b, Q.SUPPORTED_WEIGHT_BITS) for p, b in (overrides or {}).items()
+            str(p): _check_bits(f"overrides[{p!r}]", b, SUPPORTED_WEIGHT_BITS) for p, b in (overrides or {}).items()
         }
         validate_patterns("overrides", list(self.overrides))
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
-        self.types = validate_patterns("types", types) or list(Q.QUANTIZABLE_TYPES)
-        unsupported = [t for t in self.types if t not in Q.QUANTIZABLE_TYPES]
+        self.types = validate_patterns("types", types) or list(QUANTIZABLE_TYPES)
+        unsupported = [t for t in self.types if t not in QUANTIZABLE_TYPES]
         if unsupported:
             raise ValueError(
-                f"types must be among {list(Q.QUANTIZABLE_TYPES)}, got {unsupported}. "
+                f"types must be among {list(QUANTIZABLE_TYPES)}, got {unsupported}. "
                 "HINT: other layers (Conv3d, Embedding, attention's in_proj_weight) stay in fp32."
             )
         self.export_dir = export_dir
@@ -148,7 +151,7 @@ class QuantizationAwareTraining(CompressionCallback):
         unsupported = [
             f"{n} ({type(m).__name__})"
             for n, m in selected
-            if type(m) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) and not Q.is_qat(m)
+            if type(m) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) and not is_qat(m)
         ]
         if unsupported:
             raise ValueError(
@@ -160,7 +163,7 @@ class QuantizationAwareTraining(CompressionCallback):
             if not any(matches(n, [pattern]) for n in names):
                 raise ValueError(f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}.")
         bits = {n: next((b for p, b in self.overrides.items() if matches(n, [p])), self.weight_bits) for n in names}
-        Q.prepare_(
+        prepare_(
             pl_module,
             weight_bits=bits,
             activation_bits=self.activation_bits,
@@ -235,7 +238,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     def _refresh_metrics(self, pl_module: pl.LightningModule) -> None:
         # Parameter counts and bits do not change during a fit: computed once in setup.
-        dense, effective, mean_bits = Q.quantized_size_bytes(pl_module)
+        dense, effective, mean_bits = quantized_size_bytes(pl_module)
         self._metrics = {"weight_bits": mean_bits, "size_bytes": float(effective), "ratio": dense / effective}
 
     # ---------------------------------------------------------------- results
@@ -273,7 +276,7 @@ class QuantizationAwareTraining(CompressionCallback):
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.export_dir is not None
         os.makedirs(self.export_dir, exist_ok=True)
-        int8 = Q.convert_to_int8(pl_module)
+        int8 = convert_to_int8(pl_module)
         path = os.path.join(self.export_dir, "model_int8.pt")
         torch.save(int8, path)
         self.exported["torch"] = path
@@ -292,17 +295,10 @@ class QuantizationAwareTraining(CompressionCallback):
                 "(pip install 'lightning-compress[onnx]')."
             )
             return
-        if isinstance(sample, CapturedCall):
-            sample = sample.kwargs if not sample.args else sample.args
-        self.exported["onnx"] = Q.export_onnx(
-            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), _to_cpu(sample)
+        # The whole call, positional and keyword inputs alike (forward(x, *, gate) keeps its gate).
+        self.exported["onnx"] = export_onnx(
+            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), to_device(sample, "cpu")
         )
-
-
-def _to_cpu(sample: Any) -> Any:
-    from lightning_utilities.core.apply_func import apply_to_collection
-
-    return apply_to_collection(sample, torch.Tensor, lambda t: t.cpu())
 
 
 def _sync_observers(layers: dict[str, Any]) -> None:
