@@ -20,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_compress._validation import check_choice, check_range, check_step
@@ -28,7 +28,7 @@ from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
 from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
-from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_
+from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_, qat_class, shared_weights
 from lightning_compress.inputs import to_device
 from lightning_compress.targets import matches, select_modules, validate_patterns
 
@@ -40,10 +40,13 @@ def _check_bits(argument: str, value: Any, accepted: Sequence[int]) -> int:
 class QuantizationAwareTraining(CompressionCallback):
     """Quantization-aware training: the model learns to live at low precision, then ships as int8.
 
-    From ``start_step`` every selected Linear / Conv1d / Conv2d layer fake-quantizes its weight
-    (symmetric, per output channel, zero point 0) and its input (affine per tensor, range from an EMA of
-    the observed min/max), with straight-through gradients. Other layer types (Conv3d, embeddings,
-    attention's raw ``in_proj_weight``, normalisation) are left in fp32.
+    From ``start_step`` every selected Linear / Conv1d / Conv2d / Hugging Face ``Conv1D`` layer
+    fake-quantizes its weight (symmetric, per output channel, zero point 0) and its input (affine per
+    tensor, range from an EMA of the observed min/max), with straight-through gradients. Other layer types
+    (Conv3d, embeddings, attention's raw ``in_proj_weight``, normalisation) are left in fp32 and listed
+    under ``fp32_layers`` in the report. ``nn.MultiheadAttention``'s ``out_proj`` is left in fp32 with a
+    warning (the attention reads its weight directly, bypassing any swapped layer). A layer whose weight
+    is tied to another parameter (GPT-2's ``lm_head``) is refused in ``setup``: exclude it.
 
     After ``fit``, :func:`~lightning_compress.convert_to_int8` gives a model with int8 weights and
     :func:`~lightning_compress.export_onnx` an int8 ONNX file (or set ``export_dir``).
@@ -60,7 +63,7 @@ class QuantizationAwareTraining(CompressionCallback):
         overrides: ``{pattern: weight_bits}`` for layers that need other bits (e.g. ``{"classifier": 8}``).
         include: module name patterns (glob or ``re:``) to quantize; all supported layers by default.
         exclude: module name patterns to keep in fp32.
-        types: layer class names to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``.
+        types: layer class names to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv1D``.
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
             ``model_int8.onnx`` there.
@@ -137,6 +140,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self.export_dir = export_dir
 
         self._layers: dict[str, Any] = {}
+        self._fp32_layers: dict[str, str] = {}
         self._phase: tuple[bool, bool, bool] | None = None
         self._metrics: dict[str, float] = {}
         self.exported: dict[str, str] = {}
@@ -147,18 +151,7 @@ class QuantizationAwareTraining(CompressionCallback):
         if stage != "fit":
             return
         selected = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
-        # Only exact supported classes: a user subclass may have its own forward, which the swap would skip.
-        unsupported = [
-            f"{n} ({type(m).__name__})"
-            for n, m in selected
-            if type(m) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) and not is_qat(m)
-        ]
-        if unsupported:
-            raise ValueError(
-                f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d and nn.Conv2d are swapped. "
-                "HINT: exclude these modules."
-            )
-        names = [n for n, _ in selected]
+        names = self._quantizable(pl_module, selected)
         for pattern in self.overrides:
             if not any(matches(n, [pattern]) for n in names):
                 raise ValueError(f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}.")
@@ -220,6 +213,45 @@ class QuantizationAwareTraining(CompressionCallback):
             self._export(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)
 
+    def _quantizable(self, pl_module: pl.LightningModule, selected: list[tuple[str, Any]]) -> list[str]:
+        """Names of the selected layers to swap; refuses (before step 1) what cannot be quantized correctly."""
+        read_directly = _read_directly_by_parent(pl_module)
+        skipped = [n for n, _ in selected if n in read_directly]
+        if skipped:
+            # Never silently: the user asked for these (by default or by pattern) and gets fp32.
+            rank_zero_warn(
+                f"QuantizationAwareTraining keeps {skipped} in fp32: nn.MultiheadAttention reads out_proj.weight "
+                "directly and never calls out_proj's forward, so it cannot be fake-quantized or converted "
+                "(nor can its in_proj_weight). The compression report lists them under fp32_layers."
+            )
+        selected = [(n, m) for n, m in selected if n not in read_directly]
+        if not selected:
+            raise ValueError(
+                f"Nothing left to quantize: the selected layers {skipped} are nn.MultiheadAttention out_proj "
+                "layers, which stay fp32. HINT: select other layers with include/types."
+            )
+        # Exact supported classes only: a user subclass may have its own forward, which the swap would skip.
+        unsupported = [f"{n} ({type(m).__name__})" for n, m in selected if qat_class(m) is None and not is_qat(m)]
+        if unsupported:
+            raise ValueError(
+                f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face "
+                "Conv1D are swapped. HINT: exclude these modules."
+            )
+        names = [n for n, _ in selected]
+        tied = shared_weights(pl_module, names)
+        if tied:
+            ties = "; ".join(f"{n}.weight is also {', '.join(others)}" for n, others in tied.items())
+            raise ValueError(
+                f"Cannot quantize layers whose weight is tied to another parameter: {ties}. Quantizing one "
+                "copy would give the int8 model two different weights where the float model has one. "
+                f"HINT: exclude={sorted(tied)!r}."
+            )
+        self._fp32_layers = {n: "read directly by nn.MultiheadAttention" for n in skipped}
+        for n, m in pl_module.named_modules():
+            if isinstance(m, torch.nn.Embedding):
+                self._fp32_layers[n] = "Embedding: not quantized"
+        return names
+
     # ---------------------------------------------------------------- phases
     def phase_at(self, step: int) -> tuple[bool, bool, bool]:
         """``(fake_quant_enabled, observer_enabled, bn_frozen)`` at optimizer step ``step``."""
@@ -271,6 +303,7 @@ class QuantizationAwareTraining(CompressionCallback):
             "freeze_bn_step": self.freeze_bn_step,
             **{f"exported_{k}": v for k, v in self.exported.items()},
             "layers": rows,
+            "fp32_layers": [{"layer": n, "reason": r} for n, r in self._fp32_layers.items()],
         }
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,6 +332,15 @@ class QuantizationAwareTraining(CompressionCallback):
         self.exported["onnx"] = export_onnx(
             int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), to_device(sample, "cpu")
         )
+
+
+def _read_directly_by_parent(model: torch.nn.Module) -> set[str]:
+    """Layers whose parent uses their weight without calling them: ``nn.MultiheadAttention.out_proj``."""
+    return {
+        f"{n}.out_proj" if n else "out_proj"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.MultiheadAttention)
+    }
 
 
 def _sync_observers(layers: dict[str, Any]) -> None:

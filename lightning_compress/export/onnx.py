@@ -120,16 +120,28 @@ def _torchscript_export(
         # The TorchScript-based exporter warns that it is deprecated in favour of the dynamo exporter,
         # which needs the extra `onnxscript` package; it is the one that works with the plain [onnx] extra.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            args,
-            path,
-            dynamo=False,
-            opset_version=opset_version,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-        )
+        try:
+            torch.onnx.export(
+                model,
+                args,
+                path,
+                dynamo=False,
+                opset_version=opset_version,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+            )
+        except Exception as err:
+            if "scaled_dot_product_attention" in str(err):
+                raise RuntimeError(
+                    "export_onnx: torch's TorchScript ONNX exporter cannot convert this model's attention "
+                    f"({err}). Grouped-query attention (more query than key/value heads, e.g. Llama) reaches "
+                    "scaled_dot_product_attention with enable_gqa=True, which it does not support. HINT: for a "
+                    "Hugging Face model, export a copy built with attn_implementation='eager' (load it with "
+                    "from_pretrained(..., attn_implementation='eager') or set model.config._attn_implementation "
+                    "= 'eager'); the int8 PyTorch model from convert_to_int8 is unaffected."
+                ) from err
+            raise
 
 
 class _KeywordAdapter(nn.Module):

@@ -28,7 +28,7 @@ from lightning_compress.functional.fake_quant import (
     quantize_weight,
     weight_scale,
 )
-from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, qat_modules
+from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, keep_own_forward, qat_modules
 
 
 class _DequantizeWeight(torch.autograd.Function):
@@ -55,8 +55,14 @@ class Int8Layer(nn.Module):
     (:func:`~lightning_compress.export.onnx.export_onnx`) the weights stay int8 initializers and
     onnxruntime runs int8 kernels.
 
-    Buffers: ``weight_int8`` (int8 codes, 4-bit codes are stored one per byte), ``weight_scale``,
-    ``bias`` (fp32 or absent), ``input_scale`` / ``input_zero_point`` when activations are quantized.
+    Buffers: ``weight_int8`` (int8 codes ``[out, in, ...]``, 4-bit codes are stored one per byte),
+    ``weight_scale``, ``bias`` (fp32 or absent), ``input_scale`` / ``input_zero_point`` when activations
+    are quantized.
+
+    Modules that read their children's weights directly (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``'s fast path) find ``weight`` (the dequantized values, in the layout of
+    the layer it replaced: ``[in, out]`` for a Hugging Face ``Conv1D``) and ``bias``. The layer also keeps
+    fused fast paths from bypassing its forward (:func:`~lightning_compress.functional.qat.keep_own_forward`).
     """
 
     def __init__(
@@ -69,9 +75,11 @@ class Int8Layer(nn.Module):
         activation_qparams: tuple[float, int] | None,
         activation_bits: int | None,
         conv_args: dict[str, Any] | None = None,
+        weight_layout: str = "out_in",
     ) -> None:
         super().__init__()
         self.kind = kind
+        self.weight_layout = weight_layout
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits if activation_qparams is not None else None
         self.conv_args = dict(conv_args or {})
@@ -84,6 +92,7 @@ class Int8Layer(nn.Module):
             "input_zero_point",
             None if input_zero_point is None else torch.tensor(int(input_zero_point), dtype=torch.int32),
         )
+        keep_own_forward(self)
 
     @property
     def in_features(self) -> int:  # noqa: D102
@@ -92,6 +101,12 @@ class Int8Layer(nn.Module):
     @property
     def out_features(self) -> int:  # noqa: D102
         return int(self.weight_int8.shape[0])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the replaced layer's layout (for modules that read ``.weight``)."""
+        weight = self.dequantized_weight()
+        return weight.t() if self.weight_layout == "in_out" else weight
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as fp32 values (``codes * scale``)."""
@@ -125,12 +140,17 @@ def _deployed_scale(module: _QATMixin, weight: torch.Tensor) -> torch.Tensor:
 
 def _to_int8_layer(module: _QATMixin) -> Int8Layer:
     weight, bias = module.folded_weight_bias()
-    weight = weight.detach()
+    # Codes are stored [out, in, ...]: a Conv1D ([in, out]) becomes a plain linear, one export path.
+    weight = weight.detach().movedim(module.weight_axis, 0)
     codes, scale = quantize_weight(weight, module.weight_bits, _deployed_scale(module, weight))
     act = None
     if module.activation_bits is not None and module.activation_observed:
         s, z = module.activation_qparams()
         act = (float(s), int(z))
+    if module.weight_axis == 1:
+        return Int8Layer(
+            "linear", codes, scale, bias, module.weight_bits, act, module.activation_bits, weight_layout="in_out"
+        )
     if isinstance(module, nn.Linear):
         return Int8Layer("linear", codes, scale, bias, module.weight_bits, act, module.activation_bits)
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
@@ -184,7 +204,7 @@ def quantized_size_bytes(model: nn.Module) -> tuple[int, int, float]:
     bits_total = numel_total = 0
     for _, m in qat_modules(model):
         n = m.weight.numel()
-        effective += -n * 4 + (n * m.weight_bits + 7) // 8 + m.weight.shape[0] * 4
+        effective += -n * 4 + (n * m.weight_bits + 7) // 8 + m.weight.shape[m.weight_axis] * 4
         bits_total += n * m.weight_bits
         numel_total += n
     return dense, effective, (bits_total / numel_total if numel_total else 32.0)

@@ -38,7 +38,8 @@ from lightning_compress.functional.fake_quant import (
 )
 from lightning_compress.inputs import CapturedCall, as_call, run
 
-QUANTIZABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d")
+# Class names accepted by ``types``; "Conv1D" is Hugging Face's transposed Linear (GPT-2).
+QUANTIZABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv1D")
 
 # Plain attributes (not buffers) that prepare_ sets on a swapped layer and finalize_ removes.
 _QAT_ATTRIBUTES = (
@@ -68,9 +69,11 @@ class _QATMixin:
     weight_scale: torch.Tensor
     activation_range: torch.Tensor
     training: bool
+    # Dim of the weight that indexes output channels (1 for Hugging Face's Conv1D, stored [in, out]).
+    weight_axis: int = 0
 
     def _init_qat(self, weight_bits: int, activation_bits: int | None, ema_decay: float) -> None:
-        out_channels = self.weight.shape[0]
+        out_channels = self.weight.shape[self.weight_axis]
         device = self.weight.device
         self.register_buffer("weight_scale", torch.ones(out_channels, device=device))  # type: ignore[attr-defined]
         # The activation range exists even for weight-only layers, so the state_dict's keys do not depend
@@ -85,6 +88,7 @@ class _QATMixin:
         self.observer_enabled = True
         self.bn_frozen = False
         self.folded_bn: nn.modules.batchnorm._BatchNorm | None = None
+        keep_own_forward(self)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ observers
     @property
@@ -121,8 +125,8 @@ class _QATMixin:
             return weight
         if self.training and self.observer_enabled:
             with torch.no_grad():
-                self.weight_scale.copy_(weight_scale(weight, self.weight_bits))
-        return fake_quantize_weight(weight, self.weight_scale, self.weight_bits)
+                self.weight_scale.copy_(weight_scale(weight, self.weight_bits, self.weight_axis))
+        return fake_quantize_weight(weight, self.weight_scale, self.weight_bits, self.weight_axis)
 
     # ------------------------------------------------------------------ weights as deployed
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -221,6 +225,59 @@ _FOLDED_BN_CLASS: dict[type[nn.Module], type[nn.Module]] = {
 FOLDED_BN_TYPES: tuple[type[nn.Module], ...] = tuple(_FOLDED_BN_CLASS.values())
 
 
+def _keep_forward_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that does nothing: its presence is what matters (see :func:`keep_own_forward`)."""
+
+
+def keep_own_forward(module: nn.Module) -> None:
+    """Make containers with fused fast paths call ``module``'s own forward.
+
+    ``nn.TransformerEncoderLayer`` in eval mode under ``no_grad`` hands ``linear1.weight`` etc. to one
+    fused kernel and never calls ``linear1``: a QAT layer would silently run unquantized there, an int8
+    layer without its input quantization. PyTorch skips that fast path when any submodule has a forward
+    hook, so a no-op pre-hook keeps these layers' forward in the computation (a few µs per call).
+    """
+    if _keep_forward_hook not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_keep_forward_hook)
+
+
+def _release_forward(module: nn.Module) -> None:
+    for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _keep_forward_hook]:
+        del module._forward_pre_hooks[key]
+
+
+def qat_class(module: nn.Module) -> type[nn.Module] | None:
+    """The QAT class ``module`` is swapped to, or ``None`` when its exact type is not supported.
+
+    Exact types only: a user subclass may have its own forward, which the swap would bypass.
+    """
+    cls = _QAT_CLASS.get(type(module))
+    if cls is None and type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils":
+        from lightning_compress.functional.qat_hf import QATConv1D  # needs transformers, present here
+
+        cls = QATConv1D
+    return cls
+
+
+def shared_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """``{layer: [other parameter names]}`` for layers whose weight is also registered elsewhere (tied).
+
+    Example: Hugging Face GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
+    """
+    by_id: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(parameter), []).append(name)
+    modules = dict(model.named_modules())
+    tied = {}
+    for name in names:
+        weight = getattr(modules[name], "weight", None)
+        if isinstance(weight, nn.Parameter):
+            others = [n for n in by_id.get(id(weight), []) if n != (f"{name}.weight" if name else "weight")]
+            if others:
+                tied[name] = others
+    return tied
+
+
 def is_qat(module: nn.Module) -> bool:
     """Whether ``module`` is a swapped QAT layer."""
     return isinstance(module, _QATMixin)
@@ -280,7 +337,7 @@ def prepare_(
         TypeError: if a layer in ``modules`` is not of a quantizable type.
     """
     named = dict(model.named_modules())
-    names = [n for n, m in named.items() if type(m) in _QAT_CLASS] if modules is None else list(modules)
+    names = [n for n, m in named.items() if n and qat_class(m)] if modules is None else list(modules)
     bits_of = weight_bits if isinstance(weight_bits, Mapping) else dict.fromkeys(names, weight_bits)
     for name in names:
         module = named[name]
@@ -289,9 +346,10 @@ def prepare_(
             module.weight_bits, module.activation_bits = int(bits_of[name]), activation_bits
             module.ema_decay = ema_decay
             continue
-        if type(module) not in _QAT_CLASS:
+        cls = qat_class(module)
+        if cls is None:
             raise TypeError(f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}.")
-        module.__class__ = _QAT_CLASS[type(module)]
+        module.__class__ = cls
         module._init_qat(int(bits_of[name]), activation_bits, ema_decay)  # type: ignore[operator]
     if fold_bn:
         for conv_name, bn_name in conv_bn_pairs(model, names).items():
@@ -307,16 +365,16 @@ def finalize_(model: nn.Module) -> None:
 
     Weights keep their float values (not fake-quantized), observer buffers are dropped.
     """
-    inverse = {v: k for k, v in {**_QAT_CLASS, **_FOLDED_BN_CLASS}.items()}
     for module in list(model.modules()):
-        if type(module) not in inverse:
-            continue
         if isinstance(module, _QATMixin):
             for key in _QAT_BUFFERS:
                 delattr(module, key)
             for key in _QAT_ATTRIBUTES:
                 module.__dict__.pop(key, None)
-        module.__class__ = inverse[type(module)]
+            _release_forward(module)
+            module.__class__ = type(module).__bases__[-1]  # (_QATMixin, the float class)
+        elif isinstance(module, FOLDED_BN_TYPES):
+            module.__class__ = type(module).__bases__[0]
 
 
 @torch.no_grad()
