@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_compress import QuantizationAwareTraining, convert_to_int8, export_onnx
 from lightning_compress.demo import DigitsCNN, DigitsDataModule
-from lightning_compress.functional import quantization as Q
+from lightning_compress.functional.qat import calibrate_, prepare_
 
 warnings.filterwarnings("ignore")
 
@@ -114,8 +114,8 @@ def run(
 
         # PTQ: the trained fp32 model, swapped and calibrated on 8 training batches, no training
         ptq = copy.deepcopy(fp32_s)
-        Q.prepare_(ptq, fold_bn=True)
-        Q.calibrate_(ptq, dm.train_dataloader(), num_batches=8)
+        prepare_(ptq, fold_bn=True)
+        calibrate_(ptq, dm.train_dataloader(), num_batches=8)
         acc["ptq"].append(accuracy(ptq, x_val, y_val))
         acc["ptq_int8"].append(accuracy(convert_to_int8(ptq), x_val, y_val))
 
@@ -236,12 +236,12 @@ def anchor_mlp(repeats: int, tmp: str) -> list[str]:
         dynamic_axes={"input": {0: "batch"}},
     )  # fmt: skip
     quantize_dynamic(paths["fp32"], paths["dynamic"], weight_type=QuantType.QInt8)
-    Q.prepare_(model)
-    Q.calibrate_(model, [x])
+    prepare_(model)
+    calibrate_(model, [x])
     export_onnx(model, paths["ours"], x[:1])
     export_onnx(model, paths["ours_s8"], x[:1], weight_dtype="int8")
-    Q.prepare_(seven, weight_bits=7)
-    Q.calibrate_(seven, [x])
+    prepare_(seven, weight_bits=7)
+    calibrate_(seven, [x])
     export_onnx(seven, paths["ours_7bit"], x[:1])
     sessions = {k: ort_session(p) for k, p in paths.items()}
     xi = x.numpy()

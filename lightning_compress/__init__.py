@@ -9,7 +9,8 @@ from lightning_compress.callbacks import (
     TensorDecomposition,
     load_decomposed,
 )
-from lightning_compress.functional.quantization import convert_to_int8, export_onnx
+from lightning_compress.export.onnx import export_onnx
+from lightning_compress.functional.int8 import convert_to_int8
 from lightning_compress.functional.sparse import load_sparse, save_sparse
 from lightning_compress.report import CompressionReport
 

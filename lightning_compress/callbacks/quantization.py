@@ -1,8 +1,8 @@
 """QuantizationAwareTraining: train with fake-quantized weights and activations, ship int8.
 
 *When* (start, observer and BatchNorm freezing) and *where* (which layers, at which bits) live here;
-*how* (fake-quantization, module swaps, int8 conversion, ONNX export) lives in
-:mod:`lightning_compress.functional.quantization`.
+*how* lives in :mod:`lightning_compress.functional.qat` (module swaps, observers),
+:mod:`~lightning_compress.functional.int8` (conversion) and :mod:`lightning_compress.export.onnx`.
 
 The layers are swapped in ``setup`` (before Lightning restores a checkpoint), so
 ``fit(ckpt_path=...)`` loads the observed ranges and scales into the already-swapped model with strict
@@ -20,13 +20,16 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_compress._validation import check_choice, check_range, check_step
 from lightning_compress.callbacks.base import CompressionCallback, example_input
-from lightning_compress.functional import quantization as Q
-from lightning_compress.report import CapturedCall
+from lightning_compress.export.onnx import export_onnx
+from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
+from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
+from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_, qat_class, shared_weights
+from lightning_compress.inputs import to_device
 from lightning_compress.targets import matches, select_modules, validate_patterns
 
 
@@ -37,10 +40,13 @@ def _check_bits(argument: str, value: Any, accepted: Sequence[int]) -> int:
 class QuantizationAwareTraining(CompressionCallback):
     """Quantization-aware training: the model learns to live at low precision, then ships as int8.
 
-    From ``start_step`` every selected Linear / Conv1d / Conv2d layer fake-quantizes its weight
-    (symmetric, per output channel, zero point 0) and its input (affine per tensor, range from an EMA of
-    the observed min/max), with straight-through gradients. Other layer types (Conv3d, embeddings,
-    attention's raw ``in_proj_weight``, normalisation) are left in fp32.
+    From ``start_step`` every selected Linear / Conv1d / Conv2d / Hugging Face ``Conv1D`` layer
+    fake-quantizes its weight (symmetric, per output channel, zero point 0) and its input (affine per
+    tensor, range from an EMA of the observed min/max), with straight-through gradients. Other layer types
+    (Conv3d, embeddings, attention's raw ``in_proj_weight``, normalisation) are left in fp32 and listed
+    under ``fp32_layers`` in the report. ``nn.MultiheadAttention``'s ``out_proj`` is left in fp32 with a
+    warning (the attention reads its weight directly, bypassing any swapped layer). A layer whose weight
+    is tied to another parameter (GPT-2's ``lm_head``) is refused in ``setup``: exclude it.
 
     After ``fit``, :func:`~lightning_compress.convert_to_int8` gives a model with int8 weights and
     :func:`~lightning_compress.export_onnx` an int8 ONNX file (or set ``export_dir``).
@@ -57,7 +63,7 @@ class QuantizationAwareTraining(CompressionCallback):
         overrides: ``{pattern: weight_bits}`` for layers that need other bits (e.g. ``{"classifier": 8}``).
         include: module name patterns (glob or ``re:``) to quantize; all supported layers by default.
         exclude: module name patterns to keep in fp32.
-        types: layer class names to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``.
+        types: layer class names to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv1D``.
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
             ``model_int8.onnx`` there.
@@ -99,9 +105,9 @@ class QuantizationAwareTraining(CompressionCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        self.weight_bits = _check_bits("weight_bits", weight_bits, Q.SUPPORTED_WEIGHT_BITS)
+        self.weight_bits = _check_bits("weight_bits", weight_bits, SUPPORTED_WEIGHT_BITS)
         if activation_bits is not None:
-            _check_bits("activation_bits", activation_bits, Q.SUPPORTED_ACTIVATION_BITS)
+            _check_bits("activation_bits", activation_bits, SUPPORTED_ACTIVATION_BITS)
         self.activation_bits = activation_bits
         self.start_step = check_step("start_step", start_step, optional=True) or 0
         self.freeze_observers_step = check_step("freeze_observers_step", freeze_observers_step, optional=True)
@@ -119,21 +125,22 @@ class QuantizationAwareTraining(CompressionCallback):
         self.ema_decay = check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         self.fold_bn = bool(fold_bn)
         self.overrides = {
-            str(p): _check_bits(f"overrides[{p!r}]", b, Q.SUPPORTED_WEIGHT_BITS) for p, b in (overrides or {}).items()
+            str(p): _check_bits(f"overrides[{p!r}]", b, SUPPORTED_WEIGHT_BITS) for p, b in (overrides or {}).items()
         }
         validate_patterns("overrides", list(self.overrides))
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
-        self.types = validate_patterns("types", types) or list(Q.QUANTIZABLE_TYPES)
-        unsupported = [t for t in self.types if t not in Q.QUANTIZABLE_TYPES]
+        self.types = validate_patterns("types", types) or list(QUANTIZABLE_TYPES)
+        unsupported = [t for t in self.types if t not in QUANTIZABLE_TYPES]
         if unsupported:
             raise ValueError(
-                f"types must be among {list(Q.QUANTIZABLE_TYPES)}, got {unsupported}. "
+                f"types must be among {list(QUANTIZABLE_TYPES)}, got {unsupported}. "
                 "HINT: other layers (Conv3d, Embedding, attention's in_proj_weight) stay in fp32."
             )
         self.export_dir = export_dir
 
         self._layers: dict[str, Any] = {}
+        self._fp32_layers: dict[str, str] = {}
         self._phase: tuple[bool, bool, bool] | None = None
         self._metrics: dict[str, float] = {}
         self.exported: dict[str, str] = {}
@@ -144,23 +151,12 @@ class QuantizationAwareTraining(CompressionCallback):
         if stage != "fit":
             return
         selected = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
-        # Only exact supported classes: a user subclass may have its own forward, which the swap would skip.
-        unsupported = [
-            f"{n} ({type(m).__name__})"
-            for n, m in selected
-            if type(m) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) and not Q.is_qat(m)
-        ]
-        if unsupported:
-            raise ValueError(
-                f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d and nn.Conv2d are swapped. "
-                "HINT: exclude these modules."
-            )
-        names = [n for n, _ in selected]
+        names = self._quantizable(pl_module, selected)
         for pattern in self.overrides:
             if not any(matches(n, [pattern]) for n in names):
                 raise ValueError(f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}.")
         bits = {n: next((b for p, b in self.overrides.items() if matches(n, [p])), self.weight_bits) for n in names}
-        Q.prepare_(
+        prepare_(
             pl_module,
             weight_bits=bits,
             activation_bits=self.activation_bits,
@@ -217,6 +213,45 @@ class QuantizationAwareTraining(CompressionCallback):
             self._export(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)
 
+    def _quantizable(self, pl_module: pl.LightningModule, selected: list[tuple[str, Any]]) -> list[str]:
+        """Names of the selected layers to swap; refuses (before step 1) what cannot be quantized correctly."""
+        read_directly = _read_directly_by_parent(pl_module)
+        skipped = [n for n, _ in selected if n in read_directly]
+        if skipped:
+            # Never silently: the user asked for these (by default or by pattern) and gets fp32.
+            rank_zero_warn(
+                f"QuantizationAwareTraining keeps {skipped} in fp32: nn.MultiheadAttention reads out_proj.weight "
+                "directly and never calls out_proj's forward, so it cannot be fake-quantized or converted "
+                "(nor can its in_proj_weight). The compression report lists them under fp32_layers."
+            )
+        selected = [(n, m) for n, m in selected if n not in read_directly]
+        if not selected:
+            raise ValueError(
+                f"Nothing left to quantize: the selected layers {skipped} are nn.MultiheadAttention out_proj "
+                "layers, which stay fp32. HINT: select other layers with include/types."
+            )
+        # Exact supported classes only: a user subclass may have its own forward, which the swap would skip.
+        unsupported = [f"{n} ({type(m).__name__})" for n, m in selected if qat_class(m) is None and not is_qat(m)]
+        if unsupported:
+            raise ValueError(
+                f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face "
+                "Conv1D are swapped. HINT: exclude these modules."
+            )
+        names = [n for n, _ in selected]
+        tied = shared_weights(pl_module, names)
+        if tied:
+            ties = "; ".join(f"{n}.weight is also {', '.join(others)}" for n, others in tied.items())
+            raise ValueError(
+                f"Cannot quantize layers whose weight is tied to another parameter: {ties}. Quantizing one "
+                "copy would give the int8 model two different weights where the float model has one. "
+                f"HINT: exclude={sorted(tied)!r}."
+            )
+        self._fp32_layers = {n: "read directly by nn.MultiheadAttention" for n in skipped}
+        for n, m in pl_module.named_modules():
+            if isinstance(m, torch.nn.Embedding):
+                self._fp32_layers[n] = "Embedding: not quantized"
+        return names
+
     # ---------------------------------------------------------------- phases
     def phase_at(self, step: int) -> tuple[bool, bool, bool]:
         """``(fake_quant_enabled, observer_enabled, bn_frozen)`` at optimizer step ``step``."""
@@ -235,7 +270,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     def _refresh_metrics(self, pl_module: pl.LightningModule) -> None:
         # Parameter counts and bits do not change during a fit: computed once in setup.
-        dense, effective, mean_bits = Q.quantized_size_bytes(pl_module)
+        dense, effective, mean_bits = quantized_size_bytes(pl_module)
         self._metrics = {"weight_bits": mean_bits, "size_bytes": float(effective), "ratio": dense / effective}
 
     # ---------------------------------------------------------------- results
@@ -268,12 +303,13 @@ class QuantizationAwareTraining(CompressionCallback):
             "freeze_bn_step": self.freeze_bn_step,
             **{f"exported_{k}": v for k, v in self.exported.items()},
             "layers": rows,
+            "fp32_layers": [{"layer": n, "reason": r} for n, r in self._fp32_layers.items()],
         }
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.export_dir is not None
         os.makedirs(self.export_dir, exist_ok=True)
-        int8 = Q.convert_to_int8(pl_module)
+        int8 = convert_to_int8(pl_module)
         path = os.path.join(self.export_dir, "model_int8.pt")
         torch.save(int8, path)
         self.exported["torch"] = path
@@ -292,17 +328,19 @@ class QuantizationAwareTraining(CompressionCallback):
                 "(pip install 'lightning-compress[onnx]')."
             )
             return
-        if isinstance(sample, CapturedCall):
-            sample = sample.kwargs if not sample.args else sample.args
-        self.exported["onnx"] = Q.export_onnx(
-            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), _to_cpu(sample)
+        # The whole call, positional and keyword inputs alike (forward(x, *, gate) keeps its gate).
+        self.exported["onnx"] = export_onnx(
+            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), to_device(sample, "cpu")
         )
 
 
-def _to_cpu(sample: Any) -> Any:
-    from lightning_utilities.core.apply_func import apply_to_collection
-
-    return apply_to_collection(sample, torch.Tensor, lambda t: t.cpu())
+def _read_directly_by_parent(model: torch.nn.Module) -> set[str]:
+    """Layers whose parent uses their weight without calling them: ``nn.MultiheadAttention.out_proj``."""
+    return {
+        f"{n}.out_proj" if n else "out_proj"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.MultiheadAttention)
+    }
 
 
 def _sync_observers(layers: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from pytorch_lightning.strategies import DDPStrategy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lightning_compress import QuantizationAwareTraining  # noqa: E402
-from lightning_compress.functional.quantization import qat_modules  # noqa: E402
+from lightning_compress.functional.qat import qat_modules  # noqa: E402
 from tests.helpers import TinyMLP, ddp_trainer  # noqa: E402
 
 

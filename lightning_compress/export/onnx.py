@@ -1,0 +1,156 @@
+"""Int8 ONNX export of a quantized model: trace to the QDQ format, then rewrite for int8 kernels.
+
+Why a module of its own and not ``functional/``: ``functional`` is pure torch math; this is a file
+format, with protobuf graph rewriting (:mod:`lightning_compress.export.onnx_graph`) and file I/O, and it
+needs the optional ``onnx`` package (imported when :func:`export_onnx` runs, so the rest of the package
+works without it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.functional.int8 import convert_to_int8, int8_layers
+from lightning_compress.inputs import CapturedCall, as_call, run
+
+WEIGHT_DTYPES = ("auto", "uint8", "int8")
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str,
+    example_input: Any,
+    *,
+    opset_version: int = 17,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_batch: bool = True,
+    weight_dtype: str = "auto",
+) -> str:
+    """Write ``model`` as an int8 ONNX model that onnxruntime runs with int8 kernels.
+
+    ``model`` is a QAT-prepared model (converted here with :func:`convert_to_int8`) or an already
+    converted one. Weights are written as **int8 initializers** behind ``DequantizeLinear`` (per output
+    channel), inputs of quantized layers as ``QuantizeLinear`` → ``DequantizeLinear`` with the observed
+    scales (the QDQ format). onnxruntime fuses these into ``QGemm`` / ``QLinearConv`` where an
+    operator's output is itself re-quantized; a Linear whose output stays float (the last layer, or every
+    layer of a weight-only model) is rewritten to ``MatMulInteger`` with the same scales (weight-only:
+    with ``DynamicQuantizeLinear`` of its input, as onnxruntime's ``quantize_dynamic`` does).
+
+    Args:
+        model: QAT-prepared or converted model.
+        path: output ``.onnx`` file.
+        example_input: one forward call's input: a tensor, a tuple of positional inputs, a dict of
+            keyword inputs, or a :class:`~lightning_compress.inputs.CapturedCall` with both. Keyword
+            inputs become graph inputs after the positional ones.
+        opset_version: ONNX opset (per-channel ``DequantizeLinear`` needs >= 13).
+        input_names: names of the graph inputs (default ``input``, ``input_1``, ..., then the keywords).
+        output_names: names of the graph outputs (default ``output``, ...).
+        dynamic_batch: make dim 0 of every input and output dynamic.
+        weight_dtype: how weight codes are stored. onnxruntime's uint8 x int8 kernels are the fastest,
+            but on x86 CPUs without VNNI they add pairs of products in 16-bit registers, which
+            saturate for weights beyond ±64 (visible output errors). ``"auto"`` (default) keeps a
+            layer's codes ``int8`` when they fit in ±64 (7-bit weights: ``weight_bits<=7``) and
+            otherwise stores them as ``uint8`` with zero point 128 (the same values; exact uint8 x uint8
+            kernels, somewhat slower). ``"int8"`` / ``"uint8"`` force one storage for every layer.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: if ``example_input`` is missing, ``weight_dtype`` unknown or the model was not
+            prepared for quantization.
+    """
+    import onnx  # the [onnx] extra
+
+    from lightning_compress.export import onnx_graph
+
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be 'auto', 'uint8' or 'int8', got {weight_dtype!r}.")
+    if example_input is None:
+        raise ValueError(
+            "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
+            "HINT: one real batch, e.g. next(iter(dataloader))[0][:1]."
+        )
+    if not int8_layers(model):
+        model = convert_to_int8(model)
+    model = model.eval()
+    call = as_call(example_input)
+    with torch.no_grad():
+        outputs = run(model, call)
+    n_outputs = len(outputs) if isinstance(outputs, list | tuple) else 1
+    input_names = input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(call.args))] + list(
+        call.kwargs
+    )
+    output_names = output_names or [("output" if i == 0 else f"output_{i}") for i in range(n_outputs)]
+    _torchscript_export(model, call, path, opset_version, input_names, output_names, dynamic_batch)
+
+    graph_model = onnx.load(path)
+    index = onnx_graph.GraphIndex(graph_model)
+    if weight_dtype != "int8":
+        onnx_graph.weights_to_uint8(index, keep_int8_within=64 if weight_dtype == "auto" else -1)
+    onnx_graph.hoist_quantize(index)
+    onnx_graph.integer_matmuls(index)
+    index.remove_dead()
+    index.commit()
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, path)
+    return path
+
+
+def _torchscript_export(
+    model: nn.Module,
+    call: CapturedCall,
+    path: str,
+    opset_version: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: bool,
+) -> None:
+    args: tuple[Any, ...] = call.args
+    if call.kwargs:
+        # The TorchScript exporter passes inputs positionally: adapt keyword(-only) inputs.
+        model, args = _KeywordAdapter(model, tuple(call.kwargs), len(call.args)), (*call.args, *call.kwargs.values())
+    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter warns that it is deprecated in favour of the dynamo exporter,
+        # which needs the extra `onnxscript` package; it is the one that works with the plain [onnx] extra.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model,
+                args,
+                path,
+                dynamo=False,
+                opset_version=opset_version,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+            )
+        except Exception as err:
+            if "scaled_dot_product_attention" in str(err):
+                raise RuntimeError(
+                    "export_onnx: torch's TorchScript ONNX exporter cannot convert this model's attention "
+                    f"({err}). Grouped-query attention (more query than key/value heads, e.g. Llama) reaches "
+                    "scaled_dot_product_attention with enable_gqa=True, which it does not support. HINT: for a "
+                    "Hugging Face model, export a copy built with attn_implementation='eager' (load it with "
+                    "from_pretrained(..., attn_implementation='eager') or set model.config._attn_implementation "
+                    "= 'eager'); the int8 PyTorch model from convert_to_int8 is unaffected."
+                ) from err
+            raise
+
+
+class _KeywordAdapter(nn.Module):
+    """Takes every input positionally and calls ``model`` with the trailing ones as keywords."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...], positional: int) -> None:
+        super().__init__()
+        self.model, self.keys, self.positional = model, keys, positional
+
+    def forward(self, *inputs: Any) -> Any:  # noqa: D102
+        args, rest = inputs[: self.positional], inputs[self.positional :]
+        return self.model(*args, **dict(zip(self.keys, rest, strict=True)))

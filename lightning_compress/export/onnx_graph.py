@@ -1,0 +1,281 @@
+"""Rewrites of an exported QDQ ONNX graph so onnxruntime runs its layers with int8 kernels.
+
+The exporter writes the quantized model faithfully (``DequantizeLinear`` of int8 weight initializers,
+``QuantizeLinear → DequantizeLinear`` on layer inputs), but onnxruntime only fuses int8 kernels for some
+patterns. Each pass below rewrites one pattern into an equivalent one it does fuse. All passes work on one
+:class:`GraphIndex` (producers, consumers, initializers), built once per graph and kept up to date by its
+edit methods, then written back with :meth:`GraphIndex.commit`.
+
+Needs the ``onnx`` package (the ``[onnx]`` extra); imported only by the export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+
+class GraphIndex:
+    """Nodes, producers, consumers and initializers of an ONNX graph, kept consistent while it is edited.
+
+    Nodes are held in a Python list (protobuf repeated fields copy on insert, so edits through them
+    would not reach the graph); :meth:`commit` writes the list and the initializers back to ``model``.
+    ``Constant`` nodes and ``Identity`` copies of initializers become initializers on construction, so
+    every pass can look weights, scales and zero points up in one place.
+    """
+
+    def __init__(self, model: ModelProto) -> None:
+        self.model = model
+        self.nodes: list[NodeProto] = list(model.graph.node)
+        self.initializers: dict[str, TensorProto] = {i.name: i for i in model.graph.initializer}
+        self._constants_to_initializers()
+        self.producer: dict[str, NodeProto] = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list[NodeProto]] = {}
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    # ------------------------------------------------------------------ reading
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of initializer ``name`` (``None`` when ``name`` is computed by a node)."""
+        tensor = self.initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def users(self, name: str) -> list[NodeProto]:
+        """The nodes that read tensor ``name``."""
+        return self.consumers.get(name, [])
+
+    def position(self, node: NodeProto) -> int:
+        """Index of ``node`` in the node list (by identity: two nodes may compare equal)."""
+        return next(i for i, n in enumerate(self.nodes) if n is node)
+
+    # ------------------------------------------------------------------ editing
+    def set_initializer(self, name: str, array: np.ndarray) -> None:
+        """Add initializer ``name`` or replace its value."""
+        self.initializers[name] = numpy_helper.from_array(array, name)
+
+    def insert(self, position: int, nodes: list[NodeProto]) -> None:
+        """Insert ``nodes`` (in order) before the node at ``position``."""
+        self.nodes[position:position] = nodes
+        for node in nodes:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def remove(self, node: NodeProto) -> None:
+        """Remove ``node`` from the graph and the index."""
+        del self.nodes[self.position(node)]
+        for name in node.output:
+            if self.producer.get(name) is node:
+                del self.producer[name]
+        for name in node.input:
+            self.consumers[name] = [n for n in self.consumers.get(name, []) if n is not node]
+
+    def replace(self, node: NodeProto, nodes: list[NodeProto]) -> None:
+        """Put ``nodes`` where ``node`` was."""
+        position = self.position(node)
+        self.remove(node)
+        self.insert(position, nodes)
+
+    def set_input(self, node: NodeProto, position: int, name: str) -> None:
+        """Make ``node`` read ``name`` as its input number ``position``."""
+        old = node.input[position]
+        node.input[position] = name
+        if old not in node.input:
+            self.consumers[old] = [n for n in self.users(old) if n is not node]
+        self.consumers.setdefault(name, []).append(node)
+
+    def rename_output(self, node: NodeProto, old: str, new: str) -> None:
+        """Make ``node`` write ``new`` instead of ``old`` (readers of ``old`` must get a new producer)."""
+        node.output[list(node.output).index(old)] = new
+        del self.producer[old]
+        self.producer[new] = node
+
+    def remove_dead(self) -> None:
+        """Drop nodes whose outputs nobody reads and initializers no node reads."""
+        graph_outputs = {o.name for o in self.model.graph.output}
+        while True:
+            dead = [n for n in self.nodes if not any(self.users(o) or o in graph_outputs for o in n.output)]
+            if not dead:
+                break
+            for node in dead:
+                self.remove(node)
+        for name in [name for name in self.initializers if not self.users(name)]:
+            del self.initializers[name]
+
+    def commit(self) -> None:
+        """Write the nodes and initializers back into the model."""
+        graph = self.model.graph
+        nodes = [_copy(n) for n in self.nodes]  # detached from the fields cleared below
+        initializers = [_copy(i) for i in self.initializers.values()]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+
+    def _constants_to_initializers(self) -> None:
+        kept = []
+        for node in self.nodes:
+            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+                tensor = _copy(helper.get_attribute_value(node.attribute[0]))
+                tensor.name = node.output[0]
+                self.initializers[tensor.name] = tensor
+            elif node.op_type == "Identity" and node.input[0] in self.initializers:
+                self.set_initializer(node.output[0], numpy_helper.to_array(self.initializers[node.input[0]]))
+            else:
+                kept.append(node)
+        self.nodes = kept
+
+
+def _copy(message: Any) -> Any:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
+def _attribute(node: NodeProto, name: str, default: Any) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+# ---------------------------------------------------------------------------------------------- passes
+def weights_to_uint8(index: GraphIndex, keep_int8_within: int = -1) -> None:
+    """Store int8 weight codes as ``uint8`` with zero point 128 (the same values, still symmetric).
+
+    On x86 CPUs without VNNI, onnxruntime's uint8 x int8 kernels add pairs of products in 16-bit
+    registers (``VPMADDUBSW``): 2 x 255 x 127 overflows int16 and visibly corrupts outputs, while
+    2 x 255 x 64 does not. uint8 x uint8 kernels never saturate. The codes are shifted by 128 (exact).
+    Layers whose codes all lie within ``±keep_int8_within`` stay int8.
+    """
+    for node in index.nodes:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        codes, zero = index.array(node.input[0]), index.array(node.input[2])
+        if codes is None or zero is None or codes.dtype != np.int8 or zero.dtype != np.int8 or np.any(zero != 0):
+            continue
+        if codes.size and int(np.abs(codes.astype(np.int16)).max()) <= keep_int8_within:
+            continue
+        # New names: an initializer shared with another reader keeps its int8 value for that reader.
+        codes_name, zero_name = node.input[0] + "_uint8", node.input[2] + "_uint8"
+        index.set_initializer(codes_name, (codes.astype(np.int16) + 128).astype(np.uint8))
+        index.set_initializer(zero_name, np.full(zero.shape, 128, np.uint8))
+        index.set_input(node, 0, codes_name)
+        index.set_input(node, 2, zero_name)
+
+
+# Ops through which per-tensor quantization commutes exactly (monotonic or pure data movement):
+# Q(maxpool(x)) == maxpool(Q(x)), Q(flatten(x)) == flatten(Q(x)).
+_COMMUTES_WITH_QUANTIZE = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+
+
+def hoist_quantize(index: GraphIndex) -> None:
+    """Copy a layer-input ``Q → DQ`` up through pooling/reshapes to the producing ``Relu`` / conv.
+
+    In ``conv → relu → maxpool → flatten → Q → DQ → gemm`` the conv's output is not re-quantized where
+    onnxruntime looks for it, so the conv would run in fp32. The same ``Q → DQ`` (same scale) placed
+    right after the relu gives identical values (quantization commutes with max-pooling and reshapes)
+    and lets onnxruntime fuse ``QLinearConv`` and run the pooling on uint8.
+    """
+    for q in [n for n in index.nodes if n.op_type == "QuantizeLinear"]:
+        tensor = q.input[0]
+        node = index.producer.get(tensor)
+        moved = False
+        while node is not None and node.op_type in _COMMUTES_WITH_QUANTIZE and len(index.users(tensor)) == 1:
+            tensor = node.input[0]
+            node = index.producer.get(tensor)
+            moved = True
+        if not moved or node is None or node.op_type not in ("Relu", "Conv") or len(index.users(tensor)) != 1:
+            continue
+        hoisted = tensor + "_hoisted"
+        index.rename_output(node, tensor, hoisted)
+        index.insert(
+            index.position(node) + 1,
+            [
+                helper.make_node("QuantizeLinear", [hoisted, *q.input[1:]], [hoisted + "_q"]),
+                helper.make_node("DequantizeLinear", [hoisted + "_q", *q.input[1:]], [tensor]),
+            ],
+        )
+
+
+def integer_matmuls(index: GraphIndex) -> None:
+    """Rewrite float-output ``Gemm`` over an int8 ``DequantizeLinear`` weight to ``MatMulInteger``.
+
+    onnxruntime fuses ``DQ → Gemm → (Relu) → Q`` into an int8 ``QGemm``; a Gemm whose output is not
+    re-quantized would run in fp32 after dequantizing its weight on every call. This turns it into
+    ``MatMulInteger(x_q, W_q^T) * (x_scale * w_scale) + b``: the same arithmetic, int8 kernels.
+    """
+    for node in [n for n in index.nodes if n.op_type == "Gemm"]:
+        if _requantized(index, node.output[0]) or not _plain_transposed_gemm(node):
+            continue
+        weight_dq = index.producer.get(node.input[1])
+        if weight_dq is None or weight_dq.op_type != "DequantizeLinear" or len(weight_dq.input) < 3:
+            continue
+        codes, w_scale, w_zero = (index.array(name) for name in weight_dq.input[:3])
+        if codes is None or w_scale is None or w_zero is None or codes.dtype not in (np.int8, np.uint8):
+            continue
+        prefix = node.output[0] + "_int"
+        index.set_initializer(prefix + "_wT", np.ascontiguousarray(codes.T))
+        index.set_initializer(prefix + "_wzp", w_zero)
+        input_dq = index.producer.get(node.input[0])
+        if _static_input_quantization(index, input_dq):
+            assert input_dq is not None
+            nodes = _static_matmul(index, prefix, input_dq, w_scale.astype(np.float32))
+        else:
+            nodes = _dynamic_matmul(index, prefix, node.input[0], w_scale.astype(np.float32))
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node("Add", [prefix + "_scaled", node.input[2]], [node.output[0]]))
+        else:
+            nodes.append(helper.make_node("Identity", [prefix + "_scaled"], [node.output[0]]))
+        index.replace(node, nodes)
+
+
+def _requantized(index: GraphIndex, output: str) -> bool:
+    """Whether every reader of ``output`` (through one ``Relu``) is a ``QuantizeLinear``."""
+    users = index.users(output)
+    if len(users) == 1 and users[0].op_type == "Relu":
+        users = index.users(users[0].output[0])
+    return bool(users) and all(u.op_type == "QuantizeLinear" for u in users)
+
+
+def _plain_transposed_gemm(node: NodeProto) -> bool:
+    """``Y = X W^T + b`` exactly (what ``F.linear`` exports to)."""
+    transposed_a = _attribute(node, "transA", 0)
+    return not transposed_a and bool(_attribute(node, "transB", 0)) and _attribute(node, "alpha", 1.0) == 1.0
+
+
+def _static_input_quantization(index: GraphIndex, input_dq: NodeProto | None) -> bool:
+    return (
+        input_dq is not None
+        and input_dq.op_type == "DequantizeLinear"
+        and len(input_dq.input) > 2
+        and input_dq.input[1] in index.initializers
+        and input_dq.input[2] in index.initializers
+    )
+
+
+def _static_matmul(index: GraphIndex, prefix: str, input_dq: NodeProto, w_scale: np.ndarray) -> list[NodeProto]:
+    """Integer matmul of the already-quantized input, rescaled by ``x_scale * w_scale``."""
+    x_q, x_scale_name, x_zero = input_dq.input[:3]
+    x_scale = float(index.array(x_scale_name))  # type: ignore[arg-type]
+    index.set_initializer(prefix + "_scale", (w_scale * x_scale).astype(np.float32))
+    return [
+        helper.make_node("MatMulInteger", [x_q, prefix + "_wT", x_zero, prefix + "_wzp"], [prefix + "_i32"]),
+        helper.make_node("Cast", [prefix + "_i32"], [prefix + "_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [prefix + "_f", prefix + "_scale"], [prefix + "_scaled"]),
+    ]
+
+
+def _dynamic_matmul(index: GraphIndex, prefix: str, x: str, w_scale: np.ndarray) -> list[NodeProto]:
+    """Weight-only layer: quantize the input per call (onnxruntime fuses this into DynamicQuantizeMatMul)."""
+    index.set_initializer(prefix + "_scale", w_scale)
+    return [
+        helper.make_node("DynamicQuantizeLinear", [x], [prefix + "_xq", prefix + "_xs", prefix + "_xzp"]),
+        helper.make_node(
+            "MatMulInteger", [prefix + "_xq", prefix + "_wT", prefix + "_xzp", prefix + "_wzp"], [prefix + "_i32"]
+        ),
+        helper.make_node("Cast", [prefix + "_i32"], [prefix + "_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [prefix + "_f", prefix + "_xs"], [prefix + "_fx"]),
+        helper.make_node("Mul", [prefix + "_fx", prefix + "_scale"], [prefix + "_scaled"]),
+    ]

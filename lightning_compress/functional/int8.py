@@ -1,0 +1,210 @@
+"""Int8 conversion: a QAT-prepared model becomes a deployable copy with int8 weight codes.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_compress.functional.qat import prepare_
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> prepare_(model)
+    >>> y = model(torch.randn(4, 8))  # observe ranges
+    >>> int8 = convert_to_int8(model)
+    >>> int8[0].weight_int8.dtype, tuple(int8[0].weight_scale.shape)
+    (torch.int8, (8,))
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.functional.fake_quant import (
+    activation_qrange,
+    dequantize_weight,
+    quantize_weight,
+    weight_scale,
+)
+from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, keep_own_forward, qat_modules
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """``codes * scale`` per output channel; exports to ONNX as ``DequantizeLinear`` of int8 initializers."""
+
+    @staticmethod
+    def forward(ctx: Any, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return dequantize_weight(codes, scale)
+
+    @staticmethod
+    def symbolic(g: Any, codes: Any, scale: Any, zero_point: Any) -> Any:  # noqa: D102
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
+
+
+class Int8Layer(nn.Module):
+    """A quantized Linear / Conv1d / Conv2d as deployed: int8 weight codes + fp32 per-channel scales.
+
+    In PyTorch the weights are *stored* in int8 and dequantized (``codes * scale``) at each call, then the
+    fp32 kernel runs: the gain is size (``state_dict`` ~4x smaller), not speed. PyTorch's int8 CPU paths
+    were not used on purpose: ``torch._weight_int8pack_mm`` measured ~30x slower than the fp32 matmul on
+    an AVX2 CPU (64x1024 @ 1024x1024), and the fbgemm ``quantized`` ops need quantized tensors, which
+    torch 2.13 deprecates. With ``activation_bits`` the input is quantize-dequantized with the scale
+    observed in training, so outputs match the fake-quantized model. Exported to ONNX
+    (:func:`~lightning_compress.export.onnx.export_onnx`) the weights stay int8 initializers and
+    onnxruntime runs int8 kernels.
+
+    Buffers: ``weight_int8`` (int8 codes ``[out, in, ...]``, 4-bit codes are stored one per byte),
+    ``weight_scale``, ``bias`` (fp32 or absent), ``input_scale`` / ``input_zero_point`` when activations
+    are quantized.
+
+    Modules that read their children's weights directly (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``'s fast path) find ``weight`` (the dequantized values, in the layout of
+    the layer it replaced: ``[in, out]`` for a Hugging Face ``Conv1D``) and ``bias``. The layer also keeps
+    fused fast paths from bypassing its forward (:func:`~lightning_compress.functional.qat.keep_own_forward`).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_bits: int,
+        activation_qparams: tuple[float, int] | None,
+        activation_bits: int | None,
+        conv_args: dict[str, Any] | None = None,
+        weight_layout: str = "out_in",
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.weight_layout = weight_layout
+        self.weight_bits = weight_bits
+        self.activation_bits = activation_bits if activation_qparams is not None else None
+        self.conv_args = dict(conv_args or {})
+        self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        input_scale, input_zero_point = activation_qparams or (None, None)
+        self.register_buffer("input_scale", None if input_scale is None else torch.tensor(float(input_scale)))
+        self.register_buffer(
+            "input_zero_point",
+            None if input_zero_point is None else torch.tensor(int(input_zero_point), dtype=torch.int32),
+        )
+        keep_own_forward(self)
+
+    @property
+    def in_features(self) -> int:  # noqa: D102
+        return int(self.weight_int8.shape[1])
+
+    @property
+    def out_features(self) -> int:  # noqa: D102
+        return int(self.weight_int8.shape[0])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the replaced layer's layout (for modules that read ``.weight``)."""
+        weight = self.dequantized_weight()
+        return weight.t() if self.weight_layout == "in_out" else weight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as fp32 values (``codes * scale``)."""
+        zero_point = torch.zeros(self.weight_scale.shape, dtype=torch.int8, device=self.weight_scale.device)
+        return _DequantizeWeight.apply(self.weight_int8, self.weight_scale, zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.activation_bits is not None:
+            qmin, qmax = activation_qrange(self.activation_bits)
+            x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, qmin, qmax)
+        if self.kind == "linear":
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+        return conv(x, self.dequantized_weight(), self.bias, **self.conv_args)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        shape = "x".join(map(str, self.weight_int8.shape))
+        bits = f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
+        return f"{self.kind}, weight={shape}, {bits}"
+
+
+def _deployed_scale(module: _QATMixin, weight: torch.Tensor) -> torch.Tensor:
+    """The weight scale the fake-quantized model uses, or a fresh one where it never quantized."""
+    # weight_scale starts at ones and is only written while fake-quantization observes: a layer whose
+    # QAT never started (start_step not reached) or was disabled gets the scale of its final weight.
+    never_observed = not bool((module.weight_scale != 1).any())
+    if not module.fake_quant_enabled or never_observed:
+        return weight_scale(weight, module.weight_bits)
+    return module.weight_scale
+
+
+def _to_int8_layer(module: _QATMixin) -> Int8Layer:
+    weight, bias = module.folded_weight_bias()
+    # Codes are stored [out, in, ...]: a Conv1D ([in, out]) becomes a plain linear, one export path.
+    weight = weight.detach().movedim(module.weight_axis, 0)
+    codes, scale = quantize_weight(weight, module.weight_bits, _deployed_scale(module, weight))
+    act = None
+    if module.activation_bits is not None and module.activation_observed:
+        s, z = module.activation_qparams()
+        act = (float(s), int(z))
+    if module.weight_axis == 1:
+        return Int8Layer(
+            "linear", codes, scale, bias, module.weight_bits, act, module.activation_bits, weight_layout="in_out"
+        )
+    if isinstance(module, nn.Linear):
+        return Int8Layer("linear", codes, scale, bias, module.weight_bits, act, module.activation_bits)
+    assert isinstance(module, nn.Conv1d | nn.Conv2d)
+    if module.padding_mode != "zeros":
+        raise NotImplementedError(f"padding_mode={module.padding_mode!r} is not supported by the int8 conversion.")
+    conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+    kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+    return Int8Layer(kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args)
+
+
+@torch.no_grad()
+def convert_to_int8(model: nn.Module) -> nn.Module:
+    """A deployable copy of a QAT-prepared ``model`` with int8 weights; ``model`` itself is unchanged.
+
+    Every QAT layer becomes an :class:`Int8Layer` (int8 codes + per-channel scales, the observed input
+    quantization), a folded BatchNorm becomes ``nn.Identity``. The copy is in eval mode; its
+    ``state_dict`` holds int8 tensors, about 4x smaller on disk than fp32.
+
+    Raises:
+        ValueError: if ``model`` has no QAT layer.
+    """
+    if not any(True for _ in qat_modules(model)):
+        raise ValueError(
+            "convert_to_int8 needs a model prepared for quantization "
+            "(QuantizationAwareTraining or prepare_); "
+            "this model has no QAT layer."
+        )
+    out = copy.deepcopy(model).eval()
+    for module in list(out.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, _QATMixin):
+                setattr(module, child_name, _to_int8_layer(child))
+            elif isinstance(child, FOLDED_BN_TYPES):
+                setattr(module, child_name, nn.Identity())
+    return out
+
+
+def int8_layers(model: nn.Module) -> dict[str, Int8Layer]:
+    """The :class:`Int8Layer` modules of a converted model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Int8Layer)}
+
+
+def quantized_size_bytes(model: nn.Module) -> tuple[int, int, float]:
+    """``(fp32 bytes, effective bytes, mean weight bits)`` of a QAT-prepared model's parameters.
+
+    Effective bytes count each quantized weight at its bit width plus one fp32 scale per channel,
+    everything else (biases, normalisation, unquantized layers) at 32 bits.
+    """
+    dense = sum(p.numel() * 4 for p in model.parameters())
+    effective = dense
+    bits_total = numel_total = 0
+    for _, m in qat_modules(model):
+        n = m.weight.numel()
+        effective += -n * 4 + (n * m.weight_bits + 7) // 8 + m.weight.shape[m.weight_axis] * 4
+        bits_total += n * m.weight_bits
+        numel_total += n
+    return dense, effective, (bits_total / numel_total if numel_total else 32.0)

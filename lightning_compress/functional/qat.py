@@ -1,0 +1,416 @@
+"""Quantization-aware training layers: the class swap, observers, BatchNorm folding, PTQ calibration.
+
+Quantized layers are the user's own ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` objects with their class
+switched in place to a subclass (:class:`QATLinear`, ...) that adds observer buffers. Parameter objects,
+names, hooks and references held elsewhere (an optimizer, a pruning callback) stay valid, the user's
+``forward`` is never touched, and :func:`finalize_` switches the class back.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> prepare_(model, weight_bits=8, activation_bits=8)
+    >>> [name for name, _ in qat_modules(model)]
+    ['0', '2']
+    >>> y = model(torch.randn(4, 8))  # observes activation ranges, fake-quantizes
+    >>> finalize_(model)
+    >>> type(model[0]).__name__
+    'Linear'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.functional.fake_quant import (
+    activation_qparams,
+    batchnorm_factor,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    fold_batchnorm,
+    weight_scale,
+)
+from lightning_compress.inputs import CapturedCall, as_call, run
+
+# Class names accepted by ``types``; "Conv1D" is Hugging Face's transposed Linear (GPT-2).
+QUANTIZABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv1D")
+
+# Plain attributes (not buffers) that prepare_ sets on a swapped layer and finalize_ removes.
+_QAT_ATTRIBUTES = (
+    "weight_bits",
+    "activation_bits",
+    "ema_decay",
+    "fake_quant_enabled",
+    "observer_enabled",
+    "bn_frozen",
+    "folded_bn",
+)
+_QAT_BUFFERS = ("weight_scale", "activation_range")
+
+
+class _QATMixin:
+    """Observer state and fake-quantization shared by :class:`QATLinear` and the QAT convolutions.
+
+    Buffers (saved in the model's ``state_dict``, so a checkpoint restores them exactly):
+    ``weight_scale`` (per output channel) and ``activation_range`` (``[min, max]``, ``inf`` until the
+    first observation). Plain attributes set by :func:`prepare_` / the callback: ``weight_bits``,
+    ``activation_bits``, ``ema_decay``, ``fake_quant_enabled``, ``observer_enabled``, ``bn_frozen``,
+    ``folded_bn``.
+    """
+
+    weight: nn.Parameter
+    bias: torch.Tensor | None
+    weight_scale: torch.Tensor
+    activation_range: torch.Tensor
+    training: bool
+    # Dim of the weight that indexes output channels (1 for Hugging Face's Conv1D, stored [in, out]).
+    weight_axis: int = 0
+
+    def _init_qat(self, weight_bits: int, activation_bits: int | None, ema_decay: float) -> None:
+        out_channels = self.weight.shape[self.weight_axis]
+        device = self.weight.device
+        self.register_buffer("weight_scale", torch.ones(out_channels, device=device))  # type: ignore[attr-defined]
+        # The activation range exists even for weight-only layers, so the state_dict's keys do not depend
+        # on the bit configuration and checkpoints load strictly across it.
+        self.register_buffer(  # type: ignore[attr-defined]
+            "activation_range", torch.tensor([float("inf"), float("-inf")], device=device)
+        )
+        self.weight_bits = weight_bits
+        self.activation_bits = activation_bits
+        self.ema_decay = ema_decay
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+        self.bn_frozen = False
+        self.folded_bn: nn.modules.batchnorm._BatchNorm | None = None
+        keep_own_forward(self)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ observers
+    @property
+    def activation_observed(self) -> bool:
+        """Whether an activation range has been observed yet."""
+        return bool(torch.isfinite(self.activation_range).all())
+
+    @torch.no_grad()
+    def _observe_activation(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach().float())
+        new = torch.stack([lo, hi])
+        if not self.activation_observed:
+            self.activation_range.copy_(new)
+        else:
+            self.activation_range.lerp_(new, 1.0 - self.ema_decay)
+
+    def activation_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` of the layer input from the observed range."""
+        assert self.activation_bits is not None
+        return activation_qparams(self.activation_range[0], self.activation_range[1], self.activation_bits)
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits is None or not self.fake_quant_enabled:
+            return x
+        if self.training and self.observer_enabled:
+            self._observe_activation(x)
+        if not self.activation_observed:
+            return x
+        scale, zero_point = self.activation_qparams()
+        return fake_quantize_activation(x, scale, zero_point, self.activation_bits)
+
+    def _quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled:
+            return weight
+        if self.training and self.observer_enabled:
+            with torch.no_grad():
+                self.weight_scale.copy_(weight_scale(weight, self.weight_bits, self.weight_axis))
+        return fake_quantize_weight(weight, self.weight_scale, self.weight_bits, self.weight_axis)
+
+    # ------------------------------------------------------------------ weights as deployed
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias as deployed: with the BatchNorm folded in when one is attached."""
+        bn = self.folded_bn
+        if bn is None:
+            return self.weight, self.bias
+        assert bn.running_mean is not None and bn.running_var is not None
+        return fold_batchnorm(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+    def _qat_forward(self, x: torch.Tensor, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+        x = self._quantize_input(x)
+        bn = self.folded_bn
+        if bn is None:
+            return op(x, self._quantize_weight(self.weight), self.bias)
+        if self.bn_frozen or not self.training:
+            # Inference form: exactly the conv that conversion produces.
+            weight, bias = self.folded_weight_bias()
+            return op(x, self._quantize_weight(weight), bias)
+        return self._forward_with_batch_statistics(x, op, bn)
+
+    def _forward_with_batch_statistics(
+        self, x: torch.Tensor, op: Callable[..., torch.Tensor], bn: nn.modules.batchnorm._BatchNorm
+    ) -> torch.Tensor:
+        # Jacob et al. 2018, torch.ao's ConvBn: quantize the weight folded with the *running* statistics
+        # (what will be deployed), undo the scaling on the output, then let BatchNorm normalise with the
+        # batch statistics and update its running estimates.
+        assert bn.running_var is not None
+        factor = batchnorm_factor(bn.running_var, bn.weight, bn.eps)
+        weight_shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        y = op(x, self._quantize_weight(self.weight * factor.reshape(weight_shape)), None)
+        output_shape = (1, -1) + (1,) * (y.dim() - 2)
+        y = y / factor.reshape(output_shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(output_shape)
+        return _batch_norm_train(bn, y)
+
+
+def _batch_norm_train(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> torch.Tensor:
+    # Same bookkeeping as _BatchNorm.forward in training mode.
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
+
+
+class QATLinear(_QATMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized input and weight (see :class:`_QATMixin` for the state)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self._qat_forward(input, F.linear)
+
+
+class QATConv1d(_QATMixin, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized input and weight, optionally with a folded BatchNorm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self._qat_forward(input, self._conv_forward)
+
+
+class QATConv2d(_QATMixin, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized input and weight, optionally with a folded BatchNorm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self._qat_forward(input, self._conv_forward)
+
+
+class FoldedBatchNorm1d(nn.BatchNorm1d):
+    """A BatchNorm whose work is done by the preceding QAT conv: its own forward is the identity.
+
+    Its parameters and running statistics stay where they were (same ``state_dict`` keys).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return input
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """2-d version of :class:`FoldedBatchNorm1d`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return input
+
+
+_QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: QATLinear,
+    nn.Conv1d: QATConv1d,
+    nn.Conv2d: QATConv2d,
+}
+_FOLDED_BN_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: FoldedBatchNorm1d,
+    nn.BatchNorm2d: FoldedBatchNorm2d,
+}
+FOLDED_BN_TYPES: tuple[type[nn.Module], ...] = tuple(_FOLDED_BN_CLASS.values())
+
+
+def _keep_forward_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that does nothing: its presence is what matters (see :func:`keep_own_forward`)."""
+
+
+def keep_own_forward(module: nn.Module) -> None:
+    """Make containers with fused fast paths call ``module``'s own forward.
+
+    ``nn.TransformerEncoderLayer`` in eval mode under ``no_grad`` hands ``linear1.weight`` etc. to one
+    fused kernel and never calls ``linear1``: a QAT layer would silently run unquantized there, an int8
+    layer without its input quantization. PyTorch skips that fast path when any submodule has a forward
+    hook, so a no-op pre-hook keeps these layers' forward in the computation (a few µs per call).
+    """
+    if _keep_forward_hook not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_keep_forward_hook)
+
+
+def _release_forward(module: nn.Module) -> None:
+    for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _keep_forward_hook]:
+        del module._forward_pre_hooks[key]
+
+
+def qat_class(module: nn.Module) -> type[nn.Module] | None:
+    """The QAT class ``module`` is swapped to, or ``None`` when its exact type is not supported.
+
+    Exact types only: a user subclass may have its own forward, which the swap would bypass.
+    """
+    cls = _QAT_CLASS.get(type(module))
+    if cls is None and type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils":
+        from lightning_compress.functional.qat_hf import QATConv1D  # needs transformers, present here
+
+        cls = QATConv1D
+    return cls
+
+
+def shared_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """``{layer: [other parameter names]}`` for layers whose weight is also registered elsewhere (tied).
+
+    Example: Hugging Face GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
+    """
+    by_id: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(parameter), []).append(name)
+    modules = dict(model.named_modules())
+    tied = {}
+    for name in names:
+        weight = getattr(modules[name], "weight", None)
+        if isinstance(weight, nn.Parameter):
+            others = [n for n in by_id.get(id(weight), []) if n != (f"{name}.weight" if name else "weight")]
+            if others:
+                tied[name] = others
+    return tied
+
+
+def is_qat(module: nn.Module) -> bool:
+    """Whether ``module`` is a swapped QAT layer."""
+    return isinstance(module, _QATMixin)
+
+
+def qat_modules(model: nn.Module) -> Iterator[tuple[str, _QATMixin]]:
+    """``(name, module)`` of every QAT layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, _QATMixin):
+            yield name, module
+
+
+def conv_bn_pairs(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Conv → BatchNorm pairs that can be folded: adjacent in an ``nn.Sequential``, channels matching.
+
+    Only ``nn.Sequential`` adjacency is trusted: there the conv's output feeds the BatchNorm and nothing
+    else. Pairs anywhere else in a custom ``forward`` are left unfolded (still quantized).
+    """
+    wanted = set(names)
+    pairs: dict[str, str] = {}
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (a_name, a), (b_name, b) in zip(children, children[1:], strict=False):
+            full_a = f"{parent_name}.{a_name}" if parent_name else a_name
+            full_b = f"{parent_name}.{b_name}" if parent_name else b_name
+            conv_ok = type(a) in (nn.Conv1d, nn.Conv2d, QATConv1d, QATConv2d) and full_a in wanted
+            bn_ok = type(b) in (nn.BatchNorm1d, nn.BatchNorm2d) and b.track_running_stats
+            if conv_ok and bn_ok and b.num_features == a.out_channels:
+                pairs[full_a] = full_b
+    return pairs
+
+
+def prepare_(
+    model: nn.Module,
+    *,
+    weight_bits: int | Mapping[str, int] = 8,
+    activation_bits: int | None = 8,
+    modules: Iterable[str] | None = None,
+    fold_bn: bool = False,
+    ema_decay: float = 0.99,
+) -> None:
+    """Swap ``model``'s Linear / Conv1d / Conv2d layers to their QAT classes, in place.
+
+    :func:`qat_modules` lists the swapped layers afterwards.
+
+    Args:
+        model: the model; its layers keep their parameter objects and names.
+        weight_bits: bits of every weight, or ``{module name: bits}`` for each layer in ``modules``.
+        activation_bits: bits of each layer's input, or ``None`` for weight-only quantization.
+        modules: names of the layers to quantize (all supported layers by default).
+        fold_bn: fold a BatchNorm that directly follows a conv in an ``nn.Sequential`` into it.
+        ema_decay: weight of the old value in the EMA of activation min/max.
+
+    Raises:
+        TypeError: if a layer in ``modules`` is not of a quantizable type.
+    """
+    named = dict(model.named_modules())
+    names = [n for n, m in named.items() if n and qat_class(m)] if modules is None else list(modules)
+    bits_of = weight_bits if isinstance(weight_bits, Mapping) else dict.fromkeys(names, weight_bits)
+    for name in names:
+        module = named[name]
+        if isinstance(module, _QATMixin):
+            # Already prepared (a repeated fit): keep the observed state, take the new configuration.
+            module.weight_bits, module.activation_bits = int(bits_of[name]), activation_bits
+            module.ema_decay = ema_decay
+            continue
+        cls = qat_class(module)
+        if cls is None:
+            raise TypeError(f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}.")
+        module.__class__ = cls
+        module._init_qat(int(bits_of[name]), activation_bits, ema_decay)  # type: ignore[operator]
+    if fold_bn:
+        for conv_name, bn_name in conv_bn_pairs(model, names).items():
+            conv, bn = named[conv_name], named[bn_name]
+            bn.__class__ = _FOLDED_BN_CLASS[type(bn)]
+            # A plain attribute (object.__setattr__), not a submodule: the BatchNorm stays registered
+            # only where it was, so state_dict keys do not change.
+            object.__setattr__(conv, "folded_bn", bn)
+
+
+def finalize_(model: nn.Module) -> None:
+    """Inverse of :func:`prepare_`: plain ``nn.Linear`` / ``nn.Conv*`` / ``nn.BatchNorm*`` again.
+
+    Weights keep their float values (not fake-quantized), observer buffers are dropped.
+    """
+    for module in list(model.modules()):
+        if isinstance(module, _QATMixin):
+            for key in _QAT_BUFFERS:
+                delattr(module, key)
+            for key in _QAT_ATTRIBUTES:
+                module.__dict__.pop(key, None)
+            _release_forward(module)
+            module.__class__ = type(module).__bases__[-1]  # (_QATMixin, the float class)
+        elif isinstance(module, FOLDED_BN_TYPES):
+            module.__class__ = type(module).__bases__[0]
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches: Iterable[Any], num_batches: int | None = None) -> None:
+    """Post-training quantization: observe ranges on ``batches`` without training, then freeze.
+
+    Runs the model in train mode for the observers, with BatchNorm statistics untouched (folded
+    BatchNorms use their running statistics), and leaves observers frozen and the model in eval mode.
+
+    Args:
+        model: a model prepared with :func:`prepare_`.
+        batches: dataloader batches: a tensor (the input), a tuple/list whose first element is the
+            model input (the rest are targets), a dict of keyword inputs, or a
+            :class:`~lightning_compress.inputs.CapturedCall`.
+        num_batches: stop after this many batches (all by default).
+    """
+    layers = [m for _, m in qat_modules(model)]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.train()
+    for bn in bns:
+        bn.eval()
+    for m in layers:
+        m.observer_enabled, m.bn_frozen = True, True
+    for seen, batch in enumerate(batches):
+        if num_batches is not None and seen >= num_batches:
+            break
+        run(model, _batch_input(batch))
+    for m in layers:
+        m.observer_enabled = False
+    model.eval()
+
+
+def _batch_input(batch: Any) -> CapturedCall:
+    """The model call of a dataloader batch: ``(x, y, ...)`` feeds ``x`` as the one positional input."""
+    if isinstance(batch, CapturedCall):  # checked first: a CapturedCall is a tuple too
+        return batch
+    if isinstance(batch, list | tuple):
+        return CapturedCall((batch[0],), {})
+    return as_call(batch)
