@@ -181,8 +181,8 @@ class NeverTrains(pl.Callback):
     "kwargs,match",
     [
         ({"include": ["encoder.*"]}, r"include pattern 'encoder.\*' matches no module.*net\.0"),
-        ({"structure": "2:4", "include": ["net.0"], "types": ["Linear"]}, None),  # 16 inputs divide by 4: fine
         ({"structure": "1x3"}, r"1x3 blocks"),
+        ({"structure": "2:4", "include": ["net.0"], "types": ["Linear"]}, None),  # 16 inputs divide by 4
         ({"overrides": {"net.9": 0.5}}, "overrides pattern 'net.9' matches no pruned parameter"),
         ({"types": ["Conv2d"]}, r"No module was selected.*Linear"),
     ],
@@ -190,13 +190,27 @@ class NeverTrains(pl.Callback):
 def test_model_dependent_errors_before_first_step(tmp_path, kwargs: dict, match: str | None) -> None:
     pruning = GradualPruning(target_sparsity=0.5, **kwargs)
     t = trainer(tmp_path, [pruning, NeverTrains()] if match else [pruning], logger=CSVLogger(tmp_path), max_epochs=1)
-    if match is None:
-        t.fit(TinyMLP())
+    if match is None:  # 16 inputs divide by 4: accepted, and net.0 ends exactly 2:4 while the rest stays dense
+        model = TinyMLP()
+        t.fit(model)
+        runs = (model.net[0].weight.detach() == 0).reshape(-1, 4).sum(1)
+        assert (runs == 2).all()
+        assert int((model.net[2].weight == 0).sum()) == 0 and int((model.net[4].weight == 0).sum()) == 0
         return
     with pytest.raises(ValueError, match=match):
         t.fit(TinyMLP())
     assert not glob.glob(str(tmp_path / "**" / "compression_report*"), recursive=True)
     assert not glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
+
+
+def test_2_4_refuses_a_layer_whose_inputs_do_not_divide_by_4(tmp_path) -> None:
+    class Odd(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__(features=6)  # net.0 has 6 inputs
+
+    t = trainer(tmp_path, [GradualPruning(structure="2:4"), NeverTrains()], max_epochs=1)
+    with pytest.raises(ValueError, match=r"'net\.0\.weight'.*6 inputs per output.*HINT: exclude it"):
+        t.fit(Odd())
 
 
 # ----------------------------------------------------------------------------- schedule and masks
