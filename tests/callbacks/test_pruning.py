@@ -311,6 +311,32 @@ def test_pruned_weights_never_revive(tmp_path, model_kwargs, trainer_kwargs) -> 
     TinyMLP().load_state_dict(model.state_dict())
 
 
+class DriftingSGD(torch.optim.SGD):
+    """An optimizer that moves every weight regardless of its gradient (like an EMA or a proximal step)."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3)
+        return loss
+
+
+class DriftingMLP(TinyMLP):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return DriftingSGD(self.parameters(), lr=0.05)
+
+
+def test_weights_stay_zero_whatever_the_optimizer_does(tmp_path) -> None:
+    pruning = GradualPruning(0.5, end_step=4, update_every_n_steps=2)
+    model, probe = fit(tmp_path, pruning, DriftingMLP(), max_epochs=1)
+    assert probe.revived() == 0
+    assert probe.total_pruned(probe.steps[-1]) == count_for(0.5, TOTAL)
+    weights = torch.cat([model.get_parameter(n).detach().flatten() for n in WEIGHTS])
+    assert int((weights == 0).sum()) == count_for(0.5, TOTAL)
+
+
 def test_clipping_norm_excludes_pruned_gradients(tmp_path) -> None:
     pruning = GradualPruning(0.9, end_step=1, update_every_n_steps=1, schedule="one_shot")
     seen: list[float] = []

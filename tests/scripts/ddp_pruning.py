@@ -34,8 +34,11 @@ def main(out: str, strategy: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     hidden = GradualPruning(0.7, criterion="taylor", end_step=6, update_every_n_steps=2, include=["net.0", "net.2"])
+    # Under "ddp" every rank runs this script, so LOCAL_RANK gives each process its own random seed: identical
+    # masks on both ranks then show that rank zero's masks are broadcast, not merely recomputed alike.
+    seed = 3 + int(os.environ.get("LOCAL_RANK", "0"))
     head = GradualPruning(
-        0.5, criterion="random", end_step=6, update_every_n_steps=2, include=["net.4"], name="head", seed=3
+        0.5, criterion="random", end_step=6, update_every_n_steps=2, include=["net.4"], name="head", seed=seed
     )
     model = TinyMLP()
     trainer = ddp_trainer(out, [hidden, head, SaveWeights(out)], strategy=strategy)
