@@ -283,6 +283,16 @@ def test_epoch_arguments_are_converted_to_steps(tmp_path) -> None:
         assert probe.total_pruned(step) == count_for(level, TOTAL), f"step {step}"
 
 
+def test_epoch_arguments_count_optimizer_steps_under_accumulation(tmp_path) -> None:
+    # 8 batches per epoch, 3 per optimizer step: Lightning steps after batches 3, 6 and at the epoch's end.
+    pruning = GradualPruning(0.5, start_epoch=1, end_epoch=2, update_every_n_steps=1, schedule="linear")
+    _, probe = fit(tmp_path, pruning, max_epochs=3, accumulate_grad_batches=3)
+    assert probe.steps == list(range(9))  # ceil(8 / 3) = 3 optimizer steps per epoch
+    for step in probe.steps:  # window 3..6
+        level = reference_sparsity("linear", min(step, 6), 3, 6, 0.5)
+        assert probe.total_pruned(step) == count_for(level, TOTAL), f"step {step}"
+
+
 @pytest.mark.parametrize(
     "model_kwargs,trainer_kwargs",
     [
