@@ -54,3 +54,10 @@ def test_string_instead_of_list_is_refused() -> None:
         validate_patterns("exclude", "head")
     with pytest.raises(ValueError, match="invalid regular expression"):
         validate_patterns("include", ["re:("])
+
+
+def test_patterns_match_whole_names_not_prefixes() -> None:
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])  # modules "0" ... "10"
+    assert [t.name for t in select_parameters(model, include=["re:1"])] == ["1.weight"]
+    assert [t.name for t in select_parameters(model, include=["1"])] == ["1.weight"]
+    assert len(select_parameters(model, exclude=["re:1"])) == 10  # "10" stays selected

@@ -169,3 +169,50 @@ def _masks(scores, old, level, structure, scope):
     if scope == "global":
         return F.global_masks(scores, old, level, structure)
     return F.layer_masks(scores, old, dict.fromkeys(scores, level), structure)
+
+
+# ----------------------------------------------------------------------------- hand-built cases
+def test_ties_go_to_the_lowest_index_and_the_count_is_exact() -> None:
+    scores = torch.ones(2, 5)  # every score equal
+    mask = F.layer_masks({"w": scores}, {}, {"w": 0.4}, F.parse_structure("unstructured"))["w"]
+    assert mask.flatten().tolist() == [False] * 4 + [True] * 6
+
+
+def test_norm_argument_changes_the_channel_ranking() -> None:
+    # row 0: L1 = 4, L2 = 2; row 1: L1 = L2 = 2.1. L1 prunes row 1, L2 prunes row 0.
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.1, 0.0, 0.0, 0.0]])
+    channels = F.parse_structure("channels")
+    l1 = F.layer_masks({"w": scores}, {}, {"w": 0.5}, channels, norm=1.0)["w"]
+    l2 = F.layer_masks({"w": scores}, {}, {"w": 0.5}, channels, norm=2.0)["w"]
+    assert l1.all(dim=1).tolist() == [True, False]
+    assert l2.all(dim=1).tolist() == [False, True]
+
+
+def test_global_channels_compare_groups_of_different_sizes_per_weight() -> None:
+    # Per-weight (size-normalised) L2: a's rows score 1.0, b's rows 1.5, so a goes first although its
+    # raw row norms (4.0) exceed b's (3.0). 80% of 80 weights = a's 64 weights exactly.
+    scores = {"a": torch.ones(4, 16), "b": torch.full((4, 4), 1.5)}
+    masks = F.global_masks(scores, {}, 0.8, F.parse_structure("channels"))
+    assert not masks["a"].any() and masks["b"].all()
+
+
+def test_global_mixed_group_sizes_prune_to_the_nearest_count() -> None:
+    # Groups in score order: b0 (4 weights), b1 (4), a0 (16), a1 (16); cumulative 4, 8, 24, 40.
+    # 50% of 40 = 20 weights: 24 (three groups) is nearer than 8 (two groups).
+    scores = {"a": torch.tensor([[0.3] * 16, [0.4] * 16]), "b": torch.tensor([[0.1] * 4, [0.2] * 4])}
+    masks = F.global_masks(scores, {}, 0.5, F.parse_structure("channels"))
+    assert masks["b"].any(dim=1).tolist() == [False, False]
+    assert masks["a"].any(dim=1).tolist() == [False, True]
+
+
+def test_gradual_n_m_converts_the_cheapest_runs_first() -> None:
+    # Converting a run to 2:4 costs the sum of its 2 smallest scores: run A costs 2, run B costs 6.
+    scores = torch.tensor([[1.0, 1.0, 10.0, 10.0, 3.0, 3.0, 3.0, 3.0]])
+    mask = F.layer_masks({"w": scores}, {}, {"w": 0.25}, F.parse_structure("2:4"))["w"]
+    assert mask.int().tolist() == [[0, 0, 1, 1, 1, 1, 1, 1]]
+
+
+def test_check_fits_needs_rows_to_divide_by_the_block_height() -> None:
+    with pytest.raises(ValueError, match=r"as a 3x8 matrix.*2x4 blocks"):
+        F.check_fits(F.parse_structure("block:2x4"), "fc.weight", (3, 8))
+    F.check_fits(F.parse_structure("block:2x4"), "fc.weight", (4, 8))  # fits: no error

@@ -49,3 +49,21 @@ def test_saved_file_is_smaller_and_loads_strictly(tmp_path) -> None:
     fresh.load_state_dict(load_sparse(sparse_path))
     x = torch.randn(4, 256)
     assert torch.equal(fresh(x), model(x))
+
+
+def test_which_tensors_are_packed() -> None:
+    quarter = torch.arange(1.0, 17.0)
+    quarter[:4] = 0.0  # exactly 25% zeros: packed at min_sparsity=0.25
+    small = torch.tensor([0.0, 0.0, 1.0, 2.0])  # fewer than 8 entries: left as it is
+    packed = pack_state_dict({"q": quarter, "dense": torch.arange(1.0, 17.0), "small": small}, min_sparsity=0.25)
+    assert isinstance(packed["q"], dict) and packed["q"]["values"].tolist() == list(range(5, 17))
+    assert torch.equal(packed["dense"], torch.arange(1.0, 17.0)) and torch.equal(packed["small"], small)
+
+
+def test_packed_tensors_keep_their_dtype() -> None:
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        w = torch.tensor([0.0, 1.5, 0.0, -2.25, 0.0, 0.0, 3.0, 0.0, 0.0, 0.5], dtype=dtype)
+        packed = pack_state_dict({"w": w})
+        assert isinstance(packed["w"], dict)
+        back = unpack_state_dict(packed)["w"]
+        assert back.dtype == dtype and torch.equal(back, w)

@@ -38,3 +38,22 @@ def test_flops_match_formula() -> None:
 def test_serialized_bytes_measures_torch_save() -> None:
     small, big = nn.Linear(4, 4), nn.Linear(64, 64)
     assert stats.serialized_bytes(big.state_dict()) > 64 * 64 * 4 > stats.serialized_bytes(small.state_dict())
+
+
+def test_empty_tensor_has_zero_sparsity() -> None:
+    assert stats.sparsity(torch.empty(0)) == 0.0
+    assert stats.global_sparsity([]) == 0.0
+
+
+def test_layer_stats_count_only_the_module_own_parameters() -> None:
+    block = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    assert stats.layer_stats(block).params == 0  # a container owns nothing itself
+    assert [(s.name, s.params) for s in stats.model_stats(block)] == [("0", 8), ("1", 6)]
+
+
+def test_flops_counting_leaves_the_model_untouched() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    running_mean = model[1].running_mean.clone()
+    stats.module_flops(model, torch.randn(8, 4) + 5.0)
+    assert torch.equal(model[1].running_mean, running_mean)  # counted in eval mode: no statistics update
+    assert model.training  # and the mode is restored
