@@ -322,13 +322,23 @@ class GradualPruning(CompressionCallback):
             self._rewind_weights(trainer)
         self._refresh_metrics(step)
         shortfall = self._metrics["target_sparsity"] - self._metrics["sparsity"]
-        if step >= self._window[1] and shortfall > 0.01:
+        if step >= self._window[1] and shortfall > 0.01 and self._floor_reached():
             rank_zero_warn(
                 f"GradualPruning: reached sparsity {self._metrics['sparsity']:.3f} of the target "
                 f"{self._metrics['target_sparsity']:.3f}: every pruned tensor keeps at least one "
                 f"{'weight' if self.structure.kind == 'unstructured' else 'group'} (a layer is never emptied), "
                 "and too few are left to go further. HINT: prune more layers or lower target_sparsity."
             )
+
+    def _floor_reached(self) -> bool:
+        """Whether some pruned tensor is down to its last group, the floor that keeps layers from being emptied."""
+        if self.structure.kind == "n:m":
+            return False
+        return any(
+            int(F.to_groups(t.out_first(self._masks[t.name]), self.structure).any(dim=1).sum()) == 1
+            for t in self._targets
+            if t.name in self._masks
+        )
 
     def _apply_masks(self, trainer: pl.Trainer, zero_optimizer_state: bool = False) -> None:
         """Zero the pruned weights (at an update, also their optimizer state); refresh the per-step lists."""

@@ -608,3 +608,13 @@ def test_compiled_model_is_pruned(tmp_path) -> None:
     trainer(tmp_path, [pruning], max_epochs=1).fit(torch.compile(model, backend="eager"))
     weights = torch.cat([model.get_parameter(n).detach().flatten() for n in WEIGHTS])
     assert int((weights == 0).sum()) == count_for(0.6, TOTAL)
+
+
+def test_a_layer_is_never_emptied_and_the_shortfall_is_said(tmp_path) -> None:
+    # net.4 has 4 output channels: 90% per layer would be round(3.6) = 4 channels, the whole layer.
+    pruning = GradualPruning(0.9, include=["net.4"], structure="channels", scope="layer", end_step=4)
+    model = TinyMLP()
+    with pytest.warns(UserWarning, match=r"reached sparsity 0.750 of the target 0.900.*never emptied"):
+        trainer(tmp_path, [pruning], max_epochs=1).fit(model)
+    head = model.net[4].weight.detach()
+    assert int((head == 0).all(dim=1).sum()) == 3  # 3 of 4 channels, one kept

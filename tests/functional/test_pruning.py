@@ -188,21 +188,29 @@ def test_norm_argument_changes_the_channel_ranking() -> None:
     assert l2.all(dim=1).tolist() == [False, True]
 
 
-def test_global_channels_compare_groups_of_different_sizes_per_weight() -> None:
-    # Per-weight (size-normalised) L2: a's rows score 1.0, b's rows 1.5, so a goes first although its
-    # raw row norms (4.0) exceed b's (3.0). 80% of 80 weights = a's 64 weights exactly.
-    scores = {"a": torch.ones(4, 16), "b": torch.full((4, 4), 1.5)}
-    masks = F.global_masks(scores, {}, 0.8, F.parse_structure("channels"))
-    assert not masks["a"].any() and masks["b"].all()
+def test_global_channels_compare_groups_relative_to_their_layer_whatever_their_size() -> None:
+    # Row norms a: 1,2,3,4 (16 weights each), b: 400,300,200,100 (4 each). Divided by their layer's mean:
+    # a 0.4,0.8,1.2,1.6 and b 1.6,1.2,0.8,0.4; each layer's best row is kept whatever happens.
+    # 50% of 80 weights = 40: a0 (16), b3 (4), a1 (16), b2 (4) add up to exactly 40.
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None].expand(4, 16) / 4.0
+    b = torch.tensor([400.0, 300.0, 200.0, 100.0])[:, None].expand(4, 4) / 2.0
+    masks = F.global_masks({"a": a, "b": b}, {}, 0.5, F.parse_structure("channels"))
+    assert masks["a"].any(dim=1).tolist() == [False, False, True, True]
+    assert masks["b"].any(dim=1).tolist() == [True, True, False, False]
 
 
-def test_global_mixed_group_sizes_prune_to_the_nearest_count() -> None:
-    # Groups in score order: b0 (4 weights), b1 (4), a0 (16), a1 (16); cumulative 4, 8, 24, 40.
-    # 50% of 40 = 20 weights: 24 (three groups) is nearer than 8 (two groups).
-    scores = {"a": torch.tensor([[0.3] * 16, [0.4] * 16]), "b": torch.tensor([[0.1] * 4, [0.2] * 4])}
-    masks = F.global_masks(scores, {}, 0.5, F.parse_structure("channels"))
-    assert masks["b"].any(dim=1).tolist() == [False, False]
-    assert masks["a"].any(dim=1).tolist() == [False, True]
+@pytest.mark.parametrize(
+    ("sparsity", "a_rows", "b_rows"),
+    [(0.48, [False, True], [False, True, True]), (0.52, [False, True], [False, False, True])],
+)
+def test_global_mixed_group_sizes_prune_to_the_nearest_count(sparsity, a_rows, b_rows) -> None:
+    # Relative to their layer's mean, a's rows score 0.5, 1.5 (16 weights each) and b's 0.5, 0.5, 2.0 (4 each);
+    # a1 and b2 are each layer's best and stay. Candidates in order: a0 (16), b0 (4), b1 (4): cumulative
+    # 16, 20, 24 of 44 weights. 48% = 21.1 is nearest 20 (two groups); 52% = 22.9 is nearest 24 (three).
+    scores = {"a": torch.tensor([[1.0] * 16, [3.0] * 16]), "b": torch.tensor([[1.0] * 4, [1.0] * 4, [4.0] * 4])}
+    masks = F.global_masks(scores, {}, sparsity, F.parse_structure("channels"))
+    assert masks["a"].any(dim=1).tolist() == a_rows
+    assert masks["b"].any(dim=1).tolist() == b_rows
 
 
 def test_gradual_n_m_converts_the_cheapest_runs_first() -> None:
