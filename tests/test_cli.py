@@ -36,12 +36,21 @@ def plain(value: Any) -> Any:
     return repr(value)
 
 
+def argument(callback: Any, name: str) -> Any:
+    """The ``__init__`` argument ``name`` of ``callback``, read back from the attribute of the same name.
+
+    Window arguments (``start_step`` ... ``end_epoch``) live on the callback's ``window`` (a StepWindow).
+    """
+    for holder in (callback, getattr(callback, "window", None)):
+        if holder is not None and hasattr(holder, name):
+            return getattr(holder, name)
+    raise AssertionError(f"{type(callback).__name__} keeps no attribute for {name!r}: extend this test")
+
+
 def init_arguments(callback: Any) -> dict[str, Any]:
-    """Every ``__init__`` argument of ``callback``, read back from the attribute of the same name."""
+    """Every ``__init__`` argument of ``callback``, in a comparable form."""
     names = [n for n in inspect.signature(type(callback).__init__).parameters if n != "self"]
-    missing = [n for n in names if not hasattr(callback, n)]
-    assert not missing, f"{type(callback).__name__} keeps no attribute for {missing}: extend this test"
-    return {n: plain(getattr(callback, n)) for n in names}
+    return {n: plain(argument(callback, n)) for n in names}
 
 
 def given_callbacks(path: str) -> list[dict[str, Any]]:
@@ -70,7 +79,7 @@ def check_reload(tmp_path, first: Any, config_path: str, first_root: str) -> Non
     # and the values are the ones the YAML file gives (a dropped argument would come back as its default)
     for cb, spec in zip(ours(again), given_callbacks(config_path), strict=True):
         for key, value in spec.get("init_args", {}).items():
-            attribute = getattr(cb, key)
+            attribute = argument(cb, key)
             if isinstance(value, dict) and "class_path" in value:  # a module given by class_path
                 # built here from the YAML (its hparams are not evidence: LightningCLI stamps the main
                 # model's hparams on every LightningModule it instantiates, a nested teacher included)

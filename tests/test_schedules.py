@@ -53,7 +53,8 @@ def test_resolve_rejects_unknown(bad) -> None:
 
 
 @pytest.mark.parametrize(
-    "cls,kw", [(Exponential, {"rate": 0}), (Exponential, {"rate": -1}), (Polynomial, {"power": -1}), (Polynomial, {"power": 0})]
+    "cls,kw",
+    [(Exponential, {"rate": 0}), (Exponential, {"rate": -1}), (Polynomial, {"power": -1}), (Polynomial, {"power": 0})],
 )
 def test_bad_parameters(cls, kw) -> None:
     with pytest.raises(ValueError, match="must be > 0"):

@@ -28,9 +28,9 @@ from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
 from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
-from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_, qat_class, shared_weights
+from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_, qat_class
 from lightning_compress.inputs import to_device
-from lightning_compress.targets import matches, select_modules, validate_patterns
+from lightning_compress.targets import matches, select_modules, tied_parameters, validate_patterns
 
 
 def _check_bits(argument: str, value: Any, accepted: Sequence[int]) -> int:
@@ -238,7 +238,9 @@ class QuantizationAwareTraining(CompressionCallback):
                 "Conv1D are swapped. HINT: exclude these modules."
             )
         names = [n for n, _ in selected]
-        tied = shared_weights(pl_module, names)
+        # Ties to an unselected module were refused by select_modules; this catches ties inside the selection.
+        ties_of = tied_parameters(pl_module)
+        tied = {n: ties_of[f"{n}.weight"] for n in names if f"{n}.weight" in ties_of}
         if tied:
             ties = "; ".join(f"{n}.weight is also {', '.join(others)}" for n, others in tied.items())
             raise ValueError(

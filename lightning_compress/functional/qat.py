@@ -259,25 +259,6 @@ def qat_class(module: nn.Module) -> type[nn.Module] | None:
     return cls
 
 
-def shared_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
-    """``{layer: [other parameter names]}`` for layers whose weight is also registered elsewhere (tied).
-
-    Example: Hugging Face GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
-    """
-    by_id: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(parameter), []).append(name)
-    modules = dict(model.named_modules())
-    tied = {}
-    for name in names:
-        weight = getattr(modules[name], "weight", None)
-        if isinstance(weight, nn.Parameter):
-            others = [n for n in by_id.get(id(weight), []) if n != (f"{name}.weight" if name else "weight")]
-            if others:
-                tied[name] = others
-    return tied
-
-
 def is_qat(module: nn.Module) -> bool:
     """Whether ``module`` is a swapped QAT layer."""
     return isinstance(module, _QATMixin)

@@ -11,8 +11,8 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_compress import GradualPruning
-from lightning_compress.schedules import Exponential, Polynomial
 from lightning_compress.functional.stats import sparsity
+from lightning_compress.schedules import Exponential, Polynomial
 from tests.helpers import TinyMLP, trainer
 
 WEIGHTS = ["net.0.weight", "net.2.weight", "net.4.weight"]
@@ -354,7 +354,11 @@ def test_clipping_norm_excludes_pruned_gradients(tmp_path) -> None:
     class GradNorm(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             # runs after GradualPruning's hook and before Lightning clips: what clipping will see
-            seen.append(sum(float(pl_module.get_parameter(n).grad[pl_module.get_parameter(n) == 0].abs().sum()) for n in WEIGHTS))
+            seen.append(
+                sum(
+                    float(pl_module.get_parameter(n).grad[pl_module.get_parameter(n) == 0].abs().sum()) for n in WEIGHTS
+                )
+            )
 
     trainer(tmp_path, [pruning, GradNorm()], max_epochs=1).fit(TinyMLP())
     assert len(seen) == 8 and all(v == 0.0 for v in seen)

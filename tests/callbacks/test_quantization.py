@@ -86,9 +86,22 @@ class Subclassed(TinyMLP):
         self.net[0] = self.MyLinear(16, 32)
 
 
+class SharedHidden(TinyMLP):
+    """Two hidden Linear layers sharing one weight: both selected, quantizing each would untie them."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=16)
+        self.net[2] = nn.Linear(16, 16)
+        self.net.insert(4, nn.Linear(16, 16))
+        self.net.insert(5, nn.ReLU())
+        self.net[4].weight = self.net[2].weight
+
+
 @pytest.mark.parametrize(
     ("model", "kwargs", "match"),
     [
+        (SharedHidden, {}, r"tied to another parameter: net.2.weight is also net.4.weight"),
+        (SharedHidden, dict(include=["net.2"]), r"net.2.weight is tied to net.4.weight .*HINT: exclude 'net.2'"),
         (TinyMLP, dict(include=["encoder.*"]), "include pattern 'encoder.*' matches no module"),
         (TinyMLP, dict(exclude=["net.9"]), "exclude pattern 'net.9' matches no module"),
         (TinyMLP, dict(overrides={"head": 4}), "overrides pattern 'head' matches no quantized layer"),

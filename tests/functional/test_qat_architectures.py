@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_compress.functional.int8 import Int8Layer, convert_to_int8
-from lightning_compress.functional.qat import _release_forward, finalize_, prepare_, qat_modules, shared_weights
+from lightning_compress.functional.qat import _release_forward, finalize_, prepare_, qat_modules
 
 
 def encoder_layer() -> nn.TransformerEncoderLayer:
@@ -75,10 +75,3 @@ def test_hf_conv1d_per_output_column() -> None:
         torch.testing.assert_close(int8(x), model(x), atol=1e-5, rtol=1e-5)
     finalize_(model)
     assert type(model[0]) is Conv1D and not model[0]._forward_pre_hooks
-
-
-def test_shared_weights_names_the_tie() -> None:
-    embed, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
-    head.weight = embed.weight
-    model = nn.ModuleDict({"embed": embed, "head": head, "other": nn.Linear(4, 4)})
-    assert shared_weights(model, ["head", "other"]) == {"head": ["embed.weight"]}
