@@ -69,10 +69,14 @@ SUMMARY_KINDS: dict[str, str] = {
 widths), ``counted`` (exact counts of the tensors)."""
 
 
-def file_bytes(write: Callable[[str], Any]) -> int:
-    """Bytes of the file ``write(path)`` writes, measured on disk in a temporary directory removed after."""
+def file_bytes(write: Callable[[str], Any], name: str = "model.pt") -> int:
+    """Bytes of the file ``write(path)`` writes, measured on disk in a temporary directory removed after.
+
+    ``name`` is the file's name: ``torch.save`` stores it inside the archive, so it changes the size by a
+    few bytes per tensor.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "measured")
+        path = os.path.join(tmp, name)
         write(path)
         return os.path.getsize(path)
 

@@ -58,8 +58,12 @@ def callback_config(callback: Any) -> dict[str, Any]:
     return out
 
 
-def log_config(loggers: Iterable[Any], callbacks: Sequence[Any]) -> None:
-    """Record every compression callback's configuration as hyperparameters ``compress/<Class>[/<name>]/<arg>``."""
+def log_config(loggers: Iterable[Any], callbacks: Sequence[Any], metrics: Mapping[str, float] | None = None) -> None:
+    """Record every compression callback's configuration as hyperparameters ``compress/<Class>[/<name>]/<arg>``.
+
+    TensorBoard shows hyperparameters against metrics: ``metrics`` (the report's final numbers) are
+    given to it instead of its placeholder ``hp_metric = -1``.
+    """
     params: dict[str, Any] = {}
     for cb in callbacks:
         prefix = f"compress/{type(cb).__name__}" + (f"/{cb.name}" if getattr(cb, "name", None) else "")
@@ -69,7 +73,10 @@ def log_config(loggers: Iterable[Any], callbacks: Sequence[Any]) -> None:
         return
     for logger in loggers:
         try:
-            logger.log_hyperparams(params)
+            if type(logger).__name__.startswith("TensorBoard") and metrics:
+                logger.log_hyperparams(params, metrics=dict(metrics))
+            else:
+                logger.log_hyperparams(params)
         except Exception as err:  # a tracker must not fail a finished run
             rank_zero_warn(f"{type(logger).__name__}: compression configuration not logged ({type(err).__name__}: {err}).")
 

@@ -237,7 +237,7 @@ def _publish(
     }
     for logger in trainer.loggers:
         logger.log_metrics(numeric, step=trainer.global_step)
-    log_config(trainer.loggers, callbacks)
+    log_config(trainer.loggers, callbacks, {k: v for k, v in numeric.items() if k.endswith("/ratio")})
     log_report_files(trainer.loggers, files, figures, step=trainer.global_step)
     for logger in trainer.loggers:
         logger.save()
