@@ -42,4 +42,10 @@ class CompressionReporter(_callbacks.CompressionReporter, _Callback):  # noqa: D
     __doc__ = _callbacks.CompressionReporter.__doc__
 
 
-__all__ = ["CompressionReporter", "GradualPruning", "KnowledgeDistillation", "QuantizationAwareTraining", "TensorDecomposition"]
+__all__ = [
+    "CompressionReporter",
+    "GradualPruning",
+    "KnowledgeDistillation",
+    "QuantizationAwareTraining",
+    "TensorDecomposition",
+]

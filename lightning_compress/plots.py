@@ -92,7 +92,11 @@ def _tradeoff_points(report: Mapping[str, Any]) -> tuple[list[dict[str, Any]], s
     for artifact, row in sizes.items():
         if "[baseline]" in artifact or artifact.endswith("(onnx)"):
             continue  # the original's quality after training is unknown; ONNX outputs were not evaluated
-        value = int8 if ("int8" in artifact or "QuantizationAwareTraining" in artifact) else (after if after is not None else trained)
+        value = (
+            int8
+            if ("int8" in artifact or "QuantizationAwareTraining" in artifact)
+            else (after if after is not None else trained)
+        )
         if isinstance(value, int | float):
             points.append({"bytes": row["bytes"], "value": value, "label": artifact[:48]})
     return points, metric
@@ -111,7 +115,9 @@ def report_figures(report: Mapping[str, Any], history: Sequence[Mapping[str, flo
     return figures
 
 
-def save_figures(figures: Mapping[str, Any], directory: str | os.PathLike[str], prefix: str = "compression_") -> list[str]:
+def save_figures(
+    figures: Mapping[str, Any], directory: str | os.PathLike[str], prefix: str = "compression_"
+) -> list[str]:
     """Save each figure as ``<prefix><name>.png`` in ``directory`` (temporary name + rename); return the paths."""
     paths = []
     for name, fig in figures.items():

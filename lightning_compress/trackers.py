@@ -2,12 +2,14 @@
 
 Duck-typed on what each tracker offers, so no tracker package is imported here:
 
-| logger | configuration | pictures | report files |
-| --- | --- | --- | --- |
-| TensorBoard | hyperparameters (``hparams``) | ``add_figure`` images under ``compress/<name>`` | the Markdown report as text (``add_text``); TensorBoard has no artifact store |
-| MLflow | run parameters | PNG artifacts under ``compression/`` | JSON, Markdown and PNG as run artifacts (``log_artifact``) |
-| W&B | run config | ``log_image`` | ``experiment.save`` of the files |
-| others (CSV, ...) | ``log_hyperparams`` | - | - (the files are next to the logs) |
+- TensorBoard: configuration as hyperparameters (``hparams``, against the final ratio), pictures as
+  ``add_figure`` images under ``compress/<name>``, the Markdown report as text (``add_text``);
+  TensorBoard has no artifact store.
+- MLflow: configuration as run parameters; JSON, Markdown and PNG files as run artifacts under
+  ``compression/`` (``log_artifact``).
+- W&B: configuration in the run config, pictures with ``log_image``, files with ``experiment.save``
+  (not exercised by the tests: wandb is not a test dependency).
+- Others (CSV, ...): ``log_hyperparams`` only; the files are next to the logs.
 
 A tracker that fails is reported with a warning and never fails the finished run.
 """
@@ -78,12 +80,12 @@ def log_config(loggers: Iterable[Any], callbacks: Sequence[Any], metrics: Mappin
             else:
                 logger.log_hyperparams(params)
         except Exception as err:  # a tracker must not fail a finished run
-            rank_zero_warn(f"{type(logger).__name__}: compression configuration not logged ({type(err).__name__}: {err}).")
+            rank_zero_warn(
+                f"{type(logger).__name__}: compression configuration not logged ({type(err).__name__}: {err})."
+            )
 
 
-def log_report_files(
-    loggers: Iterable[Any], files: Sequence[str], figures: Mapping[str, Any], step: int = 0
-) -> None:
+def log_report_files(loggers: Iterable[Any], files: Sequence[str], figures: Mapping[str, Any], step: int = 0) -> None:
     """Attach the report files and pictures to each logger that supports them (see the module table)."""
     for logger in loggers:
         kind = type(logger).__name__

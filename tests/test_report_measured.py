@@ -46,7 +46,11 @@ def test_every_size_is_labelled_and_measured_ones_match_the_files(run) -> None:
     report, model = run["report"], run["model"]
     assert {row["kind"] for row in report["sizes"]} == {"measured", "estimated"}
     on_disk = [row for row in report["sizes"] if row["path"]]
-    assert {os.path.basename(r["path"]) for r in on_disk} == {"model_int8.pt", "model_int8.onnx", "model_compressed.lcz"}
+    assert {os.path.basename(r["path"]) for r in on_disk} == {
+        "model_int8.pt",
+        "model_int8.onnx",
+        "model_compressed.lcz",
+    }
     for row in on_disk:
         assert row["kind"] == "measured" and row["bytes"] == os.path.getsize(row["path"])
     # baseline: the original model's fp32 state_dict file, measured independently on a fresh copy
@@ -109,7 +113,9 @@ def test_pictures_and_report_reach_tensorboard_and_mlflow(run) -> None:
     (event_file,) = glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))
     with open(event_file, "rb") as fh:
         raw = fh.read()
-    assert b"compress/GradualPruning/target_sparsity" in raw and b"compress/QuantizationAwareTraining/weight_bits" in raw
+    assert (
+        b"compress/GradualPruning/target_sparsity" in raw and b"compress/QuantizationAwareTraining/weight_bits" in raw
+    )
 
     mlflow = run["mlflow"]
     client = MlflowClient(tracking_uri=mlflow._tracking_uri)

@@ -26,7 +26,6 @@ from lightning_compress._lightning_internals import is_forward_redirection, logg
 from lightning_compress.inputs import first_sample, to_device
 from lightning_compress.report import CompressionReport
 
-
 PROGRESS_BAR_KEYS = frozenset({"sparsity", "weight_bits", "alpha"})
 """Metric keys shown in Lightning's progress bar (TQDM and Rich): the current compression state."""
 
@@ -180,9 +179,7 @@ def build_report(
     extra: dict[str, dict[str, Any]] = {}
     reporters = [cb for cb in callbacks if isinstance(cb, CompressionReporter)]
     if reporters and trainer.is_global_zero:
-        artifacts, baseline = reporters[0].measure(
-            trainer, pl_module, callbacks, directory or trainer.default_root_dir
-        )
+        artifacts, baseline = reporters[0].measure(trainer, pl_module, callbacks, directory or trainer.default_root_dir)
         extra = reporters[0].extra_sections()
     sections: dict[str, dict[str, Any]] = {"training metrics": training} if training else {}
     for cb in callbacks:
@@ -219,14 +216,14 @@ def _publish(
     reporters = [cb for cb in callbacks if isinstance(cb, CompressionReporter)]
     figures: dict[str, Any] = {}
     if reporters and reporters[0].plots:
+        from lightning_compress import plots
+
         try:
-            from lightning_compress import plots
-        except ImportError:  # pragma: no cover - matplotlib is imported lazily inside plots
-            plots = None  # type: ignore[assignment]
-        try:
-            figures = plots.report_figures(report.as_dict(), reporters[0].history) if plots else {}
+            figures = plots.report_figures(report.as_dict(), reporters[0].history)
         except ImportError:
-            rank_zero_info("CompressionReporter: matplotlib is not installed, no pictures (pip install 'lightning-compress[plots]').")
+            rank_zero_info(
+                "CompressionReporter: no pictures, matplotlib is missing: pip install 'lightning-compress[plots]'"
+            )
         else:
             files += plots.save_figures(figures, directory)
     rank_zero_info(report.to_markdown() + f"\nCompression report written to {json_path} and {md_path}")

@@ -221,9 +221,7 @@ class CompressionReporter(CompressionCallback):
         self._results["realized_by"] = _techniques(callbacks, self._results.get("latency"))
         return artifacts, baseline
 
-    def _quality(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, int8: nn.Module | None
-    ) -> dict[str, Any]:
+    def _quality(self, trainer: pl.Trainer, pl_module: pl.LightningModule, int8: nn.Module | None) -> dict[str, Any]:
         if not _has_val(trainer):
             return {"note": "not measured: the trainer has no validation dataloader (or limit_val_batches=0)"}
         if self._before is None:
@@ -330,7 +328,7 @@ class CompressionReporter(CompressionCallback):
             "batch": batch,
             "threads": threads,
             "repeats": self.latency_repeats,
-            "how": "median of interleaved timed calls (3 rounds over all models), after 3 warm-up calls each",
+            "how": "median of interleaved timed calls (5 rounds over all models, rotating who goes first), after 3 warm-up calls each",
             "original": self._original_note,
             "seconds": round(time.perf_counter() - started, 2),
             "rows": rows + failed,
@@ -386,7 +384,13 @@ def _to_cpu(sample: Any) -> Any:
 
 
 def _export_fp32(model: nn.Module, sample: Any, path: str) -> None:
-    args = tuple(sample.values()) if isinstance(sample, Mapping) else tuple(sample) if isinstance(sample, list | tuple) else (sample,)
+    args = (
+        tuple(sample.values())
+        if isinstance(sample, Mapping)
+        else tuple(sample)
+        if isinstance(sample, list | tuple)
+        else (sample,)
+    )
     if isinstance(sample, Mapping):
         raise ValueError("keyword inputs: the fp32 ONNX export of the original is not attempted")
     names = [f"input_{i}" for i in range(len(args))]
@@ -567,7 +571,9 @@ def _techniques(callbacks: list[CompressionCallback], latency: dict[str, Any] | 
             realized = "the student's own size and speed, on every runtime"
         else:
             continue
-        rows.append({"technique": kind + (f" ({cb.name})" if cb.name else ""), "saving": saving, "realized by": realized})
+        rows.append(
+            {"technique": kind + (f" ({cb.name})" if cb.name else ""), "saving": saving, "realized by": realized}
+        )
     if latency and latency.get("rows"):
         rows.append(
             {

@@ -264,9 +264,7 @@ def save_compressed(
         tensors.setdefault(id(t), t)
         names.setdefault(id(t), []).append((qualified, is_param))
     if not tensors:
-        raise ValueError(
-            f"model ({type(model).__name__}) has no parameters or buffers: there is nothing to compress."
-        )
+        raise ValueError(f"model ({type(model).__name__}) has no parameters or buffers: there is nothing to compress.")
 
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
@@ -335,7 +333,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
     except (lzma.LZMAError, zlib.error, ValueError) as err:
         raise ValueError(f"path {path!r}: the file is damaged ({err}).") from err
     if header.get("format") != _FORMAT or header.get("version") != _VERSION:
-        raise ValueError(f"path {path!r}: format {header.get('format')!r} version {header.get('version')!r} not supported.")
+        raise ValueError(
+            f"path {path!r}: format {header.get('format')!r} version {header.get('version')!r} not supported."
+        )
     return header, body
 
 
