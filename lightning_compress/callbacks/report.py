@@ -328,7 +328,8 @@ class CompressionReporter(CompressionCallback):
             "batch": batch,
             "threads": threads,
             "repeats": self.latency_repeats,
-            "how": "median of interleaved timed calls (5 rounds over all models, rotating who goes first), after 3 warm-up calls each",
+            "how": "median of interleaved timed calls (5 rounds over all models, rotating who goes first), "
+            "after 3 warm-up calls each",
             "original": self._original_note,
             "seconds": round(time.perf_counter() - started, 2),
             "rows": rows + failed,
