@@ -3,6 +3,7 @@
 from lightning_compress.__about__ import __version__
 from lightning_compress.callbacks import (
     CompressionCallback,
+    CompressionReporter,
     GradualPruning,
     KnowledgeDistillation,
     QuantizationAwareTraining,
@@ -10,12 +11,14 @@ from lightning_compress.callbacks import (
     load_decomposed,
 )
 from lightning_compress.export.onnx import export_onnx
+from lightning_compress.functional.compressed import load_compressed, save_compressed
 from lightning_compress.functional.int8 import convert_to_int8
 from lightning_compress.functional.sparse import load_sparse, save_sparse
 from lightning_compress.report import CompressionReport
 
 __all__ = [
     "CompressionCallback",
+    "CompressionReporter",
     "CompressionReport",
     "GradualPruning",
     "KnowledgeDistillation",
@@ -24,7 +27,9 @@ __all__ = [
     "__version__",
     "convert_to_int8",
     "export_onnx",
+    "load_compressed",
     "load_decomposed",
     "load_sparse",
+    "save_compressed",
     "save_sparse",
 ]

@@ -38,4 +38,14 @@ class TensorDecomposition(_callbacks.TensorDecomposition, _Callback):  # noqa: D
     __doc__ = _callbacks.TensorDecomposition.__doc__
 
 
-__all__ = ["GradualPruning", "KnowledgeDistillation", "QuantizationAwareTraining", "TensorDecomposition"]
+class CompressionReporter(_callbacks.CompressionReporter, _Callback):  # noqa: D101
+    __doc__ = _callbacks.CompressionReporter.__doc__
+
+
+__all__ = [
+    "CompressionReporter",
+    "GradualPruning",
+    "KnowledgeDistillation",
+    "QuantizationAwareTraining",
+    "TensorDecomposition",
+]

@@ -65,8 +65,9 @@ def public_callbacks() -> list[str]:
 INIT_ARGS: dict[str, dict[str, Any]] = {"KnowledgeDistillation": {"teacher": "self"}}
 
 
-def test_public_callbacks_are_the_four_techniques() -> None:
+def test_public_callbacks_are_the_four_techniques_and_the_reporter() -> None:
     assert public_callbacks() == [
+        "CompressionReporter",
         "GradualPruning",
         "KnowledgeDistillation",
         "QuantizationAwareTraining",

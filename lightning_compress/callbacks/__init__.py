@@ -5,9 +5,11 @@ from lightning_compress.callbacks.decomposition import TensorDecomposition, load
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+from lightning_compress.callbacks.report import CompressionReporter
 
 __all__ = [
     "CompressionCallback",
+    "CompressionReporter",
     "GradualPruning",
     "KnowledgeDistillation",
     "QuantizationAwareTraining",

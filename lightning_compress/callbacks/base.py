@@ -26,6 +26,9 @@ from lightning_compress._lightning_internals import is_forward_redirection, logg
 from lightning_compress.inputs import first_sample, to_device
 from lightning_compress.report import CompressionReport
 
+PROGRESS_BAR_KEYS = frozenset({"sparsity", "weight_bits", "alpha"})
+"""Metric keys shown in Lightning's progress bar (TQDM and Rich): the current compression state."""
+
 
 class CompressionCallback(Callback):
     """Base class of the lightning_compress callbacks.
@@ -70,7 +73,12 @@ class CompressionCallback(Callback):
         if not changed and not loggers_write_now(pl_module.trainer):
             return
         for key, value in metrics.items():
-            pl_module.log(self.metric(key), value, on_step=True, on_epoch=False, batch_size=1, **kwargs)
+            # The compression state in the progress bar: the value is logged anyway, showing it is free.
+            prog_bar = kwargs.get("prog_bar", key in PROGRESS_BAR_KEYS)
+            extra = {k: v for k, v in kwargs.items() if k != "prog_bar"}
+            pl_module.log(
+                self.metric(key), value, on_step=True, on_epoch=False, batch_size=1, prog_bar=prog_bar, **extra
+            )
 
     # ---- what subclasses contribute to the combined report -------------------------------------
     def layer_bits(self) -> dict[str, float]:
@@ -121,9 +129,9 @@ class CompressionCallback(Callback):
             return  # the last one writes, after every callback has finalized in its own on_fit_end
         # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
         directory = trainer.log_dir or trainer.default_root_dir
-        self.last_report = build_report(trainer, pl_module, ours)
+        self.last_report = build_report(trainer, pl_module, ours, directory=directory)
         if trainer.is_global_zero:
-            _publish(trainer, self.last_report, directory)
+            _publish(trainer, self.last_report, directory, ours)
 
 
 def example_input(pl_module: pl.LightningModule, callbacks: list[CompressionCallback]) -> Any:
@@ -141,9 +149,19 @@ def example_input(pl_module: pl.LightningModule, callbacks: list[CompressionCall
 
 
 def build_report(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, callbacks: list[CompressionCallback]
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    callbacks: list[CompressionCallback],
+    directory: str | None = None,
 ) -> CompressionReport:
-    """One report over ``pl_module`` with every callback's section and bit widths."""
+    """One report over ``pl_module`` with every callback's section and bit widths.
+
+    Files the callbacks wrote (``exported`` paths) are measured on disk. With a
+    :class:`~lightning_compress.CompressionReporter` among ``callbacks``, it first writes the compact
+    artifact into ``directory`` and measures latency and quality (rank zero only).
+    """
+    from lightning_compress.callbacks.report import CompressionReporter
+
     bits: dict[str, float] = {}
     for cb in callbacks:
         bits.update(cb.layer_bits())
@@ -152,19 +170,73 @@ def build_report(
         for k, v in sorted(trainer.callback_metrics.items())
         if not k.startswith("compress/") and v.numel() == 1
     }
+    artifacts: list[tuple[str, str]] = [
+        (f"{type(cb).__name__} export ({kind})", str(path))
+        for cb in callbacks
+        for kind, path in getattr(cb, "exported", {}).items()
+    ]
+    baseline = None
+    extra: dict[str, dict[str, Any]] = {}
+    reporters = [cb for cb in callbacks if isinstance(cb, CompressionReporter)]
+    if reporters and trainer.is_global_zero:
+        artifacts, baseline = reporters[0].measure(trainer, pl_module, callbacks, directory or trainer.default_root_dir)
+        extra = reporters[0].extra_sections()
     sections: dict[str, dict[str, Any]] = {"training metrics": training} if training else {}
     for cb in callbacks:
         title = cb.report_title if cb.name is None else f"{cb.report_title} ({cb.name})"
-        sections[title] = cb.report_section(trainer, pl_module)
+        sections[title] = _label_sizes(cb.report_section(trainer, pl_module))
+    sections.update(extra)
     return CompressionReport.from_model(
-        pl_module, bits=bits, example_input=example_input(pl_module, callbacks), sections=sections
+        pl_module,
+        bits=bits,
+        example_input=example_input(pl_module, callbacks),
+        sections=sections,
+        artifacts=artifacts,
+        baseline=baseline,
     )
 
 
-def _publish(trainer: pl.Trainer, report: CompressionReport, directory: str) -> None:
+def _label_sizes(section: dict[str, Any]) -> dict[str, Any]:
+    # A callback's `size_bytes` (and the `ratio` next to it) are computed from counts and bit widths:
+    # say so in the key, so no size in the report passes for a measurement.
+    if "size_bytes" not in section:
+        return section
+    renamed = {"size_bytes": "size_bytes_estimated", "ratio": "ratio_estimated"}
+    return {renamed.get(k, k): v for k, v in section.items()}
+
+
+def _publish(
+    trainer: pl.Trainer, report: CompressionReport, directory: str, callbacks: list[CompressionCallback] = ()
+) -> None:
+    from lightning_compress.callbacks.report import CompressionReporter
+    from lightning_compress.trackers import log_config, log_report_files
+
     json_path, md_path = report.write(directory)
+    files = [json_path, md_path]
+    reporters = [cb for cb in callbacks if isinstance(cb, CompressionReporter)]
+    figures: dict[str, Any] = {}
+    if reporters and reporters[0].plots:
+        from lightning_compress import plots
+
+        try:
+            figures = plots.report_figures(report.as_dict(), reporters[0].history)
+        except ImportError:
+            rank_zero_info(
+                "CompressionReporter: no pictures, matplotlib is missing: pip install 'lightning-compress[plots]'"
+            )
+        else:
+            files += plots.save_figures(figures, directory)
     rank_zero_info(report.to_markdown() + f"\nCompression report written to {json_path} and {md_path}")
-    numeric = {f"compress/final/{k}": float(v) for k, v in report.summary.items() if isinstance(v, int | float)}
+    numeric = {
+        f"compress/final/{k}": float(v)
+        for k, v in report.summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     for logger in trainer.loggers:
         logger.log_metrics(numeric, step=trainer.global_step)
+    log_config(trainer.loggers, callbacks, {k: v for k, v in numeric.items() if k.endswith("/ratio")})
+    log_report_files(trainer.loggers, files, figures, step=trainer.global_step)
+    for logger in trainer.loggers:
         logger.save()
+    for fig in figures.values():
+        fig.clear()
