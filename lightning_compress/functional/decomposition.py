@@ -661,11 +661,6 @@ def _truncated_svd(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Te
 
 
 # ---------------------------------------------------------------------------- model surgery
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule`` (kept for symmetry with :func:`set_submodule_`)."""
-    return model.get_submodule(name)
-
-
 def set_submodule_(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule called ``name`` by ``module`` in place."""
     parent_name, _, child = name.rpartition(".")

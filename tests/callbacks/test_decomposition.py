@@ -126,7 +126,7 @@ def test_fit_end_decomposes_with_reference_factors(tmp_path: Any) -> None:
         "tucker2", F.ranks_for_ratio(nn.Conv2d(16, 32, 3), "tucker2", 0.3)
     )
     assert isinstance(model.features[4], nn.Conv2d)
-    rows = {r["layer"]: r for r in decomposition._rows}
+    rows = {r["layer"]: r for r in decomposition.rows}
     assert "groups=4" in rows["features.4"]["status"]
     assert rows["head.1"]["error"] == pytest.approx(float(s[r:].norm() / s.norm()), rel=1e-3)
     # Metrics and report describe the decomposed model.
@@ -196,12 +196,12 @@ def test_layers_that_do_not_pay_are_skipped_with_reasons(tmp_path: Any) -> None:
     keys = set(model.state_dict())
     trainer(tmp_path, [decomposition], max_steps=2).fit(model)
     assert set(model.state_dict()) == keys  # nothing replaced
-    statuses = [r["status"] for r in decomposition._rows]
+    statuses = [r["status"] for r in decomposition.rows]
     assert sum("MAC reduction" in s for s in statuses) == 4 and sum("groups=4" in s for s in statuses) == 1
     # With a low rank and no MAC floor, the latency of each replaced layer is measured on this CPU.
     decomposition = TensorDecomposition(rank=0.2, min_reduction=1.0, measure_latency=True, skip_slower=False)
     trainer(tmp_path, [decomposition], max_steps=2).fit(TinyCNN(scheduler=False))
-    measured = [r for r in decomposition._rows if r["status"] == "decomposed"]
+    measured = [r for r in decomposition.rows if r["status"] == "decomposed"]
     assert len(measured) == 4 and all(r["latency_ms_before"] > 0 and r["latency_ms_after"] > 0 for r in measured)
 
 
@@ -211,7 +211,7 @@ def test_resume_after_decomposition_rebuilds_structure_before_weights(tmp_path: 
     first = TensorDecomposition(rank=0.3, apply_at=2, **QUIET)
     model = TinyCNN()
     trainer(tmp_path, [first, checkpoint], max_steps=4, enable_checkpointing=True).fit(model)
-    plans = dict(first._plans)
+    plans = dict(first.plans)
     assert len(plans) == 4
 
     # From a checkpoint taken after the decomposition: a fresh model is rebuilt, weights load strictly.
@@ -220,18 +220,18 @@ def test_resume_after_decomposition_rebuilds_structure_before_weights(tmp_path: 
     saved = torch.load(ckpts / "step=3.ckpt", weights_only=False)
     t = trainer(tmp_path, [second, spy], max_steps=6)
     t.fit(resumed_model, ckpt_path=str(ckpts / "step=3.ckpt"))
-    assert second._plans == plans and second._applied
+    assert second.plans == plans and second._applied
     for k, v in saved["state_dict"].items():
         torch.testing.assert_close(spy.state_at_fit_start[k], v)
     assert spy.batches == 3 and t.global_step == 6
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.9**6)
-    assert len(second._rows) == 5  # the report rows travelled in the callback state
+    assert len(second.rows) == 5  # the report rows travelled in the callback state
 
     # From a checkpoint taken before it: the decomposition happens after resuming, with the same plans.
     third = TensorDecomposition(rank=0.3, apply_at=2, **QUIET)
     again = TinyCNN()
     trainer(tmp_path, [third], max_steps=4).fit(again, ckpt_path=str(ckpts / "step=1.ckpt"))
-    assert third._plans == plans and third._applied
+    assert third.plans == plans and third._applied
 
 
 def test_post_training_checkpoint_loads_with_helper_and_in_validate(tmp_path: Any) -> None:
