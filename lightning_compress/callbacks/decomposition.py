@@ -221,16 +221,7 @@ class TensorDecomposition(CompressionCallback):
             self._model_id = id(pl_module)
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        spawn = is_spawn(strategy)
-        if not strategy_is(strategy, "SingleDeviceStrategy", "DDPStrategy") or spawn:
-            raise ValueError(
-                f"TensorDecomposition supports single-device training and strategy='ddp'; got "
-                f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
-                "parameter set, which sharded strategies (FSDP, DeepSpeed) cannot follow, and ddp_spawn "
-                "reloads the undecomposed weights into the parent process with strict=False. "
-                "HINT: use strategy='ddp'."
-            )
+        _check_strategy(trainer.strategy)
         planning.check_candidates(self._select(pl_module), self._settings)
 
     def _select(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
@@ -478,6 +469,21 @@ def _check_rank(rank: Any) -> None:
         hint = f" HINT: write {int(rank)} (an int) for an absolute rank." if rank > 1 and rank.is_integer() else ""
         raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.{hint}")
     raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
+
+
+def _check_strategy(strategy: Any) -> None:
+    """Refuse strategies that cannot follow a change of the parameter set (before any step)."""
+    spawn = is_spawn(strategy)
+    # DeepSpeedStrategy subclasses DDPStrategy: name it, or it would pass as plain DDP.
+    sharded = strategy_is(strategy, "DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
+    if sharded or spawn or not strategy_is(strategy, "SingleDeviceStrategy", "DDPStrategy"):
+        raise ValueError(
+            f"TensorDecomposition supports single-device training and strategy='ddp'; got "
+            f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
+            "parameter set, which sharded strategies (FSDP, DeepSpeed, ModelParallel) cannot follow, and "
+            "ddp_spawn reloads the undecomposed weights into the parent process with strict=False. "
+            "HINT: use strategy='ddp'."
+        )
 
 
 def _count_params(module: nn.Module) -> int:
