@@ -34,7 +34,7 @@ from lightning_compress.functional import decomposition_plan as planning
 from lightning_compress.functional.stats import module_flops
 from lightning_compress.inputs import as_call
 from lightning_compress.schedules import steps_per_epoch
-from lightning_compress.targets import select_modules, validate_patterns
+from lightning_compress.targets import select_modules, select_parameters, validate_patterns
 
 
 class TensorDecomposition(CompressionCallback):
@@ -47,8 +47,17 @@ class TensorDecomposition(CompressionCallback):
     the wrapped module is rebuilt too.
 
     A layer is left alone, with the reason in the report, when it cannot be decomposed (grouped conv,
-    one channel), when its multiply-accumulates would fall by less than ``min_reduction``, or when the
-    decomposed chain measures slower than the original on this CPU (``skip_slower``).
+    one channel), when its weight is tied to another module's (Hugging Face ``lm_head``: a chain would
+    untie it and grow the model), when its multiply-accumulates would fall by less than
+    ``min_reduction``, or when the decomposed chain measures slower than the original on this CPU
+    (``skip_slower``).
+
+    Refused in ``setup``, before any training step, naming the layers: a layer whose parent reads its
+    ``.weight`` directly (``nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``'s ``linear1`` /
+    ``linear2``, ``nn.MultiheadAttention.out_proj``); a layer that ``GradualPruning`` or
+    ``QuantizationAwareTraining`` on the same trainer also selects (in any callback order), or that is
+    already pruned or quantization-aware from an earlier fit, since the float, dense factors would
+    silently undo that compression.
 
     Ranks (give at most one of ``rank``, ``energy``, ``budget``; default ``rank=0.25``):
 
@@ -72,7 +81,8 @@ class TensorDecomposition(CompressionCallback):
         apply_at_epoch: alternative to a step, in epochs (fractions allowed).
         include: module name patterns (glob or ``re:...``) to decompose; all of ``types`` by default.
         exclude: module name patterns to keep dense (e.g. the classifier).
-        types: module class names: ``"Linear"`` and/or ``"Conv2d"``.
+        types: module class names: ``"Linear"``, ``"Conv2d"`` and/or ``"Conv1D"`` (Hugging Face's
+            transposed Linear, factored like a Linear into two ``nn.Linear``).
         min_reduction: minimum factor by which a layer's multiply-accumulates must fall (2.0: half).
         measure_latency: time every original and decomposed layer on CPU (one thread) for the report.
         skip_slower: keep the original layer when its chain measured slower.
@@ -222,15 +232,17 @@ class TensorDecomposition(CompressionCallback):
         if stage != "fit":
             return
         _check_strategy(trainer.strategy)
-        planning.check_candidates(self._select(pl_module), self._settings)
+        candidates = self._select(pl_module)
+        _check_other_callbacks(trainer, pl_module, candidates)
+        planning.check_layers(pl_module, candidates)
+        tied = planning.tied_weight_reasons(pl_module, candidates)
+        planning.check_candidates([(n, m) for n, m in candidates if n not in tied], self._settings)
 
     def _select(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
         chosen = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         # Layers inside chains this callback built are factors, not candidates.
         return [
-            (n, m)
-            for n, m in chosen
-            if isinstance(m, nn.Linear | nn.Conv2d) and not any(n.startswith(p + ".") for p in self._plans)
+            (n, m) for n, m in chosen if dec.is_decomposable(m) and not any(n.startswith(p + ".") for p in self._plans)
         ]
 
     def _rebuild_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
@@ -369,6 +381,7 @@ class TensorDecomposition(CompressionCallback):
             self._settings,
             model_params=_count_params(pl_module),
             model_flops=self._baseline.get("flops"),
+            skip=planning.tied_weight_reasons(pl_module, candidates),
             progress=progress,
         )
 
@@ -484,6 +497,48 @@ def _check_strategy(strategy: Any) -> None:
             "ddp_spawn reloads the undecomposed weights into the parent process with strict=False. "
             "HINT: use strategy='ddp'."
         )
+
+
+# Callbacks whose compression a factor chain would silently drop, by class name: the pytorch_lightning and
+# the unified `lightning` twins are distinct classes with the same names.
+_CONFLICTING_CALLBACKS = ("GradualPruning", "QuantizationAwareTraining")
+
+
+def _layers_compressed_by(callback: Any, pl_module: nn.Module) -> set[int] | None:
+    """``id`` of every module ``callback`` (pruning or QAT) selects, or ``None`` when it cannot be told."""
+    try:
+        if any(cls.__name__ == "GradualPruning" for cls in type(callback).__mro__):
+            targets = select_parameters(
+                pl_module, include=callback.include, exclude=callback.exclude, types=callback.types
+            )
+            return {id(t.module) for t in targets}
+        chosen = select_modules(pl_module, include=callback.include, exclude=callback.exclude, types=callback.types)
+        return {id(m) for _, m in chosen}
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _check_other_callbacks(trainer: Any, pl_module: nn.Module, candidates: list[tuple[str, nn.Module]]) -> None:
+    """Refuse (before step 1) layers that pruning or QAT on the same trainer also compress, in any order.
+
+    A factor chain is made of new float, dense layers: decomposing a pruned or quantization-aware layer
+    would silently drop its zeros or its fake quantization while the run reports success.
+    """
+    for callback in trainer.callbacks:
+        kind = next((c.__name__ for c in type(callback).__mro__ if c.__name__ in _CONFLICTING_CALLBACKS), None)
+        if kind is None:
+            continue
+        theirs = _layers_compressed_by(callback, pl_module)
+        shared = [n for n, m in candidates if theirs is None or id(m) in theirs]
+        if shared:
+            shown = shared if len(shared) <= 8 else [*shared[:8], f"... ({len(shared)} in all)"]
+            raise ValueError(
+                f"TensorDecomposition and {kind} on this trainer both select layer(s) {shown}: the factor "
+                f"chains are new float, dense layers, so decomposing would silently undo {kind}'s "
+                "compression. HINT: give the two disjoint layers (include/exclude), or decompose first "
+                f"(a fit with TensorDecomposition alone, or apply_at early) and run {kind} in a second fit "
+                "on the decomposed model."
+            )
 
 
 def _count_params(module: nn.Module) -> int:

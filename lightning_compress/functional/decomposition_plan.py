@@ -133,6 +133,7 @@ def decide(
     *,
     model_params: int,
     model_flops: float | None = None,
+    skip: dict[str, str] | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
 ) -> Decisions:
     """Plan every candidate layer: skip what cannot or should not be decomposed, factor the rest.
@@ -144,13 +145,14 @@ def decide(
         settings: ranks, thresholds and latency options.
         model_params: parameters of the whole model (the ``budget`` over params is a share of this).
         model_flops: FLOPs of one forward of the whole model (``budget_metric="flops"``).
+        skip: layer name -> reason to keep it dense that only the model knows (:func:`tied_weight_reasons`).
         progress: wraps the loop over layers (e.g. a progress bar).
     """
     result = Decisions()
     work: list[tuple[str, nn.Module, str, dec.Geometry]] = []
     for name, layer in candidates:
         geometry = geometry_of(layer, shapes.get(layer))
-        reason = dec.skip_reason(layer)
+        reason = (skip or {}).get(name) or dec.skip_reason(layer)
         if reason is not None:
             result.rows.append(report_row(name, layer, None, geometry, status=f"skipped: {reason}"))
         else:
@@ -232,8 +234,9 @@ def geometry_of(layer: nn.Module, shape: tuple[tuple[int, ...], tuple[int, ...]]
     if shape is None:
         return dec.Geometry()
     x, y = shape
-    if isinstance(layer, nn.Linear):
-        return dec.Geometry(n=max(1, math.prod(x) // max(layer.in_features, 1)))
+    if dec.is_linear_like(layer):
+        in_features = dec.channels(layer)[1]
+        return dec.Geometry(n=max(1, math.prod(x) // max(in_features, 1)))
     if len(x) == 3:  # unbatched conv input
         x, y = (1, *x), (1, *y)
     return dec.Geometry(n=x[0], h_in=x[-2], w_in=x[-1], h_out=y[-2], w_out=y[-1])
@@ -245,7 +248,7 @@ def latency_input(
     """A seeded random batch of ``batch`` inputs shaped like ``layer``'s (``None`` for a conv never seen)."""
     g = torch.Generator().manual_seed(0)
     if shape is None:
-        return torch.randn(batch, layer.in_features, generator=g) if isinstance(layer, nn.Linear) else None
+        return torch.randn(batch, dec.channels(layer)[1], generator=g) if dec.is_linear_like(layer) else None
     x = shape[0]
     if isinstance(layer, nn.Conv2d) and len(x) == 3:
         x = (1, *x)
@@ -254,8 +257,9 @@ def latency_input(
 
 def describe(layer: nn.Module) -> str:
     """``"Linear 512->64"`` / ``"Conv2d 16->32 k=(3, 3)"``."""
-    if isinstance(layer, nn.Linear):
-        return f"Linear {layer.in_features}->{layer.out_features}"
+    if dec.is_linear_like(layer):
+        o, i = dec.channels(layer)
+        return f"{type(layer).__name__} {i}->{o}"
     if isinstance(layer, nn.Conv2d):
         return f"Conv2d {layer.in_channels}->{layer.out_channels} k={tuple(layer.kernel_size)}"
     return type(layer).__name__
@@ -311,3 +315,92 @@ def check_candidates(candidates: list[tuple[str, nn.Module]], settings: PlanSett
                     f"for {method}: at most {limit}. HINT: a float ratio such as rank=0.25 adapts "
                     "to each layer, or exclude the layer."
                 )
+
+
+# ---------------------------------------------------------------------------- what the model says about a layer
+# Zeros above this share of a weight mean a pruned layer: a trained dense weight has essentially none, and a
+# factorization would fill them in.
+PRUNED_ZERO_SHARE = 0.01
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` -> names of every module holding it directly (tied weights have several)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def tied_weight_reasons(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Skip reasons for candidates whose weight another module shares (Hugging Face ties ``lm_head`` this way).
+
+    Replacing such a layer by a chain unties the weights: the other module keeps the full matrix, so the
+    model gets *bigger*. They are kept dense, with this reason in the report.
+    """
+    owners = parameter_owners(model)
+    reasons = {}
+    for name, layer in candidates:
+        others = sorted({n for n in owners.get(id(getattr(layer, "weight", None)), []) if n != name})
+        if others:
+            reasons[name] = (
+                f"weight tied to {others[0]!r}{' and more' if len(others) > 1 else ''}: a factor chain would "
+                "untie it and add parameters"
+            )
+    return reasons
+
+
+def _reads_weight_directly(model: nn.Module, name: str) -> str | None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) and child in ("linear1", "linear2"):
+        return f"{type(parent).__name__}'s fast path reads {child}.weight"
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return "nn.MultiheadAttention reads out_proj.weight in its forward"
+    return None
+
+
+def _compression_already_there(layer: nn.Module) -> str | None:
+    from lightning_compress.functional.quantization import is_qat
+
+    if is_qat(layer):
+        return f"it is quantization-aware ({type(layer).__name__}): its factors would be plain float layers"
+    if hasattr(layer, "weight_orig") or any(
+        isinstance(h, torch.nn.utils.prune.BasePruningMethod) for h in layer._forward_pre_hooks.values()
+    ):
+        return "it carries a pruning mask (weight_orig/weight_mask): its factors would be dense"
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.numel():
+        zeros = float((weight.detach() == 0).float().mean())
+        if zeros >= PRUNED_ZERO_SHARE:
+            return f"{zeros:.0%} of its weights are exactly zero (pruned): its factors would be dense"
+    return None
+
+
+def check_layers(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> None:
+    """Refuse candidates that a factor chain would break or silently un-compress (before step 1).
+
+    - a parent module reads the layer's ``.weight`` itself (``nn.TransformerEncoderLayer``'s fast path,
+      ``nn.MultiheadAttention.out_proj``): after replacement the model fails;
+    - the layer is already quantization-aware or pruned: the float, dense factors would silently undo it.
+
+    Raises:
+        ValueError: naming every such layer, why, and the ``exclude`` patterns that avoid it.
+    """
+    read_directly = {n: r for n, _ in candidates if (r := _reads_weight_directly(model, n)) is not None}
+    if read_directly:
+        listing = "; ".join(f"{n!r} ({r})" for n, r in read_directly.items())
+        patterns = sorted({f"*.{n.rpartition('.')[2]}" for n in read_directly})
+        raise ValueError(
+            f"TensorDecomposition cannot replace {listing}: the parent module uses the weight tensor directly, "
+            f"so the model would fail once the layer is a factor chain. HINT: exclude={patterns!r}."
+        )
+    compressed = {n: r for n, layer in candidates if (r := _compression_already_there(layer)) is not None}
+    if compressed:
+        listing = "; ".join(f"{n!r}: {r}" for n, r in compressed.items())
+        raise ValueError(
+            f"TensorDecomposition would silently undo earlier compression of {listing}. HINT: exclude these "
+            f"layers (exclude={list(compressed)!r}), or decompose the dense model first and prune / quantize "
+            "the factors in a later fit."
+        )

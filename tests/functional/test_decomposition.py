@@ -311,3 +311,18 @@ def test_single_thread_restores_setting() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_check_layers_refuses_a_pruning_mask_without_zeros_and_a_few_zeros() -> None:
+    # (QAT layers: tests/zoo/test_zoo_decomposition.py, through the callbacks.)
+    from lightning_compress.functional import decomposition_plan as planning
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    planning.check_layers(model, [("0", model[0]), ("2", model[2])])  # dense float layers pass
+    torch.nn.utils.prune.identity(model[0], "weight")  # a mask of ones: no zeros, only weight_orig/weight_mask
+    with pytest.raises(ValueError, match=r"'0': it carries a pruning mask"):
+        planning.check_layers(model, [("0", model[0])])
+    with torch.no_grad():
+        model[2].weight[0, :1] = 0.0  # 1 of 32 weights (3%) exactly zero
+    with pytest.raises(ValueError, match=r"'2': 3% of its weights are exactly zero"):
+        planning.check_layers(model, [("2", model[2])])
