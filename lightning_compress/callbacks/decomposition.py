@@ -132,31 +132,12 @@ class TensorDecomposition(CompressionCallback):
         seed: int = 0,
         name: str | None = None,
     ) -> None:
+        # One check per documented argument, each naming its argument (long signature, flat body).
         super().__init__(name=name)
         if method not in dec.METHODS:
             raise ValueError(f"method must be one of {list(dec.METHODS)}, got {method!r}.")
-        given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of rank, energy, budget; got {', '.join(given)}.")
-        if rank is None and not given:
-            rank = 0.25
-        if rank is not None:
-            _check_rank(rank)
-        if energy is not None:
-            check_range("energy", energy, 0.0, 1.0, low_open=True)
-        if budget is not None:
-            check_range("budget", budget, 0.0, 1.0, low_open=True, high_open=True)
-        if budget_metric not in ("params", "flops"):
-            raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
-        if apply_at != "fit_end" and (isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0):
-            raise ValueError(f"apply_at must be 'fit_end' or a non-negative optimizer step (int), got {apply_at!r}.")
-        if apply_at_epoch is not None:
-            if apply_at != "fit_end":
-                raise ValueError(
-                    f"give apply_at (a step) or apply_at_epoch, not both; got {apply_at!r} and {apply_at_epoch!r}."
-                )
-            if not is_number(apply_at_epoch, 0.0, math.inf):
-                raise ValueError(f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}.")
+        rank = _check_rank_rule(rank, energy, budget, budget_metric)
+        _check_apply_at(apply_at, apply_at_epoch)
         self.types = validate_patterns("types", types)
         unknown = [t for t in self.types if t not in dec.DECOMPOSABLE_TYPES]
         if unknown or not self.types:
@@ -177,11 +158,7 @@ class TensorDecomposition(CompressionCallback):
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
         self.min_reduction = float(min_reduction)
-        self.measure_latency, self.skip_slower, self.latency_batch = (
-            measure_latency,
-            skip_slower,
-            latency_batch,
-        )
+        self.measure_latency, self.skip_slower, self.latency_batch = measure_latency, skip_slower, latency_batch
         self.n_iter_max, self.tol, self.seed = n_iter_max, float(tol), seed
 
         self._settings = planning.PlanSettings(
@@ -453,22 +430,36 @@ def load_decomposed(
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_rank(rank: Any) -> None:
-    if rank == "vbmf" and isinstance(rank, str):
-        return
-    if isinstance(rank, int) and not isinstance(rank, bool):
-        if rank < 1:
-            raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
-        return
-    if isinstance(rank, float) and not math.isnan(rank):
-        if 0.0 < rank <= 1.0:
-            return
-        hint = f" HINT: write {int(rank)} (an int) for an absolute rank." if rank > 1 and rank.is_integer() else ""
-        raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.{hint}")
-    raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
+def _check_rank_rule(rank: Any, energy: Any, budget: Any, budget_metric: Any) -> Any:
+    """Validate the one rank rule given (default ``rank=0.25``) and return the rank to use."""
+    given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of rank, energy, budget; got {', '.join(given)}.")
+    if not given:
+        rank = 0.25
+    if rank is not None:
+        _check_rank(rank)
+    if energy is not None:
+        check_range("energy", energy, 0.0, 1.0, low_open=True)
+    if budget is not None:
+        check_range("budget", budget, 0.0, 1.0, low_open=True, high_open=True)
+    if budget_metric not in ("params", "flops"):
+        raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
+    return rank
 
 
-# ---------------------------------------------------------------------------- helpers
+def _check_apply_at(apply_at: Any, apply_at_epoch: Any) -> None:
+    if apply_at != "fit_end" and (isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0):
+        raise ValueError(f"apply_at must be 'fit_end' or a non-negative optimizer step (int), got {apply_at!r}.")
+    if apply_at_epoch is not None:
+        if apply_at != "fit_end":
+            raise ValueError(
+                f"give apply_at (a step) or apply_at_epoch, not both; got {apply_at!r} and {apply_at_epoch!r}."
+            )
+        if not is_number(apply_at_epoch, 0.0, math.inf):
+            raise ValueError(f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}.")
+
+
 def _check_rank(rank: Any) -> None:
     if rank == "vbmf" and isinstance(rank, str):
         return
