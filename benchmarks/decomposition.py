@@ -176,7 +176,7 @@ def digits(epochs: int, finetune: int) -> None:
             f"| {probe.value:.4f} | {acc_after:.4f} |"
         )
         if label.startswith("Tucker-2/SVD rank=0.25"):
-            rows = callback._rows
+            rows = callback.rows
     print("\nPer-layer rows of `Tucker-2/SVD rank=0.25` (latency at batch 256, 1 thread):\n")
     print(
         "| layer | method | ranks | FLOPs before | FLOPs after | rel. error | latency before ms "
@@ -282,9 +282,9 @@ def resnet(quick: bool) -> None:
         callback = Timed(**kwargs)
         quiet_trainer(max_steps=1, callbacks=[callback], limit_val_batches=0).fit(model, data)
         t_dense, t_dec = paired_latency(dense, model, x, rounds=1 if quick else 3)
-        done = sum(r["status"] == "decomposed" for r in callback._rows)
+        done = sum(r["status"] == "decomposed" for r in callback.rows)
         print(
-            f"| {label} | {callback.seconds:.1f} | {done} of {len(callback._rows)} | {params(model)} "
+            f"| {label} | {callback.seconds:.1f} | {done} of {len(callback.rows)} | {params(model)} "
             f"| {flops(model, x)} | {flops(dense, x) / flops(model, x):.2f}x | {t_dense * 1e3:.1f} "
             f"| {t_dec * 1e3:.1f} | {t_dense / t_dec:.2f}x |"
         )

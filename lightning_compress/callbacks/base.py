@@ -17,13 +17,13 @@ import re
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_compress._lightning_internals import is_forward_redirection, loggers_write_now
-from lightning_compress.inputs import first_sample, to_device
+from lightning_compress._lightning_internals import loggers_write_now
+from lightning_compress.capture import FirstCallSample
+from lightning_compress.inputs import to_device
 from lightning_compress.report import CompressionReport
 
 PROGRESS_BAR_KEYS = frozenset({"sparsity", "weight_bits", "alpha"})
@@ -46,8 +46,7 @@ class CompressionCallback(Callback):
         if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise ValueError(f"name must be letters, digits, '_', '.' or '-', got {name!r}.")
         self.name = name
-        self._example_input: Any = None
-        self._capture_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._first_call = FirstCallSample()  # FLOPs are counted on what the model really sees
         self.last_report: CompressionReport | None = None
 
     @property
@@ -90,29 +89,20 @@ class CompressionCallback(Callback):
         return {}
 
     # ---- example input for FLOPs -----------------------------------------------------------------
-    def _capture_first_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        # One sample of the first real forward call, so FLOPs are counted on what the model really sees.
-        if torch.compiler.is_compiling() or is_forward_redirection(module):
-            # Inside a compiled region a capture cannot remove its own hook; the first eager call will do.
-            return
-
-        self._example_input = first_sample(args, kwargs)
-        self._remove_capture()
-
-    def _remove_capture(self) -> None:
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
-            self._capture_handle = None
+    @property
+    def _example_input(self) -> Any:
+        """One sample of the first real forward call of the fit (``None`` until one was seen)."""
+        return self._first_call.call
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._example_input is None and getattr(pl_module, "example_input_array", None) is None:
-            self._capture_handle = pl_module.register_forward_pre_hook(self._capture_first_input, with_kwargs=True)
+        if getattr(pl_module, "example_input_array", None) is None:
+            self._first_call.attach(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove everything this callback attached to the user's module (subclasses extend it)."""
-        self._remove_capture()
+        self._first_call.detach()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -123,7 +113,7 @@ class CompressionCallback(Callback):
     # ---- fit end: the combined report ------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_capture()
+        self._first_call.detach()
         ours = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
         if ours[-1] is not self:
             return  # the last one writes, after every callback has finalized in its own on_fit_end

@@ -25,14 +25,16 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress._lightning_internals import is_spawn, optimizers_to_device, rewrap_ddp, strategy_is
+from lightning_compress._lightning_internals import is_spawn, strategy_is
 from lightning_compress._validation import check_range, is_number
+from lightning_compress.callbacks._optimizers import rebuild_optimizers
 from lightning_compress.callbacks.base import CompressionCallback, example_input
-from lightning_compress.functional import decomposition as F
+from lightning_compress.functional import decomposition as dec
+from lightning_compress.functional import decomposition_plan as planning
 from lightning_compress.functional.stats import module_flops
 from lightning_compress.inputs import as_call
 from lightning_compress.schedules import steps_per_epoch
-from lightning_compress.targets import select_modules, validate_patterns
+from lightning_compress.targets import select_modules, select_parameters, validate_patterns
 
 
 class TensorDecomposition(CompressionCallback):
@@ -45,8 +47,17 @@ class TensorDecomposition(CompressionCallback):
     the wrapped module is rebuilt too.
 
     A layer is left alone, with the reason in the report, when it cannot be decomposed (grouped conv,
-    one channel), when its multiply-accumulates would fall by less than ``min_reduction``, or when the
-    decomposed chain measures slower than the original on this CPU (``skip_slower``).
+    one channel), when its weight is tied to another module's (Hugging Face ``lm_head``: a chain would
+    untie it and grow the model), when its multiply-accumulates would fall by less than
+    ``min_reduction``, or when the decomposed chain measures slower than the original on this CPU
+    (``skip_slower``).
+
+    Refused in ``setup``, before any training step, naming the layers: a layer whose parent reads its
+    ``.weight`` directly (``nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``'s ``linear1`` /
+    ``linear2``, ``nn.MultiheadAttention.out_proj``); a layer that ``GradualPruning`` or
+    ``QuantizationAwareTraining`` on the same trainer also selects (in any callback order), or that is
+    already pruned or quantization-aware from an earlier fit, since the float, dense factors would
+    silently undo that compression.
 
     Ranks (give at most one of ``rank``, ``energy``, ``budget``; default ``rank=0.25``):
 
@@ -70,7 +81,8 @@ class TensorDecomposition(CompressionCallback):
         apply_at_epoch: alternative to a step, in epochs (fractions allowed).
         include: module name patterns (glob or ``re:...``) to decompose; all of ``types`` by default.
         exclude: module name patterns to keep dense (e.g. the classifier).
-        types: module class names: ``"Linear"`` and/or ``"Conv2d"``.
+        types: module class names: ``"Linear"``, ``"Conv2d"`` and/or ``"Conv1D"`` (Hugging Face's
+            transposed Linear, factored like a Linear into two ``nn.Linear``).
         min_reduction: minimum factor by which a layer's multiply-accumulates must fall (2.0: half).
         measure_latency: time every original and decomposed layer on CPU (one thread) for the report.
         skip_slower: keep the original layer when its chain measured slower.
@@ -100,7 +112,7 @@ class TensorDecomposition(CompressionCallback):
 
     def __init__(
         self,
-        method: F.Method = "auto",
+        method: dec.Method = "auto",
         *,
         rank: int | float | Literal["vbmf"] | None = None,
         energy: float | None = None,
@@ -110,7 +122,7 @@ class TensorDecomposition(CompressionCallback):
         apply_at_epoch: float | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
-        types: Sequence[str] = F.DECOMPOSABLE_TYPES,
+        types: Sequence[str] = dec.DECOMPOSABLE_TYPES,
         min_reduction: float = 2.0,
         measure_latency: bool = True,
         skip_slower: bool = True,
@@ -120,35 +132,18 @@ class TensorDecomposition(CompressionCallback):
         seed: int = 0,
         name: str | None = None,
     ) -> None:
+        # One check per documented argument, each naming its argument (long signature, flat body).
         super().__init__(name=name)
-        if method not in F.METHODS:
-            raise ValueError(f"method must be one of {list(F.METHODS)}, got {method!r}.")
-        given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of rank, energy, budget; got {', '.join(given)}.")
-        if rank is None and not given:
-            rank = 0.25
-        if rank is not None:
-            _check_rank(rank)
-        if energy is not None:
-            check_range("energy", energy, 0.0, 1.0, low_open=True)
-        if budget is not None:
-            check_range("budget", budget, 0.0, 1.0, low_open=True, high_open=True)
-        if budget_metric not in ("params", "flops"):
-            raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
-        if apply_at != "fit_end" and (isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0):
-            raise ValueError(f"apply_at must be 'fit_end' or a non-negative optimizer step (int), got {apply_at!r}.")
-        if apply_at_epoch is not None:
-            if apply_at != "fit_end":
-                raise ValueError(
-                    f"give apply_at (a step) or apply_at_epoch, not both; got {apply_at!r} and {apply_at_epoch!r}."
-                )
-            if not is_number(apply_at_epoch, 0.0, math.inf):
-                raise ValueError(f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}.")
+        if method not in dec.METHODS:
+            raise ValueError(f"method must be one of {list(dec.METHODS)}, got {method!r}.")
+        rank = _check_rank_rule(rank, energy, budget, budget_metric)
+        _check_apply_at(apply_at, apply_at_epoch)
         self.types = validate_patterns("types", types)
-        unknown = [t for t in self.types if t not in F.DECOMPOSABLE_TYPES]
+        unknown = [t for t in self.types if t not in dec.DECOMPOSABLE_TYPES]
         if unknown or not self.types:
-            raise ValueError(f"types must be a non-empty list from {list(F.DECOMPOSABLE_TYPES)}, got {list(types)!r}.")
+            raise ValueError(
+                f"types must be a non-empty list from {list(dec.DECOMPOSABLE_TYPES)}, got {list(types)!r}."
+            )
         if not is_number(min_reduction, 1.0, math.inf):
             raise ValueError(f"min_reduction must be a number >= 1 (a MAC reduction factor), got {min_reduction!r}.")
         if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
@@ -163,24 +158,43 @@ class TensorDecomposition(CompressionCallback):
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
         self.min_reduction = float(min_reduction)
-        self.measure_latency, self.skip_slower, self.latency_batch = (
-            measure_latency,
-            skip_slower,
-            latency_batch,
-        )
+        self.measure_latency, self.skip_slower, self.latency_batch = measure_latency, skip_slower, latency_batch
         self.n_iter_max, self.tol, self.seed = n_iter_max, float(tol), seed
 
+        self._settings = planning.PlanSettings(
+            method=method,
+            rank=rank,
+            energy=energy,
+            budget=budget,
+            budget_metric=budget_metric,
+            min_reduction=self.min_reduction,
+            measure_latency=measure_latency,
+            skip_slower=skip_slower,
+            latency_batch=latency_batch,
+            n_iter_max=n_iter_max,
+            tol=self.tol,
+            seed=seed,
+        )
+
         # Runtime state.
-        self._plans: dict[str, F.LayerPlan] = {}  # decomposed layer name -> plan
+        self._plans: dict[str, dec.LayerPlan] = {}  # decomposed layer name -> plan
         self._rows: list[dict[str, Any]] = []
         self._applied = False
         self._apply_step: int | None = None
-        self._candidates: list[tuple[str, nn.Module]] = []
-        self._before: dict[str, float] = {}
+        self._baseline: dict[str, float] = {}  # params / flops of the model before decomposition
         self._metrics: dict[str, float] = {}
         self._load_hook: torch.utils.hooks.RemovableHandle | None = None
         self._model_id: int | None = None
-        self._chains: dict[str, nn.Sequential] = {}
+
+    @property
+    def plans(self) -> dict[str, dec.LayerPlan]:
+        """Decomposed layer name -> its plan (method and ranks)."""
+        return dict(self._plans)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The report's per-layer rows: every candidate layer with its status (decomposed or why not)."""
+        return list(self._rows)
 
     # ---------------------------------------------------------------- lifecycle
     @override
@@ -190,54 +204,30 @@ class TensorDecomposition(CompressionCallback):
             self._load_hook.remove()
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_load)
         if self._model_id != id(pl_module):
-            self._plans, self._rows, self._applied, self._before = {}, [], False, {}
+            self._plans, self._rows, self._applied, self._baseline = {}, [], False, {}
             self._model_id = id(pl_module)
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        spawn = is_spawn(strategy)
-        if not strategy_is(strategy, "SingleDeviceStrategy", "DDPStrategy") or spawn:
-            raise ValueError(
-                f"TensorDecomposition supports single-device training and strategy='ddp'; got "
-                f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
-                "parameter set, which sharded strategies (FSDP, DeepSpeed) cannot follow, and ddp_spawn "
-                "reloads the undecomposed weights into the parent process with strict=False. "
-                "HINT: use strategy='ddp'."
-            )
-        self._candidates = self._select(pl_module)
-        for layer_name, layer in self._candidates:
-            if F.skip_reason(layer) is not None:
-                continue
-            try:
-                method = F.resolve_method(layer, self.method)
-            except ValueError as err:
-                raise ValueError(
-                    f"layer {layer_name!r} ({_describe(layer)}): {err} HINT: narrow `types`/`include`, or `exclude` it."
-                ) from None
-            if isinstance(self.rank, int) and not isinstance(self.rank, bool):
-                limit = F.max_ranks(layer, method)
-                if self.rank > min(limit):
-                    raise ValueError(
-                        f"rank={self.rank} is larger than layer {layer_name!r} ({_describe(layer)}) allows "
-                        f"for {method}: at most {min(limit)}. HINT: a float ratio such as rank=0.25 adapts "
-                        "to each layer, or exclude the layer."
-                    )
+        _check_strategy(trainer.strategy)
+        candidates = self._select(pl_module)
+        _check_other_callbacks(trainer, pl_module, candidates)
+        planning.check_layers(pl_module, candidates)
+        tied = planning.tied_weight_reasons(pl_module, candidates)
+        planning.check_candidates([(n, m) for n, m in candidates if n not in tied], self._settings)
 
     def _select(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
         chosen = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         # Layers inside chains this callback built are factors, not candidates.
         return [
-            (n, m)
-            for n, m in chosen
-            if isinstance(m, nn.Linear | nn.Conv2d) and not any(n.startswith(p + ".") for p in self._plans)
+            (n, m) for n, m in chosen if dec.is_decomposable(m) and not any(n.startswith(p + ".") for p in self._plans)
         ]
 
     def _rebuild_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # Runs before the LightningModule copies a state dict in: rebuild every chain the state dict
         # holds, so strict loading finds matching keys and shapes.
-        plans = F.structure_from_state_dict(module, state_dict, prefix)
+        plans = dec.structure_from_state_dict(module, state_dict, prefix)
         if plans:
-            F.apply_structure_(module, plans)
+            dec.apply_structure_(module, plans)
             self._plans.update(plans)
             self._applied = True
 
@@ -247,13 +237,13 @@ class TensorDecomposition(CompressionCallback):
             "applied": self._applied,
             "plans": {k: p.as_dict() for k, p in self._plans.items()},
             "rows": self._rows,
-            "before": self._before,
+            "before": self._baseline,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Runs after the model weights were restored (and the chains rebuilt by the pre-hook).
-        plans = {k: F.LayerPlan.from_dict(v) for k, v in state_dict.get("plans", {}).items()}
+        plans = {k: dec.LayerPlan.from_dict(v) for k, v in state_dict.get("plans", {}).items()}
         missing = [k for k in plans if k not in self._plans]
         if missing:
             raise ValueError(
@@ -263,7 +253,7 @@ class TensorDecomposition(CompressionCallback):
             )
         self._applied = bool(state_dict.get("applied", bool(plans))) or self._applied
         self._rows = list(state_dict.get("rows", []))
-        self._before = dict(state_dict.get("before", {}))
+        self._baseline = dict(state_dict.get("before", {}))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -273,8 +263,8 @@ class TensorDecomposition(CompressionCallback):
             self._apply_step = int(self.apply_at)
         else:
             self._apply_step = None
-        if not self._before:
-            self._before = {"params": float(_count_params(pl_module))}
+        if not self._baseline:
+            self._baseline = {"params": float(_count_params(pl_module))}
         self._refresh_metrics(pl_module)
         super().on_fit_start(trainer, pl_module)
 
@@ -291,9 +281,9 @@ class TensorDecomposition(CompressionCallback):
             and batch_idx % trainer.accumulate_grad_batches == 0
         ):
             self._apply(trainer, pl_module)
-            self._rebuild_optimizers(trainer)
+            rebuild_optimizers(trainer)
             self._refresh_metrics(pl_module)
-        if "flops" not in self._metrics and self._before.get("params") is not None:
+        if "flops" not in self._metrics and self._baseline.get("params") is not None:
             self._refresh_metrics(pl_module)
         self.log_metrics(pl_module, self._metrics)
 
@@ -325,189 +315,63 @@ class TensorDecomposition(CompressionCallback):
         started = time.perf_counter()
         candidates = self._select(pl_module)
         example = example_input(pl_module, [self])
-        shapes = _layer_shapes(pl_module, [m for _, m in candidates], example)
-        if "flops" not in self._before and example is not None:
-            self._before["flops"] = float(_model_flops(pl_module, example))
+        if "flops" not in self._baseline and example is not None:
+            self._baseline["flops"] = float(_model_flops(pl_module, example))
+        decisions = planning.Decisions()
         if trainer.is_global_zero:
-            decisions, rows = self._decide(pl_module, candidates, shapes, trainer)
-        else:
-            decisions, rows = {}, []
-        # Rank zero decides (latency measurements differ between processes); every rank builds the
-        # same chains.
-        decisions, rows = trainer.strategy.broadcast((decisions, rows), src=0)
+            # Rank zero decides (latency measurements differ between processes); every rank builds the
+            # same chains from the broadcast plans.
+            decisions = self._decide(trainer, pl_module, candidates, example)
+        plans, rows = trainer.strategy.broadcast((decisions.plans, decisions.rows), src=0)
         for layer_name, layer in candidates:
-            plan = decisions.get(layer_name)
-            if plan is None:
+            if layer_name not in plans:
                 continue
-            chain = self._chains.pop(layer_name, None) if trainer.is_global_zero else None
+            chain = decisions.chains.get(layer_name)
             if chain is None:
-                chain, _ = F.decompose(layer, plan, n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed)
-            F.set_submodule_(pl_module, layer_name, chain)
-            self._plans[layer_name] = plan
-        self._chains = {}
+                chain, _ = dec.decompose(
+                    layer, plans[layer_name], n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed
+                )
+            dec.set_submodule_(pl_module, layer_name, chain)
+            self._plans[layer_name] = plans[layer_name]
         self._rows = rows
         self._applied = True
         done = sum(1 for r in rows if r["status"] == "decomposed")
         rank_zero_info(
             f"TensorDecomposition: decomposed {done} of {len(rows)} layers in "
             f"{time.perf_counter() - started:.1f} s "
-            f"(params {int(self._before['params'])} -> {_count_params(pl_module)})."
+            f"(params {int(self._baseline['params'])} -> {_count_params(pl_module)})."
         )
 
     def _decide(
-        self,
-        pl_module: pl.LightningModule,
-        candidates: list[tuple[str, nn.Module]],
-        shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]],
-        trainer: pl.Trainer,
-    ) -> tuple[dict[str, F.LayerPlan], list[dict[str, Any]]]:
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, candidates: list[tuple[str, nn.Module]], example: Any
+    ) -> planning.Decisions:
         from tqdm.auto import tqdm
 
-        self._chains = {}
-        rows: list[dict[str, Any]] = []
-        work: list[tuple[str, nn.Module, str, F.Geometry]] = []
-        for layer_name, layer in candidates:
-            geometry = _geometry(layer, shapes.get(layer))
-            reason = F.skip_reason(layer)
-            if reason is not None:
-                rows.append(_row(layer_name, layer, None, geometry, status=f"skipped: {reason}"))
-                continue
-            work.append((layer_name, layer, F.resolve_method(layer, self.method), geometry))
+        def progress(items: Any) -> Any:
+            hidden = trainer.progress_bar_callback is None or len(items) < 8
+            return tqdm(items, desc="decomposing", leave=False, disable=hidden)
 
-        plans: list[F.LayerPlan | None]
-        if self.budget is not None:
-            plans = self._budget_plans(pl_module, work, candidates)
-        else:
-            plans = [F.LayerPlan(method, self._ranks(layer, method)) for _, layer, method, _ in work]
-
-        decisions: dict[str, F.LayerPlan] = {}
-        progress = tqdm(
-            list(zip(work, plans, strict=True)),
-            desc="decomposing",
-            leave=False,
-            disable=trainer.progress_bar_callback is None or len(work) < 8,
+        shapes = planning.layer_shapes(pl_module, [m for _, m in candidates], example)
+        return planning.decide(
+            candidates,
+            shapes,
+            self._settings,
+            model_params=_count_params(pl_module),
+            model_flops=self._baseline.get("flops"),
+            skip=planning.tied_weight_reasons(pl_module, candidates),
+            progress=progress,
         )
-        for (layer_name, layer, _, geometry), plan in progress:
-            if plan is None:
-                rows.append(
-                    _row(
-                        layer_name,
-                        layer,
-                        None,
-                        geometry,
-                        status="skipped: MAC reduction "
-                        f"< min_reduction {self.min_reduction:g}x at the rank the budget allows",
-                    )
-                )
-                continue
-            reduction = F.macs_of(layer, None, geometry) / max(F.macs_of(layer, plan, geometry), 1)
-            if reduction < self.min_reduction:
-                rows.append(
-                    _row(
-                        layer_name,
-                        layer,
-                        plan,
-                        geometry,
-                        status=f"skipped: MAC reduction {reduction:.2f}x < min_reduction {self.min_reduction:g}x",
-                    )
-                )
-                continue
-            chain, error = F.decompose(layer, plan, n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed)
-            row = _row(layer_name, layer, plan, geometry, status="decomposed", error=error)
-            sample = _latency_input(layer, shapes.get(layer), self.latency_batch)
-            if self.measure_latency and sample is not None:
-                sample = sample.to(layer.weight.device)
-                # One thread, interleaved rounds, best of each: threaded timings of small ops swing
-                # several-fold when other processes share the cores, which would flip the decision.
-                before, after = math.inf, math.inf
-                with F.single_thread():
-                    for _ in range(3):
-                        before = min(before, F.measure_latency(layer, sample, min_run_time=0.02))
-                        after = min(after, F.measure_latency(chain, sample, min_run_time=0.02))
-                latency = {
-                    "latency_ms_before": round(before * 1e3, 4),
-                    "latency_ms_after": round(after * 1e3, 4),
-                }
-                row.update(latency)
-                if self.skip_slower and after >= before:
-                    status = f"skipped: measured slower ({after * 1e3:.3f} ms vs {before * 1e3:.3f} ms)"
-                    rows.append({**_row(layer_name, layer, plan, geometry, status=status, error=error), **latency})
-                    continue
-            rows.append(row)
-            decisions[layer_name] = plan
-            self._chains[layer_name] = chain
-        order = {layer_name: i for i, (layer_name, _) in enumerate(candidates)}
-        return decisions, sorted(rows, key=lambda r: order[r["layer"]])
-
-    def _ranks(self, layer: nn.Module, method: str) -> tuple[int, ...]:
-        if self.energy is not None:
-            return F.ranks_for_energy(layer, method, self.energy)
-        if self.rank == "vbmf":
-            return F.ranks_for_vbmf(layer, method)
-        if isinstance(self.rank, int):
-            return (self.rank, self.rank) if method == "tucker2" else (self.rank,)
-        return F.ranks_for_ratio(layer, method, float(self.rank))  # type: ignore[arg-type]
-
-    def _budget_plans(
-        self,
-        pl_module: pl.LightningModule,
-        work: list[tuple[str, nn.Module, str, F.Geometry]],
-        candidates: list[tuple[str, nn.Module]],
-    ) -> list[F.LayerPlan | None]:
-        assert self.budget is not None
-        layers = [(layer, method, geometry) for _, layer, method, geometry in work]
-        if self.budget_metric == "params":
-            total = _count_params(pl_module)
-            chosen = sum(F.params_of(layer, None) for layer, _, _ in layers)
-        else:
-            if "flops" not in self._before:
-                raise ValueError(
-                    "budget_metric='flops' needs an example input to count FLOPs, and none was seen. "
-                    "HINT: set "
-                    "`example_input_array` on the LightningModule, or use budget_metric='params'."
-                )
-            total = int(self._before["flops"]) // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
-            chosen = sum(F.macs_of(layer, None, geometry) for layer, _, geometry in layers)
-        return F.allocate_budget(
-            layers,
-            budget=int(self.budget * total),
-            fixed=total - chosen,
-            metric=self.budget_metric,
-            min_reduction=self.min_reduction,
-        )
-
-    # ---------------------------------------------------------------- optimizer rebuild
-    def _rebuild_optimizers(self, trainer: pl.Trainer) -> None:
-        """New optimizers / schedulers over the decomposed parameters, carrying over what still applies."""
-        strategy = trainer.strategy
-        old_optimizers = list(trainer.optimizers)
-        old_lrs = [[group["lr"] for group in opt.param_groups] for opt in old_optimizers]
-        old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
-        if strategy_is(strategy, "DDPStrategy"):
-            rewrap_ddp(strategy)  # DDP's reducer holds the old parameter list
-        strategy.setup_optimizers(trainer)
-        optimizers_to_device(strategy.optimizers, strategy.root_device)
-        for old, new, lrs in zip(old_optimizers, trainer.optimizers, old_lrs, strict=False):
-            for group in new.param_groups:
-                for p in group["params"]:
-                    if p in old.state:  # an untouched layer keeps its momentum / Adam moments
-                        new.state[p] = old.state[p]
-            if len(new.param_groups) == len(lrs):
-                for group, lr in zip(new.param_groups, lrs, strict=True):
-                    group["lr"] = lr
-        for config, state in zip(trainer.lr_scheduler_configs, old_schedulers, strict=False):
-            config.scheduler.load_state_dict(state)
 
     # ---------------------------------------------------------------- metrics and report
     def _refresh_metrics(self, pl_module: pl.LightningModule) -> None:
         params = _count_params(pl_module)
-        before = self._before.get("params", float(params))
+        before = self._baseline.get("params", float(params))
         self._metrics = {"params": float(params), "ratio": before / max(params, 1)}
         example = example_input(pl_module, [self])
         if example is not None:
             flops = float(_model_flops(pl_module, example))
-            self._before.setdefault("flops", flops)
-            self._metrics.update(flops=flops, flops_ratio=self._before["flops"] / max(flops, 1.0))
+            self._baseline.setdefault("flops", flops)
+            self._metrics.update(flops=flops, flops_ratio=self._baseline["flops"] / max(flops, 1.0))
 
     @override
     def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -517,9 +381,9 @@ class TensorDecomposition(CompressionCallback):
             "energy": self.energy,
             "budget": None if self.budget is None else f"{self.budget:g} of {self.budget_metric}",
             "applied": self._applied,
-            "params_before": self._before.get("params"),
+            "params_before": self._baseline.get("params"),
             "params_after": self._metrics.get("params"),
-            "flops_before": self._before.get("flops"),
+            "flops_before": self._baseline.get("flops"),
             "flops_after": self._metrics.get("flops"),
             "ratio": self._metrics.get("ratio"),
             "flops_ratio": self._metrics.get("flops_ratio"),
@@ -560,12 +424,42 @@ def load_decomposed(
         warnings.simplefilter("ignore")
         model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
     state_dict = checkpoint["state_dict"]
-    F.apply_structure_(model, F.structure_from_state_dict(model, state_dict))
+    dec.apply_structure_(model, dec.structure_from_state_dict(model, state_dict))
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
 # ---------------------------------------------------------------------------- helpers
+def _check_rank_rule(rank: Any, energy: Any, budget: Any, budget_metric: Any) -> Any:
+    """Validate the one rank rule given (default ``rank=0.25``) and return the rank to use."""
+    given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of rank, energy, budget; got {', '.join(given)}.")
+    if not given:
+        rank = 0.25
+    if rank is not None:
+        _check_rank(rank)
+    if energy is not None:
+        check_range("energy", energy, 0.0, 1.0, low_open=True)
+    if budget is not None:
+        check_range("budget", budget, 0.0, 1.0, low_open=True, high_open=True)
+    if budget_metric not in ("params", "flops"):
+        raise ValueError(f"budget_metric must be 'params' or 'flops', got {budget_metric!r}.")
+    return rank
+
+
+def _check_apply_at(apply_at: Any, apply_at_epoch: Any) -> None:
+    if apply_at != "fit_end" and (isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 0):
+        raise ValueError(f"apply_at must be 'fit_end' or a non-negative optimizer step (int), got {apply_at!r}.")
+    if apply_at_epoch is not None:
+        if apply_at != "fit_end":
+            raise ValueError(
+                f"give apply_at (a step) or apply_at_epoch, not both; got {apply_at!r} and {apply_at_epoch!r}."
+            )
+        if not is_number(apply_at_epoch, 0.0, math.inf):
+            raise ValueError(f"apply_at_epoch must be a non-negative number of epochs, got {apply_at_epoch!r}.")
+
+
 def _check_rank(rank: Any) -> None:
     if rank == "vbmf" and isinstance(rank, str):
         return
@@ -581,10 +475,61 @@ def _check_rank(rank: Any) -> None:
     raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
 
 
-def _describe(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Linear):
-        return f"Linear {layer.in_features}->{layer.out_features}"
-    return f"Conv2d {layer.in_channels}->{layer.out_channels} k={tuple(layer.kernel_size)}"
+def _check_strategy(strategy: Any) -> None:
+    """Refuse strategies that cannot follow a change of the parameter set (before any step)."""
+    spawn = is_spawn(strategy)
+    # DeepSpeedStrategy subclasses DDPStrategy: name it, or it would pass as plain DDP.
+    sharded = strategy_is(strategy, "DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
+    if sharded or spawn or not strategy_is(strategy, "SingleDeviceStrategy", "DDPStrategy"):
+        raise ValueError(
+            f"TensorDecomposition supports single-device training and strategy='ddp'; got "
+            f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
+            "parameter set, which sharded strategies (FSDP, DeepSpeed, ModelParallel) cannot follow, and "
+            "ddp_spawn reloads the undecomposed weights into the parent process with strict=False. "
+            "HINT: use strategy='ddp'."
+        )
+
+
+# Callbacks whose compression a factor chain would silently drop, by class name: the pytorch_lightning and
+# the unified `lightning` twins are distinct classes with the same names.
+_CONFLICTING_CALLBACKS = ("GradualPruning", "QuantizationAwareTraining")
+
+
+def _layers_compressed_by(callback: Any, pl_module: nn.Module) -> set[int] | None:
+    """``id`` of every module ``callback`` (pruning or QAT) selects, or ``None`` when it cannot be told."""
+    try:
+        if any(cls.__name__ == "GradualPruning" for cls in type(callback).__mro__):
+            targets = select_parameters(
+                pl_module, include=callback.include, exclude=callback.exclude, types=callback.types
+            )
+            return {id(t.module) for t in targets}
+        chosen = select_modules(pl_module, include=callback.include, exclude=callback.exclude, types=callback.types)
+        return {id(m) for _, m in chosen}
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _check_other_callbacks(trainer: Any, pl_module: nn.Module, candidates: list[tuple[str, nn.Module]]) -> None:
+    """Refuse (before step 1) layers that pruning or QAT on the same trainer also compress, in any order.
+
+    A factor chain is made of new float, dense layers: decomposing a pruned or quantization-aware layer
+    would silently drop its zeros or its fake quantization while the run reports success.
+    """
+    for callback in trainer.callbacks:
+        kind = next((c.__name__ for c in type(callback).__mro__ if c.__name__ in _CONFLICTING_CALLBACKS), None)
+        if kind is None:
+            continue
+        theirs = _layers_compressed_by(callback, pl_module)
+        shared = [n for n, m in candidates if theirs is None or id(m) in theirs]
+        if shared:
+            shown = shared if len(shared) <= 8 else [*shared[:8], f"... ({len(shared)} in all)"]
+            raise ValueError(
+                f"TensorDecomposition and {kind} on this trainer both select layer(s) {shown}: the factor "
+                f"chains are new float, dense layers, so decomposing would silently undo {kind}'s "
+                "compression. HINT: give the two disjoint layers (include/exclude), or decompose first "
+                f"(a fit with TensorDecomposition alone, or apply_at early) and run {kind} in a second fit "
+                "on the decomposed model."
+            )
 
 
 def _count_params(module: nn.Module) -> int:
@@ -594,77 +539,3 @@ def _count_params(module: nn.Module) -> int:
 def _model_flops(model: nn.Module, example: Any) -> int:
     args, kwargs = as_call(example)
     return module_flops(model, *args, **kwargs).get("", 0)
-
-
-def _layer_shapes(
-    model: nn.Module, layers: list[nn.Module], example: Any
-) -> dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Input and output shapes of ``layers`` in one eval-mode forward on ``example``."""
-    if example is None or not layers:
-        return {}
-    shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-
-    def record(module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
-            shapes.setdefault(module, (tuple(args[0].shape), tuple(output.shape)))
-
-    handles = [m.register_forward_hook(record) for m in layers]
-    was_training = model.training
-    model.eval()  # no BatchNorm statistics update
-    try:
-        args, kwargs = as_call(example)
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return shapes
-
-
-def _geometry(layer: nn.Module, shape: tuple[tuple[int, ...], tuple[int, ...]] | None) -> F.Geometry:
-    if shape is None:
-        return F.Geometry()
-    x, y = shape
-    if isinstance(layer, nn.Linear):
-        return F.Geometry(n=max(1, math.prod(x) // max(layer.in_features, 1)))
-    if len(x) == 3:  # unbatched conv input
-        x, y = (1, *x), (1, *y)
-    return F.Geometry(n=x[0], h_in=x[-2], w_in=x[-1], h_out=y[-2], w_out=y[-1])
-
-
-def _latency_input(
-    layer: nn.Module, shape: tuple[tuple[int, ...], tuple[int, ...]] | None, batch: int
-) -> torch.Tensor | None:
-    g = torch.Generator().manual_seed(0)
-    if shape is None:
-        return torch.randn(batch, layer.in_features, generator=g) if isinstance(layer, nn.Linear) else None
-    x = shape[0]
-    if isinstance(layer, nn.Conv2d) and len(x) == 3:
-        x = (1, *x)
-    return torch.randn(batch, *x[1:], generator=g)
-
-
-def _row(
-    layer_name: str,
-    layer: nn.Module,
-    plan: F.LayerPlan | None,
-    geometry: F.Geometry,
-    *,
-    status: str,
-    error: float | None = None,
-) -> dict[str, Any]:
-    return {
-        "layer": layer_name,
-        "shape": _describe(layer),
-        "method": None if plan is None else plan.method,
-        "ranks": None if plan is None else "x".join(map(str, plan.ranks)),
-        "params_before": F.params_of(layer, None),
-        "params_after": F.params_of(layer, plan) if status == "decomposed" and plan else F.params_of(layer, None),
-        "flops_before": 2 * F.macs_of(layer, None, geometry),
-        "flops_after": 2 * F.macs_of(layer, plan if status == "decomposed" else None, geometry),
-        "error": None if error is None else round(error, 5),
-        "latency_ms_before": None,
-        "latency_ms_after": None,
-        "status": status,
-    }

@@ -25,35 +25,36 @@ The teacher sees exactly what the student saw: a forward hook (``with_kwargs=Tru
 LightningModule records the positional and keyword arguments and the output of the *first* call of
 ``self(...)`` inside ``training_step``; the wrapper then runs the teacher once on those arguments, under
 ``no_grad`` and the precision plugin's ``forward_context()``. Named layers' outputs for hint losses
-are recorded the same way, by forward hooks active only during that first call.
+are recorded the same way, by forward hooks active only during that first call (both recorders are
+:class:`~lightning_compress.capture.CallRecorder`).
 
 The teacher lives on the callback, never as an attribute of the LightningModule: it is not in the
 module tree, so it is not in the optimizer, not in the student's checkpoint ``state_dict`` and not
-wrapped by DDP. Hint adapters (learned maps from student to teacher width) also live here: they join
-the trainer's first optimizer as an extra param group, their gradients are averaged across DDP ranks
-by hand (DDP does not know them), and their weights travel in the callback's checkpoint state.
+wrapped by DDP (where it comes from: :mod:`lightning_compress.callbacks._teacher`). Hint adapters
+(learned maps from student to teacher width, :mod:`lightning_compress.callbacks._hints`) also live on
+the callback: they join the trainer's first optimizer as an extra param group, their gradients are
+averaged across DDP ranks by hand (DDP does not know them), and their weights travel in the callback's
+checkpoint state.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
-from lightning_compress._lightning_internals import is_forward_redirection
 from lightning_compress._validation import check_choice, check_range
+from lightning_compress.callbacks import _teacher
+from lightning_compress.callbacks._hints import HintAdapters
 from lightning_compress.callbacks.base import CompressionCallback
-from lightning_compress.functional import distillation as F
+from lightning_compress.capture import CallRecorder
+from lightning_compress.functional import distillation as distill
 from lightning_compress.schedules import Schedule, ScheduleName, StepWindow, resolve_schedule
 
 _MISSING = object()
@@ -69,56 +70,6 @@ def _check_temperature(argument: str, value: Any) -> float:
         high_open=True,
         hint=" HINT: 1 is a plain softmax; Hinton et al. used 2-20.",
     )
-
-
-class _Capture:
-    """The first forward call of a module while armed: ``args``, ``kwargs`` and ``output``."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.args: tuple[Any, ...] | None = None
-        self.kwargs: dict[str, Any] = {}
-        self.output: Any = None
-        self.features: dict[str, Tensor] = {}
-        self._redirected: list[bool] = []  # one entry per call in progress, innermost last
-
-    def arm(self) -> None:
-        self.armed, self.args, self.kwargs, self.output, self.features = True, None, {}, None, {}
-        self._redirected = []
-
-    def disarm(self) -> None:
-        self.armed = False
-
-    def clear(self) -> None:
-        """Drop the references to the recorded call (and so to its activations)."""
-        self.armed, self.args, self.kwargs, self.output, self.features = False, None, {}, None, {}
-
-    @property
-    def seen(self) -> bool:
-        return self.args is not None
-
-    def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # Under DDP, Lightning routes `training_step(batch, batch_idx)` / `validation_step(...)` through the
-        # module's __call__ by patching the instance's `forward` (its _ForwardRedirection): that call's
-        # arguments are a batch, not forward inputs. The patch is only visible before the call starts.
-        # (A call traced by torch.compile is the user's own `self(...)`, never the redirection.)
-        if torch.compiler.is_compiling():
-            self._redirected.append(False)
-            return
-        self._redirected.append(is_forward_redirection(module))
-
-    def model_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        redirected = self._redirected.pop() if self._redirected else False
-        if self.armed and not self.seen and not redirected:
-            self.args, self.kwargs, self.output = args, kwargs, output
-
-    def feature_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            # Only inside the recorded call (while `seen` is still False) and only its first use of the layer.
-            if self.armed and not self.seen and name not in self.features:
-                self.features[name] = F.select_output(output)
-
-        return hook
 
 
 class KnowledgeDistillation(CompressionCallback):
@@ -191,7 +142,7 @@ class KnowledgeDistillation(CompressionCallback):
         *,
         alpha: float = 0.5,
         temperature: float = 4.0,
-        loss: F.LogitLoss = "kl",
+        loss: distill.LogitLoss = "kl",
         alpha_schedule: ScheduleName | Schedule = "constant",
         initial_alpha: float | None = None,
         temperature_schedule: ScheduleName | Schedule = "constant",
@@ -210,14 +161,7 @@ class KnowledgeDistillation(CompressionCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        if isinstance(teacher, str):
-            if teacher != "self" and not os.path.isfile(teacher):
-                raise ValueError(
-                    "teacher must be an nn.Module, 'self' or the path of a LightningModule checkpoint; "
-                    f"the file {teacher!r} does not exist."
-                )
-        elif not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be an nn.Module, 'self' or a checkpoint path, got {type(teacher).__name__}.")
+        _teacher.check_teacher_spec(teacher, teacher_class)
         self.teacher_spec = teacher
         self.alpha = check_range("alpha", alpha, 0.0, 1.0)
         self.initial_alpha = (
@@ -245,8 +189,6 @@ class KnowledgeDistillation(CompressionCallback):
                 "alpha=0 and no feature hints: nothing would be distilled. HINT: alpha in (0, 1], or "
                 "give features={student_layer: teacher_layer}."
             )
-        if teacher_class is not None and not isinstance(teacher, str):
-            raise ValueError("teacher_class only applies when teacher is a checkpoint path.")
         self.teacher_class = teacher_class
         if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, str | int)):
             raise ValueError(f"output_key must be a string, an integer or None, got {output_key!r}.")
@@ -256,17 +198,13 @@ class KnowledgeDistillation(CompressionCallback):
         self.adapter_lr = adapter_lr
         self.log_agreement = log_agreement
         self.seed = seed
+        self.hints = HintAdapters(seed=seed, lr=adapter_lr)
 
         # Runtime state.
         self._teacher: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
         self._student_layers: dict[str, nn.Module] = {}
-        self._teacher_layers: dict[str, nn.Module] = {}
-        self.adapters = nn.ModuleDict()  # keyed by student layer name with "." -> "__"
-        self._adapter_shapes: dict[str, tuple[str, int, int]] = {}
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._student = _Capture()
-        self._teacher_capture = _Capture()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._student_call = CallRecorder()
+        self._teacher_call = CallRecorder()
         self._wrapped: pl.LightningModule | None = None
         self._previous_step: Any = _MISSING
         self._window: tuple[int, int] = (0, 1)
@@ -296,6 +234,11 @@ class KnowledgeDistillation(CompressionCallback):
         """The (frozen) teacher module, once resolved."""
         return self._teacher
 
+    @property
+    def adapters(self) -> nn.ModuleDict:
+        """The hint adapters, keyed by student layer name with ``"."`` replaced by ``"__"``."""
+        return self.hints.modules
+
     # ---------------------------------------------------------------- lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -308,50 +251,12 @@ class KnowledgeDistillation(CompressionCallback):
                 "before manual_backward."
             )
         if isinstance(self.teacher_spec, str) and self.teacher_spec != "self" and self._teacher is None:
-            self._teacher = self._load_checkpoint_teacher(self.teacher_spec, type(pl_module))
+            self._teacher = _teacher.load_checkpoint_teacher(self.teacher_spec, type(pl_module), self.teacher_class)
         if self._teacher is not None:
-            student_params = {id(p) for p in pl_module.parameters()}
-            if self._teacher is pl_module or any(id(p) in student_params for p in self._teacher.parameters()):
-                raise ValueError(
-                    "the teacher shares parameters with the student (it is the student or one of its "
-                    "submodules), so it would be trained and saved with it. HINT: keep the teacher off the "
-                    "LightningModule; teacher='self' distills from a frozen copy of the student."
-                )
-        self._student_layers = self._named_layers(pl_module, list(self.features), "student")
+            _teacher.check_not_shared(self._teacher, pl_module)
+        self._student_layers = _teacher.named_layers(pl_module, list(self.features), "student")
         # "self": the teacher is a copy of the student, so its layer names are the student's.
-        self._named_layers(self._teacher or pl_module, list(self.features.values()), "teacher")
-
-    def _load_checkpoint_teacher(self, path: str, student_class: type) -> nn.Module:
-        cls = student_class
-        if self.teacher_class is not None:
-            module_name, _, class_name = self.teacher_class.rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module_name), class_name)
-            except (ImportError, AttributeError, ValueError) as err:
-                raise ValueError(f"teacher_class {self.teacher_class!r} cannot be imported: {err}.") from err
-        # Duck-typed: pytorch_lightning and lightning.pytorch define different LightningModule classes.
-        if not (isinstance(cls, type) and callable(getattr(cls, "load_from_checkpoint", None))):
-            raise ValueError(f"teacher_class must name a LightningModule subclass, got {cls!r}.")
-        try:
-            return cls.load_from_checkpoint(path, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - any failure means "not a loadable teacher"; say which and why
-            raise ValueError(
-                f"teacher checkpoint {path!r} holds no module loadable with "
-                f"{cls.__name__}.load_from_checkpoint: {type(err).__name__}: {err}. "
-                "HINT: pass teacher_class='package.module.Class' when the teacher's class differs from the "
-                "student's."
-            ) from err
-
-    @staticmethod
-    def _named_layers(model: nn.Module, names: list[str], who: str) -> dict[str, nn.Module]:
-        modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules or n == ""]
-        if missing:
-            available = [n for n in modules if n]
-            raise ValueError(
-                f"features name {who} layer(s) {missing} that do not exist. {who.capitalize()} layers: {available}."
-            )
-        return {n: modules[n] for n in names}
+        _teacher.named_layers(self._teacher or pl_module, list(self.features.values()), "teacher")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -360,10 +265,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "adapter_shapes": dict(self._adapter_shapes),
-            "adapters": {k: v.detach().cpu() for k, v in self.adapters.state_dict().items()},
-        }
+        state = self.hints.state()
         if self.teacher_spec == "self" and self._teacher is not None:
             # The snapshot is the teacher: without it a resumed run would distill from resumed weights.
             state["teacher"] = {k: v.detach().cpu() for k, v in self._teacher.state_dict().items()}
@@ -376,23 +278,15 @@ class KnowledgeDistillation(CompressionCallback):
         state, self._pending_state = self._pending_state, None
         if self.teacher_spec == "self":
             # After DDP's initial broadcast, so every process copies the same weights.
-            self._teacher = _snapshot(pl_module)
+            self._teacher = _teacher.snapshot(pl_module)
             if state is not None and "teacher" in state:
                 self._teacher.load_state_dict(state["teacher"])
-            self._teacher_layers = self._named_layers(self._teacher, list(self.features.values()), "teacher")
         assert self._teacher is not None
         teacher = trainer.precision_plugin.convert_module(self._teacher)  # bf16-true etc.: the student's dtype
         self._teacher = teacher.to(pl_module.device).eval().requires_grad_(False)
         if trainer.optimizers:
-            self._optimizer = trainer.optimizers[0]
-        self._remove_adapter_group()
-        if state is not None and state.get("adapter_shapes"):
-            # Before Lightning restores the optimizer state (right after this hook), so that state finds the
-            # adapters' param group where the checkpointed run had it.
-            self._build_adapters(dict(state["adapter_shapes"]), pl_module.device)
-            self.adapters.load_state_dict(state["adapters"])
-        elif self._adapter_shapes:
-            self._build_adapters(dict(self._adapter_shapes), pl_module.device, keep_weights=True)
+            self.hints.optimizer = trainer.optimizers[0]
+        self.hints.restore(state, pl_module.device)
         self._agreement = self._agreement.to(pl_module.device)
         self._install(pl_module)
         self._checked = False
@@ -401,14 +295,12 @@ class KnowledgeDistillation(CompressionCallback):
     def _install(self, pl_module: pl.LightningModule) -> None:
         self._uninstall()
         assert self._teacher is not None
-        self._handles.append(pl_module.register_forward_pre_hook(self._student.model_pre_hook, with_kwargs=True))
-        self._handles.append(pl_module.register_forward_hook(self._student.model_hook, with_kwargs=True))
+        self._student_call.attach(pl_module)
+        teacher_layers = _teacher.named_layers(self._teacher, list(self.features.values()), "teacher")
         for student_name, teacher_name in self.features.items():
-            self._handles.append(
-                self._student_layers[student_name].register_forward_hook(self._student.feature_hook(student_name))
-            )
-            layer = dict(self._teacher.named_modules())[teacher_name]
-            self._handles.append(layer.register_forward_hook(self._teacher_capture.feature_hook(student_name)))
+            # Both recorders key the pair by the student layer's name.
+            self._student_call.attach_layer(self._student_layers[student_name], student_name)
+            self._teacher_call.attach_layer(teacher_layers[teacher_name], student_name)
         # An attribute on the instance shadows the class's method for this object only; Lightning looks
         # `training_step` up with getattr at every step (also through DDP's redirection). One may already be
         # there (Lightning's torch.compile support puts the compiled training_step there): wrap it, and put
@@ -423,9 +315,8 @@ class KnowledgeDistillation(CompressionCallback):
         self._wrapped = pl_module
 
     def _uninstall(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._student_call.detach()
+        self._teacher_call.detach()
         if self._wrapped is not None:
             if self._previous_step is _MISSING:
                 self._wrapped.__dict__.pop("training_step", None)
@@ -441,8 +332,8 @@ class KnowledgeDistillation(CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
-        self._student.clear()
-        self._teacher_capture.clear()
+        self._student_call.clear()
+        self._teacher_call.clear()
         self._trainer = None
         # The adapters' param group stays in the optimizer: a `trainer.save_checkpoint` after fit must save
         # the optimizer state that the callback state (adapter shapes) will rebuild on resume. A new fit
@@ -451,13 +342,13 @@ class KnowledgeDistillation(CompressionCallback):
 
     # ---------------------------------------------------------------- the training step
     def _distilled_step(self, pl_module: pl.LightningModule, original: Any, *args: Any, **kwargs: Any) -> Any:
-        self._student.arm()
+        self._student_call.arm()
         try:
             output = original(*args, **kwargs)
         finally:
-            self._student.disarm()
+            self._student_call.disarm()
         if output is None:
-            self._student.clear()
+            self._student_call.clear()
             return output  # the user skipped this batch
         loss = output["loss"] if isinstance(output, Mapping) else output
         if not isinstance(loss, Tensor):
@@ -465,7 +356,7 @@ class KnowledgeDistillation(CompressionCallback):
                 "KnowledgeDistillation needs training_step to return a loss tensor or a dict with 'loss', "
                 f"got {type(output).__name__}."
             )
-        if not self._student.seen:
+        if not self._student_call.seen:
             raise RuntimeError(
                 "training_step never called the LightningModule, so there is no student output to distill. "
                 "KnowledgeDistillation matches the output of the first `self(...)` call in training_step "
@@ -475,9 +366,11 @@ class KnowledgeDistillation(CompressionCallback):
         total = self._add_distillation(pl_module, loss)
         return {**output, "loss": total} if isinstance(output, Mapping) else total
 
-    def _run_teacher(self, args: tuple, kwargs: dict) -> None:
+    def _run_teacher(self) -> None:
+        """Run the teacher on the recorded student call; its output and hint layers land in ``_teacher_call``."""
         assert self._teacher is not None and self._trainer is not None
-        self._teacher_capture.arm()
+        args, kwargs = self._student_call.args or (), self._student_call.kwargs
+        self._teacher_call.arm()
         try:
             # Inside training_step autocast is already active; the explicit context keeps the teacher under
             # the trainer's precision when it runs from other hooks (validation agreement) too.
@@ -492,29 +385,31 @@ class KnowledgeDistillation(CompressionCallback):
                 "accept the same inputs as the student."
             ) from err
         finally:
-            self._teacher_capture.disarm()
-        self._teacher_capture.output = output
+            self._teacher_call.disarm()
+        self._teacher_call.output = output
         self.teacher_forward_calls += 1
 
     def _add_distillation(self, pl_module: pl.LightningModule, task_loss: Tensor) -> Tensor:
         assert self._trainer is not None
-        self._run_teacher(self._student.args or (), self._student.kwargs)
-        student_logits = F.select_output(self._student.output, self.output_key)
-        teacher_logits = F.select_output(self._teacher_capture.output, self.output_key)
+        self._run_teacher()
+        student_logits = distill.select_output(self._student_call.output, self.output_key)
+        teacher_logits = distill.select_output(self._teacher_call.output, self.output_key)
         if not self._checked:
-            self._check_first_step(pl_module, student_logits, teacher_logits)
+            self._check_first_step(pl_module.device, student_logits, teacher_logits)
         step = self._trainer.global_step
         alpha, temperature = self.alpha_at(step), self.temperature_at(step)
         # Detached tensors, not floats: `float()` would wait for the accelerator at every step.
         metrics: dict[str, Any] = {"alpha": alpha, "temperature": temperature}
         total = task_loss * (1.0 - alpha) if alpha > 0 else task_loss
         if alpha > 0:
-            term = F.logit_loss(student_logits, teacher_logits, self.loss, temperature)
+            term = distill.logit_loss(student_logits, teacher_logits, self.loss, temperature)
             total = total + alpha * term
             metrics["distill_loss"] = term.detach()
         if self.features and self.feature_weight > 0:
             hints = [
-                F.feature_mse(self._student.features[s], self._teacher_capture.features[s], self._adapter(s))
+                distill.feature_mse(
+                    self._feature(self._student_call, s), self._feature(self._teacher_call, s), self.hints.get(s)
+                )
                 for s in self.features
             ]
             feature_loss = torch.stack(hints).mean()
@@ -523,87 +418,41 @@ class KnowledgeDistillation(CompressionCallback):
         metrics["task_loss"] = task_loss.detach()
         metrics["total_loss"] = total.detach()  # turned into task_loss_share when logged
         self._metrics = metrics
-        self._student.clear()
-        self._teacher_capture.clear()
+        self._student_call.clear()
+        self._teacher_call.clear()
         return total
 
-    def _adapter(self, student_name: str) -> nn.Module | None:
-        key = _adapter_key(student_name)
-        return self.adapters[key] if key in self.adapters else None  # noqa: SIM401 - ModuleDict has no get
+    @staticmethod
+    def _feature(recorder: CallRecorder, student_layer: str) -> Tensor:
+        # A layer may return a tuple (an RNN, an attention block): its first tensor is the hint.
+        return distill.select_output(recorder.layer_outputs[student_layer])
 
-    def _check_first_step(self, pl_module: pl.LightningModule, student_logits: Tensor, teacher_logits: Tensor) -> None:
+    def _check_first_step(self, device: torch.device, student_logits: Tensor, teacher_logits: Tensor) -> None:
         # Runs on the first step, after both forwards and before any backward or optimizer step.
         if self.alpha > 0 or self.initial_alpha > 0:
-            F.check_compatible(student_logits, teacher_logits)
-        missing = [s for s in self.features if s not in self._student.features]
-        missing += [t for s, t in self.features.items() if s not in self._teacher_capture.features]
+            distill.check_compatible(student_logits, teacher_logits)
+        missing = [s for s in self.features if s not in self._student_call.layer_outputs]
+        missing += [t for s, t in self.features.items() if s not in self._teacher_call.layer_outputs]
         if missing:
             raise ValueError(f"feature layer(s) {missing} were not called in the forward pass, so they give no hint.")
         shapes: dict[str, tuple[str, int, int]] = {}
         for s in self.features:
-            s_shape, t_shape = self._student.features[s].shape, self._teacher_capture.features[s].shape
+            s_shape = self._feature(self._student_call, s).shape
+            t_shape = self._feature(self._teacher_call, s).shape
             try:
-                spec = F.adapter_spec(s_shape, t_shape)
+                spec = distill.adapter_spec(s_shape, t_shape)
             except ValueError as err:
                 raise ValueError(f"features[{s!r}] -> {self.features[s]!r}: {err}") from err
             if spec is not None:
                 shapes[s] = spec
-        if shapes and set(shapes) != set(self._adapter_shapes):
-            self._build_adapters(shapes, pl_module.device)
-        elif shapes:
-            for s, shape in shapes.items():
-                if tuple(self._adapter_shapes[s]) != shape:
-                    raise ValueError(
-                        f"the checkpoint's adapter for {s!r} is {self._adapter_shapes[s]}, the model "
-                        f"needs {shape}. HINT: resume with the same student, teacher and features."
-                    )
+        self.hints.check_or_build(shapes, device)
         self._checked = True
-
-    def _build_adapters(self, shapes: dict[str, Any], device: torch.device, keep_weights: bool = False) -> None:
-        self._remove_adapter_group()
-        if not keep_weights:
-            # A private generator: identical adapters on every process, and the global RNG stream (data order,
-            # dropout) is the same with and without hints.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                self.adapters = nn.ModuleDict(
-                    {_adapter_key(s): F.build_adapter(kind, i, o) for s, (kind, i, o) in sorted(shapes.items())}
-                )
-            self._adapter_shapes = {s: (str(k), int(i), int(o)) for s, (k, i, o) in shapes.items()}
-        self.adapters.to(device)
-        self._add_adapter_group()
-
-    def _add_adapter_group(self) -> None:
-        if self._optimizer is None or not len(self.adapters):
-            return
-        # The first group's settings (momentum, betas, weight decay, current lr) for the adapters' own group.
-        settings = {k: v for k, v in self._optimizer.param_groups[0].items() if k != "params"}
-        if self.adapter_lr is not None:
-            settings["lr"] = settings["initial_lr"] = self.adapter_lr
-        self._optimizer.add_param_group({**settings, "params": list(self.adapters.parameters())})
-
-    def _remove_adapter_group(self) -> None:
-        # Found by its parameters: Optimizer.load_state_dict (resume) replaces the group dicts.
-        if self._optimizer is None:
-            return
-        ours = {id(p) for p in self.adapters.parameters()}
-        groups = self._optimizer.param_groups
-        for i in reversed(range(len(groups))):
-            if groups[i]["params"] and all(id(p) in ours for p in groups[i]["params"]):
-                for p in groups[i]["params"]:
-                    self._optimizer.state.pop(p, None)
-                del groups[i]
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # DDP averages the student's gradients; the adapters are outside it, so average theirs here.
-        if optimizer is not self._optimizer or not len(self.adapters):
-            return
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            for p in self.adapters.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                    p.grad.div_(trainer.world_size)
+        if optimizer is self.hints.optimizer:
+            self.hints.average_gradients(trainer.world_size)
 
     @override
     def on_train_batch_end(
@@ -631,7 +480,7 @@ class KnowledgeDistillation(CompressionCallback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.log_agreement and self._wrapped is not None:
-            self._student.arm()
+            self._student_call.arm()
 
     @override
     def on_validation_batch_end(
@@ -643,18 +492,18 @@ class KnowledgeDistillation(CompressionCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._student.disarm()
-        if not (self.log_agreement and self._student.seen):
+        self._student_call.disarm()
+        if not (self.log_agreement and self._student_call.seen):
             return
         # Outside validation_step: _run_teacher enters the precision context itself.
-        self._run_teacher(self._student.args or (), self._student.kwargs)
-        student = F.select_output(self._student.output, self.output_key).detach()
-        teacher = F.select_output(self._teacher_capture.output, self.output_key)
+        self._run_teacher()
+        student = distill.select_output(self._student_call.output, self.output_key).detach()
+        teacher = distill.select_output(self._teacher_call.output, self.output_key)
         if student.shape == teacher.shape:
             rows = student.argmax(-1) == teacher.argmax(-1)
             self._agreement.update(rows.float().flatten())
-        self._student.clear()
-        self._teacher_capture.clear()
+        self._student_call.clear()
+        self._teacher_call.clear()
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -686,10 +535,10 @@ class KnowledgeDistillation(CompressionCallback):
         for key in ("distill_loss", "task_loss_share", "feature_loss"):
             if key in last:
                 section[key] = round(float(last[key]), 6)
-        if self._adapter_shapes:
+        if self.hints.shapes:
             section["hints"] = [
                 {"student": s, "teacher": self.features[s], "adapter": f"{k} {i}->{o}"}
-                for s, (k, i, o) in sorted(self._adapter_shapes.items())
+                for s, (k, i, o) in sorted(self.hints.shapes.items())
             ]
         return section
 
@@ -699,35 +548,3 @@ def _describe(args: tuple, kwargs: dict) -> str:
         return f"Tensor{tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
     return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
-
-
-def _adapter_key(student_name: str) -> str:
-    return student_name.replace(".", "__")
-
-
-def _snapshot(pl_module: pl.LightningModule) -> nn.Module:
-    """A frozen deep copy of the student (LightningModule's ``__getstate__`` leaves the trainer out)."""
-    # Hooks that callbacks put on the student are bound methods: deep-copying them would copy the callbacks
-    # (and their trainer). The memo hands the copy fresh hook dicts instead, keeping only torch's pruning
-    # reparametrisation, which is part of what the model computes.
-    memo: dict[int, Any] = {}
-    for module in pl_module.modules():
-        for attr in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-            "_state_dict_hooks",
-            "_load_state_dict_pre_hooks",
-        ):
-            hooks = getattr(module, attr, None)
-            if isinstance(hooks, dict):
-                memo[id(hooks)] = type(hooks)(
-                    (k, v) for k, v in hooks.items() if isinstance(v, torch.nn.utils.prune.BasePruningMethod)
-                )
-    wrapped = pl_module.__dict__.pop("training_step", None)  # never copy a distillation wrapper
-    try:
-        return copy.deepcopy(pl_module, memo)
-    finally:
-        if wrapped is not None:
-            pl_module.training_step = wrapped  # type: ignore[method-assign]

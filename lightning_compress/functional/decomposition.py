@@ -1,10 +1,11 @@
-"""Low-rank decomposition of ``nn.Linear`` / ``nn.Conv2d`` layers into chains of smaller layers.
+"""Low-rank decomposition of ``nn.Linear`` / ``nn.Conv2d`` (and Hugging Face ``Conv1D``) layers into chains.
 
 Pure torch + tensorly (always inside ``tl.backend_context("pytorch")``: never a global backend switch).
 Each decomposed layer becomes a plain ``nn.Sequential`` that any runtime executes as ordinary layers:
 
-- ``"svd"``: truncated SVD. ``Linear(I, O)`` becomes ``Linear(I, r) -> Linear(r, O)``; a 1x1
-  ``Conv2d`` becomes two 1x1 convs.
+- ``"svd"``: truncated SVD. ``Linear(I, O)`` becomes ``Linear(I, r) -> Linear(r, O)``; so does a
+  Hugging Face ``Conv1D`` (its ``[in, out]`` weight is factored transposed); a 1x1 ``Conv2d`` becomes
+  two 1x1 convs.
 - ``"tucker2"``: Tucker-2 over the channel modes (Kim et al. 2016), ``1x1 (I->r_in) -> kxk core
   (r_in->r_out) -> 1x1 (r_out->O)``.
 - ``"cp"``: CP / PARAFAC (Lebedev et al. 2015), ``1x1 (I->R) -> kx1 depthwise -> 1xk depthwise
@@ -44,7 +45,9 @@ from torch import nn
 
 Method = Literal["auto", "svd", "tucker2", "cp"]
 METHODS: tuple[str, ...] = ("auto", "svd", "tucker2", "cp")
-DECOMPOSABLE_TYPES: tuple[str, ...] = ("Linear", "Conv2d")
+# "Conv1D" is Hugging Face's transformers.pytorch_utils.Conv1D (GPT-2): a Linear with its weight stored
+# [in, out]; recognised by class name so transformers is not imported here.
+DECOMPOSABLE_TYPES: tuple[str, ...] = ("Linear", "Conv2d", "Conv1D")
 
 # Above this many entries an exact SVD of a Linear weight gets expensive (a full SVD of a 4096x4096
 # matrix takes about a minute on two cores); when the rank is already known, a randomized SVD
@@ -83,6 +86,29 @@ class Geometry:
     w_out: int = 1
 
 
+# ---------------------------------------------------------------------------- layer kinds
+def is_conv1d(layer: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D``: ``y = x @ W + b`` with ``W`` stored ``[in, out]`` (a transposed Linear)."""
+    weight = getattr(layer, "weight", None)
+    return type(layer).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def is_linear_like(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` or a Hugging Face ``Conv1D``: both become a chain of two ``nn.Linear``."""
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+
+
+def is_decomposable(layer: nn.Module) -> bool:
+    """A layer of a type this module factors (Linear, Hugging Face Conv1D, Conv2d)."""
+    return is_linear_like(layer) or isinstance(layer, nn.Conv2d)
+
+
+def channels(layer: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` channels / features of a decomposable layer."""
+    o, i, _, _ = _dims(layer)
+    return o, i
+
+
 # ---------------------------------------------------------------------------- method choice
 def is_pointwise(layer: nn.Module) -> bool:
     """A 1x1 convolution (a per-pixel Linear)."""
@@ -97,7 +123,7 @@ def resolve_method(layer: nn.Module, method: str) -> str:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
-    if isinstance(layer, nn.Linear):
+    if is_linear_like(layer):
         if method in ("auto", "svd"):
             return "svd"
         raise ValueError(f"method={method!r} handles Conv2d layers only. HINT: Linear layers take 'svd' or 'auto'.")
@@ -129,6 +155,8 @@ def _dims(layer: nn.Module) -> tuple[int, int, int, int]:
     if isinstance(layer, nn.Linear):
         return layer.out_features, layer.in_features, 1, 1
     w = layer.weight
+    if is_conv1d(layer):
+        return int(w.shape[1]), int(w.shape[0]), 1, 1
     return int(w.shape[0]), int(w.shape[1]), int(w.shape[2]), int(w.shape[3])
 
 
@@ -198,6 +226,8 @@ def _weight(layer: nn.Module) -> torch.Tensor:
     # SVD refuses fp16/bf16 (upcast; float64 stays float64) and factors of a requires_grad weight would
     # keep requiring grad (detach).
     w = layer.weight.detach()
+    if is_conv1d(layer):
+        w = w.T  # [in, out] -> [out, in], the Linear layout every factorization here assumes
     return w if w.dtype in (torch.float32, torch.float64) else w.to(torch.float32)
 
 
@@ -461,7 +491,7 @@ def build_chain(layer: nn.Module, plan: LayerPlan) -> nn.Sequential:
     factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
     has_bias = getattr(layer, "bias", None) is not None
     o, i, kh, kw = _dims(layer)
-    if isinstance(layer, nn.Linear):
+    if is_linear_like(layer):
         (r,) = plan.ranks
         return nn.Sequential(nn.Linear(i, r, bias=False, **factory), nn.Linear(r, o, bias=has_bias, **factory))
     conv: nn.Conv2d = layer  # type: ignore[assignment]
@@ -559,7 +589,7 @@ def plan_from_state_dict(layer: nn.Module, state_dict: Mapping[str, torch.Tensor
     while f"{prefix}{n}.weight" in state_dict:
         n += 1
     first = state_dict[prefix + "0.weight"]
-    if isinstance(layer, nn.Linear) and n == 2:
+    if is_linear_like(layer) and n == 2:
         return LayerPlan("svd", (int(first.shape[0]),))
     if isinstance(layer, nn.Conv2d):
         if n == 2:
@@ -661,11 +691,6 @@ def _truncated_svd(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Te
 
 
 # ---------------------------------------------------------------------------- model surgery
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule`` (kept for symmetry with :func:`set_submodule_`)."""
-    return model.get_submodule(name)
-
-
 def set_submodule_(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule called ``name`` by ``module`` in place."""
     parent_name, _, child = name.rpartition(".")
@@ -679,7 +704,7 @@ def apply_structure_(model: nn.Module, plans: Mapping[str, LayerPlan]) -> None:
         layer = model.get_submodule(name)
         if plan_from_chain(layer) == plan:
             continue
-        if not isinstance(layer, nn.Linear | nn.Conv2d):
+        if not is_decomposable(layer):
             raise ValueError(f"cannot rebuild {name!r} as {plan.method}: it is a {type(layer).__name__}.")
         set_submodule_(model, name, build_chain(layer, plan))
 
@@ -690,7 +715,7 @@ def structure_from_state_dict(
     """Plans of every Linear/Conv2d of ``model`` that ``state_dict`` holds in decomposed form."""
     out = {}
     for name, module in model.named_modules():
-        if name and isinstance(module, nn.Linear | nn.Conv2d):
+        if name and is_decomposable(module):
             plan = plan_from_state_dict(module, state_dict, f"{prefix}{name}.")
             if plan is not None:
                 out[name] = plan

@@ -66,6 +66,7 @@ class Recorder(pl.Callback):
         ({"features": {"a": 3}}, ValueError, "features must map student layer names"),
         ({"feature_weight": -1.0}, ValueError, r"feature_weight must be a number in \[0, inf\]"),
         ({"teacher_class": "x.Y"}, ValueError, "teacher_class only applies"),
+        ({"teacher": "self", "teacher_class": "x.Y"}, ValueError, "teacher_class only applies"),
         ({"output_key": 1.5}, ValueError, "output_key must be"),
         ({"teacher": "missing/teacher.ckpt"}, ValueError, "'missing/teacher.ckpt' does not exist"),
         ({"teacher": 3}, TypeError, "teacher must be an nn.Module"),

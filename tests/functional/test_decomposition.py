@@ -136,18 +136,73 @@ def test_macs_and_params_match_measurement(layer: nn.Module, plan: F.LayerPlan) 
     assert F.params_of(layer, None) == sum(p.numel() for p in layer.parameters())
 
 
-@pytest.mark.parametrize("ratio", [0.05, 0.25, 0.6])
-def test_ranks_for_ratio_keeps_about_that_share(ratio: float) -> None:
-    for layer, method in (
-        (nn.Conv2d(64, 128, 3), "tucker2"),
-        (nn.Conv2d(64, 128, 3), "cp"),
-        (nn.Linear(300, 200), "svd"),
-    ):
-        plan = F.LayerPlan(method, F.ranks_for_ratio(layer, method, ratio))
-        kept = F.params_of(layer, plan) - 128 * (method != "svd") - 200 * (method == "svd")
-        full = layer.weight.numel()
-        assert kept <= ratio * full * 1.001
-        assert kept >= ratio * full * 0.85
+def _factor_params(method: str, o: int, i: int, kh: int, kw: int, ranks: tuple[int, ...]) -> int:
+    """Weights of a rank-``ranks`` factorization of an ``o x i x kh x kw`` kernel, written out by hand."""
+    if method == "svd":  # Linear(i, r) -> Linear(r, o)
+        return ranks[0] * i + o * ranks[0]
+    if method == "tucker2":  # 1x1 (i -> r_in), kh x kw core (r_in -> r_out), 1x1 (r_out -> o)
+        r_out, r_in = ranks
+        return i * r_in + r_in * r_out * kh * kw + r_out * o
+    (r,) = ranks  # CP: 1x1 (i -> r), kh x 1 depthwise, 1 x kw depthwise, 1x1 (r -> o)
+    return i * r + r * kh + r * kw + r * o
+
+
+# Expected ranks by hand: SVD r = floor(ratio * o * i / (o + i)); CP r = floor(ratio * o*i*k*k / (o + i + 2k));
+# Tucker-2 ranks (a * o, a * i) floored, with a the positive root of 73728 a^2 + 20480 a = ratio * 73728
+# for the 64 -> 128, 3x3 conv (a = 0.1184, 0.3780, 0.6413).
+RATIO_CASES = [
+    (nn.Linear(300, 200), "svd", 0.05, (6,)),
+    (nn.Linear(300, 200), "svd", 0.25, (30,)),
+    (nn.Linear(300, 200), "svd", 0.6, (72,)),
+    (nn.Conv2d(64, 128, 3), "cp", 0.05, (18,)),
+    (nn.Conv2d(64, 128, 3), "cp", 0.25, (93,)),
+    (nn.Conv2d(64, 128, 3), "cp", 0.6, (223,)),
+    (nn.Conv2d(64, 128, 3), "tucker2", 0.05, (15, 7)),
+    (nn.Conv2d(64, 128, 3), "tucker2", 0.25, (48, 24)),
+    (nn.Conv2d(64, 128, 3), "tucker2", 0.6, (82, 41)),
+]
+
+
+@pytest.mark.parametrize(("layer", "method", "ratio", "expected"), RATIO_CASES, ids=lambda v: str(v)[:20])
+def test_ranks_for_ratio_closed_form(layer: nn.Module, method: str, ratio: float, expected: tuple[int, ...]) -> None:
+    ranks = F.ranks_for_ratio(layer, method, ratio)
+    assert ranks == expected
+    o, i, *k = layer.weight.shape
+    kh, kw = (k + [1, 1])[:2]
+    target = ratio * layer.weight.numel()
+    assert _factor_params(method, o, i, kh, kw, ranks) <= target
+    if method != "tucker2":  # one rank more would not fit: the largest rank within the share
+        assert _factor_params(method, o, i, kh, kw, (ranks[0] + 1,)) > target
+    else:  # the next point on the proportional line (o : i = 2 : 1) would not fit
+        assert _factor_params(method, o, i, kh, kw, (ranks[0] + 2, ranks[1] + 1)) > target
+    # params_of (bias included) agrees with the hand count
+    assert F.params_of(layer, F.LayerPlan(method, ranks)) == _factor_params(method, o, i, kh, kw, ranks) + o
+
+
+def test_allocate_budget_shares_one_energy_threshold() -> None:
+    # A = Linear(8, 8) with weight diag(4, 2, 1, 1, 0, ...): energies 16, 4, 1, 1 of 22, so rank 1 keeps 0.73
+    # of it; a rank-r SVD costs 16 r params (dense 64). B = Linear(16, 16) identity: flat spectrum, rank r
+    # keeps r / 16 and costs 32 r (dense 256). With a budget of 144 params the largest common threshold e
+    # is 0.25: A needs rank 1 (16), B rank 4 (128); e > 0.25 gives B rank 5 (160) and no longer fits.
+    # Giving every layer the same rank, or the same share of its own rank, would not produce (1, 4).
+    a, b = nn.Linear(8, 8, bias=False), nn.Linear(16, 16, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(torch.diag(torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])))
+        b.weight.copy_(torch.eye(16))
+    layers = [(a, "svd", F.Geometry()), (b, "svd", F.Geometry())]
+    plans = F.allocate_budget(layers, budget=144, fixed=0, metric="params")
+    assert plans == [F.LayerPlan("svd", (1,)), F.LayerPlan("svd", (4,))]
+    # 16 params outside the decomposed layers: 128 left, e = 3/16 gives A 1 (16) and B 3 (96).
+    assert F.allocate_budget(layers, budget=144, fixed=16, metric="params") == [
+        F.LayerPlan("svd", (1,)),
+        F.LayerPlan("svd", (3,)),
+    ]
+    # min_reduction 2.5: B's rank 4 (128 params, 2x below dense 256) would stay dense at 256 and break the
+    # budget, so the threshold drops to 3/16: B rank 3 (96, 2.67x below dense).
+    assert F.allocate_budget(layers, budget=144, fixed=0, metric="params", min_reduction=2.5) == [
+        F.LayerPlan("svd", (1,)),
+        F.LayerPlan("svd", (3,)),
+    ]
 
 
 def test_energy_rank_reference() -> None:
@@ -256,3 +311,18 @@ def test_single_thread_restores_setting() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_check_layers_refuses_a_pruning_mask_without_zeros_and_a_few_zeros() -> None:
+    # (QAT layers: tests/zoo/test_zoo_decomposition.py, through the callbacks.)
+    from lightning_compress.functional import decomposition_plan as planning
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    planning.check_layers(model, [("0", model[0]), ("2", model[2])])  # dense float layers pass
+    torch.nn.utils.prune.identity(model[0], "weight")  # a mask of ones: no zeros, only weight_orig/weight_mask
+    with pytest.raises(ValueError, match=r"'0': it carries a pruning mask"):
+        planning.check_layers(model, [("0", model[0])])
+    with torch.no_grad():
+        model[2].weight[0, :1] = 0.0  # 1 of 32 weights (3%) exactly zero
+    with pytest.raises(ValueError, match=r"'2': 3% of its weights are exactly zero"):
+        planning.check_layers(model, [("2", model[2])])

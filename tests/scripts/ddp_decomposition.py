@@ -74,7 +74,7 @@ def main(out: str) -> None:
     torch.save(
         {
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "plans": {k: p.as_dict() for k, p in decomposition._plans.items()},
+            "plans": {k: p.as_dict() for k, p in decomposition.plans.items()},
             "optimizer_params": sorted(id(p) for g in optimizer.param_groups for p in g["params"]),
             "model_params": sorted(id(p) for p in model.parameters()),
             "lr": optimizer.param_groups[0]["lr"],
