@@ -216,8 +216,8 @@ def _refuse_partial_ties(model: nn.Module, selected: list[str], modules: set[str
             module = name.rpartition(".")[0] or name
             raise ValueError(
                 f"{name} is tied to {', '.join(outside)} (one tensor, two modules): compressing {module!r} alone "
-                "would change the other module too, or untie them. HINT: exclude "
-                f"{module!r}, or select the other module as well so the tied pair is compressed as one."
+                "would change the other module too, or untie them; select both modules to compress the pair as "
+                f"one. HINT: exclude={[module]!r}."
             )
 
 

@@ -101,7 +101,7 @@ class SharedHidden(TinyMLP):
     ("model", "kwargs", "match"),
     [
         (SharedHidden, {}, r"tied to another parameter: net.2.weight is also net.4.weight"),
-        (SharedHidden, dict(include=["net.2"]), r"net.2.weight is tied to net.4.weight .*HINT: exclude 'net.2'"),
+        (SharedHidden, dict(include=["net.2"]), r"net.2.weight is tied to net.4.weight .*HINT: exclude=\['net.2'\]"),
         (TinyMLP, dict(include=["encoder.*"]), "include pattern 'encoder.*' matches no module"),
         (TinyMLP, dict(exclude=["net.9"]), "exclude pattern 'net.9' matches no module"),
         (TinyMLP, dict(overrides={"head": 4}), "overrides pattern 'head' matches no quantized layer"),
