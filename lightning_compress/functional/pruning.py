@@ -167,8 +167,8 @@ def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: St
         value = scores.reshape(-1)
         return value if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
     groups = to_groups(scores, structure)
-    # Normalised by group size so that groups of different layers compare fairly in global scope.
-    value = torch.linalg.vector_norm(groups, ord=norm, dim=1) / groups.shape[1] ** (1.0 / norm)
+    # Compared within a layer only (global scope divides by the layer's mean first), so no size factor.
+    value = torch.linalg.vector_norm(groups, ord=norm, dim=1)
     if mask is not None:
         pruned = ~to_groups(mask, structure).any(dim=1)
         value = value.masked_fill(pruned, -math.inf)
