@@ -162,6 +162,36 @@ def element_scores(
     raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}.")
 
 
+def wanda_scores(
+    weight: torch.Tensor, input_norms: torch.Tensor, *, groups: int = 1, input_axis: int = 1
+) -> torch.Tensor:
+    """Wanda's importance ``|W[i, j]| * ||X_j||_2`` (Sun et al. 2023): magnitude times the input feature's norm.
+
+    Args:
+        weight: a Linear ``[out, in]``, a convolution ``[out, in / groups, *kernel]`` or, with
+            ``input_axis=0``, Hugging Face's ``Conv1D`` ``[in, out]``.
+        input_norms: L2 norm of each input feature (channel) over every token the layer saw
+            (:class:`~lightning_compress.functional.activation_stats.InputNorms`).
+        groups: the convolution's ``groups`` (a depthwise filter reads only its own input channel).
+        input_axis: the weight dimension indexing input features (1, or 0 for ``Conv1D``).
+
+    Example::
+
+        >>> wanda_scores(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), torch.tensor([10.0, 1.0])).tolist()
+        [[10.0, 2.0], [30.0, 0.5]]
+    """
+    w = weight.detach().abs().float()
+    norms = input_norms.to(w.device, torch.float32)
+    if input_axis == 0:  # [in, out]
+        return w * norms[:, None]
+    out_channels, in_per_group = w.shape[0], w.shape[1]
+    # Input channel read by weight [o, c]: group of o, then c within the group.
+    group_of_output = torch.arange(out_channels, device=w.device) // (out_channels // groups)
+    channel = group_of_output[:, None] * in_per_group + torch.arange(in_per_group, device=w.device)[None, :]
+    scale = norms[channel]  # [out, in_per_group]
+    return w * scale.reshape(out_channels, in_per_group, *([1] * (w.dim() - 2)))
+
+
 def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure, norm: float) -> torch.Tensor:
     if structure.kind == "unstructured":  # one weight per group: its (non-negative) score is the group's
         value = scores.reshape(-1)

@@ -1,0 +1,94 @@
+"""Input statistics of layers, recorded with forward pre-hooks: what activation-aware pruning scores need.
+
+Wanda (Sun et al. 2023) scores a weight ``W[i, j]`` by ``|W[i, j]| * ||X_j||_2``, the magnitude times the
+L2 norm of input feature ``j`` over every token (every sample, position and pixel) the layer saw. This
+module accumulates ``sum(X_j ** 2)`` per input feature between mask updates; the norms are its square
+roots. The sums add up across processes (``all_reduce``), so every rank scores alike.
+
+The hooks see a layer's inputs only when the layer itself is called: a module that reads a child's weight
+directly (``nn.MultiheadAttention`` and its ``out_proj``) never calls it, and its statistics stay empty —
+:meth:`InputNorms.missing` names such layers so a caller can refuse them.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> layer = nn.Linear(3, 2)
+    >>> norms = InputNorms({"fc": layer})
+    >>> _ = layer(torch.tensor([[3.0, 0.0, 1.0], [4.0, 0.0, 1.0]]))
+    >>> norms.norms()["fc"].tolist()
+    [5.0, 0.0, 1.4142135381698608]
+    >>> norms.remove()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def input_feature_axis(module: nn.Module) -> int:
+    """The axis of a layer's input that holds its input features: 1 for convolutions (``[N, C, ...]``), -1 else."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+
+def squared_input_sums(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``sum(x_j ** 2)`` over every position of ``x`` for each input feature ``j`` of ``module``, in float32."""
+    axis = input_feature_axis(module)
+    features = x.detach().float().movedim(axis, -1)
+    return features.reshape(-1, features.shape[-1]).pow(2).sum(dim=0)
+
+
+class InputNorms:
+    """Accumulates the per-feature input norms of named layers while they run (training or not).
+
+    Args:
+        layers: ``{name: module}`` to watch.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
+        self._names = list(layers)
+
+    def _hook(self, name: str) -> Any:
+        def record(module: nn.Module, args: tuple) -> None:
+            if not args or not isinstance(args[0], torch.Tensor) or torch.compiler.is_compiling():
+                return
+            sums = squared_input_sums(module, args[0])
+            previous = self._sums.get(name)
+            self._sums[name] = sums if previous is None else previous.add_(sums)
+
+        return record
+
+    def missing(self) -> list[str]:
+        """Watched layers that have not been called since the last :meth:`reset`."""
+        return [n for n in self._names if n not in self._sums]
+
+    def all_reduce_(self, group: Any = None) -> None:
+        """Add up the sums of every process (a collective: every rank calls it, with the same layers seen)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2 or not self._sums:
+            return
+        names = sorted(self._sums)
+        flat = torch.cat([self._sums[n] for n in names])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for name, part in zip(names, flat.split([self._sums[n].numel() for n in names]), strict=True):
+            self._sums[name] = part
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """``{name: ||X_j||_2 per input feature}`` since the last :meth:`reset`."""
+        return {name: sums.sqrt() for name, sums in self._sums.items()}
+
+    def reset(self) -> None:
+        """Forget what was recorded (after a mask update: the next one scores on fresh activations)."""
+        self._sums = {}
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
