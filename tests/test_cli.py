@@ -39,8 +39,11 @@ def plain(value: Any) -> Any:
 def argument(callback: Any, name: str) -> Any:
     """The ``__init__`` argument ``name`` of ``callback``, read back from the attribute of the same name.
 
-    Window arguments (``start_step`` ... ``end_epoch``) live on the callback's ``window`` (a StepWindow).
+    Window arguments (``start_step`` ... ``end_epoch``) live on the callback's ``window`` (a StepWindow); an
+    argument resolved into another object keeps the value given as ``<name>_spec`` (the distillation teacher).
     """
+    if hasattr(callback, f"{name}_spec"):
+        return getattr(callback, f"{name}_spec")
     for holder in (callback, getattr(callback, "window", None)):
         if holder is not None and hasattr(holder, name):
             return getattr(holder, name)

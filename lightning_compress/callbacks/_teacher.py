@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.functional.qat import finalize_
+
 TeacherSpec = nn.Module | str
 
 # Hook dicts of a module that may hold bound methods of callbacks (and through them the trainer).
@@ -98,7 +100,7 @@ def named_layers(model: nn.Module, names: list[str], who: str) -> dict[str, nn.M
 
 
 def snapshot(student: nn.Module) -> nn.Module:
-    """A deep copy of the student without the hooks and ``training_step`` wrapper callbacks put on it.
+    """A float deep copy of the student without the hooks and ``training_step`` wrapper callbacks put on it.
 
     LightningModule's ``__getstate__`` leaves the trainer out. Hooks that callbacks put on the student
     are bound methods: deep-copying them would copy the callbacks (and their trainer). The memo hands the
@@ -115,7 +117,12 @@ def snapshot(student: nn.Module) -> nn.Module:
                 )
     wrapped = student.__dict__.pop("training_step", None)  # never copy a distillation wrapper
     try:
-        return copy.deepcopy(student, memo)
+        teacher = copy.deepcopy(student, memo)
     finally:
         if wrapped is not None:
             student.training_step = wrapped  # type: ignore[method-assign]
+    # With QuantizationAwareTraining on the same trainer the student's layers are already quantization-aware
+    # (swapped in `setup`): the teacher is the float model (quantization-aware distillation), not a second
+    # fake-quantized copy whose observers would keep moving.
+    finalize_(teacher)
+    return teacher

@@ -325,6 +325,13 @@ class KnowledgeDistillation(CompressionCallback):
             self._wrapped, self._previous_step = None, _MISSING
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before any callback's on_fit_end: the model other callbacks save or export there (QAT's int8 copy,
+        # the report's compact file) must be the user's own, without the training_step wrapper (a closure
+        # that cannot be pickled).
+        self._uninstall()
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
         super().on_fit_end(trainer, pl_module)

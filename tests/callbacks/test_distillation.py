@@ -553,3 +553,21 @@ def test_pruning_run_distils_from_its_own_dense_snapshot(tmp_path: Path) -> None
     for k, v in params(kd.teacher).items():  # ... its teacher is the dense model it started from
         torch.testing.assert_close(v, dense[k], rtol=0, atol=0)
     assert rec.steps[-1]["compress/distill_loss"] > 0 and "compress/sparsity" in rec.steps[-1]
+
+
+def test_quantization_aware_distillation_teacher_is_the_float_model(tmp_path) -> None:
+    """QAT + KD(teacher="self"): the student learns int8 while matching the float model it started as."""
+    from lightning_compress import QuantizationAwareTraining
+    from lightning_compress.demo import DigitsCNN, DigitsDataModule
+    from lightning_compress.functional.qat import is_qat
+
+    model = DigitsCNN(width=8, hidden=16)
+    float_copy = copy.deepcopy(model).eval()  # BatchNorm and all, before any callback touched it
+    kd = KnowledgeDistillation(teacher="self", alpha=0.5)
+    t = make_trainer(tmp_path, [QuantizationAwareTraining(start_step=0), kd], max_steps=3, max_epochs=-1)
+    t.fit(model, DigitsDataModule(batch_size=32))
+    assert any(is_qat(m) for m in model.modules())
+    assert not any(is_qat(m) for m in kd.teacher.modules())
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(kd.teacher(x), float_copy(x), atol=1e-6)
