@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from lightning_compress._lightning_internals import loggers_write_now
 from lightning_compress.callbacks.base import CompressionCallback, example_input
+from lightning_compress.evaluation import validation_metrics
 from lightning_compress.functional import latency as L
 from lightning_compress.functional.compressed import save_compressed
 from lightning_compress.inputs import CapturedCall
@@ -439,22 +440,10 @@ def _default_monitor(metrics: Mapping[str, float]) -> str | None:
 def run_validation(
     trainer: pl.Trainer, pl_module: pl.LightningModule, replacement: nn.Module | None = None
 ) -> dict[str, float] | str:
-    """Run ``pl_module.validation_step`` over ``trainer.val_dataloaders`` and return what it logs.
+    """``pl_module.validation_step`` over the batches Lightning would validate on, outside its loop.
 
-    ``trainer.validate`` cannot be called from inside ``fit``'s hooks, and re-entering Lightning's
-    validation loop there would call every callback's validation hooks (``ModelCheckpoint`` could save,
-    ``EarlyStopping`` could decide) and log to the loggers. So this runs the user's own
-    ``validation_step`` on the batches Lightning would use (the same dataloaders, ``num_val_batches``
-    limit, ``batch_to_device``), in eval mode under ``torch.no_grad``, with ``self.log`` redirected into a
-    local collector: a logged tensor is averaged over batches weighted by its ``batch_size`` (Lightning's
-    epoch-level default; the size is inferred from the batch when not given), a logged torchmetrics
-    ``Metric`` is computed once at the end and reset. Nothing reaches the loggers or the callbacks.
-
-    Args:
-        trainer: the running trainer (its validation dataloaders are used).
-        pl_module: the LightningModule whose ``validation_step`` runs.
-        replacement: evaluate this module instead of ``pl_module``'s own submodules: its children
-            (e.g. those of ``convert_to_int8(pl_module)``) are swapped in for the duration of the call.
+    The same dataloaders, ``num_val_batches`` limits and ``batch_to_device`` as ``trainer``'s validation
+    (see :mod:`lightning_compress.evaluation` for why not Lightning's own loop).
 
     Returns:
         ``{metric: value}``, or a sentence saying why nothing was measured.
@@ -464,78 +453,17 @@ def run_validation(
         return "not measured: no validation dataloader"
     loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
     loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-    limits = list(trainer.num_val_batches) or [math.inf] * len(loaders)
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    metrics: dict[str, Any] = {}
-
-    def log(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
-        from torchmetrics import Metric
-
-        if isinstance(value, Metric):
-            metrics[name] = value
-            return
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                log(k, v, batch_size=batch_size)
-            return
-        size = float(batch_size or current_size[0] or 1)
-        sums[name] = sums.get(name, 0.0) + float(value) * size
-        weights[name] = weights.get(name, 0.0) + size
-
-    current_size = [0]
-    original_children: dict[str, nn.Module] = {}
     device = pl_module.device
-    was_training = pl_module.training
-    had_log = "log" in vars(pl_module)
-    saved_log = vars(pl_module).get("log")
     try:
-        if replacement is not None:
-            for child_name, child in replacement.named_children():
-                original_children[child_name] = getattr(pl_module, child_name)
-                setattr(pl_module, child_name, child.to(device))
-        pl_module.eval()
-        pl_module.log = log  # type: ignore[method-assign]
-        with torch.no_grad():
-            for dl_idx, loader in enumerate(loaders):
-                limit = limits[dl_idx] if dl_idx < len(limits) else math.inf
-                for batch_idx, batch in enumerate(loader):
-                    if batch_idx >= limit:
-                        break
-                    batch = trainer.strategy.batch_to_device(batch, device)
-                    current_size[0] = _batch_size(batch)
-                    if len(loaders) > 1:
-                        pl_module.validation_step(batch, batch_idx, dl_idx)
-                    else:
-                        pl_module.validation_step(batch, batch_idx)
-        out = {k: sums[k] / weights[k] for k in sums if weights[k]}
-        for name, metric in metrics.items():
-            out[name] = float(metric.compute())
-            metric.reset()
+        return validation_metrics(
+            pl_module,
+            loaders,
+            limits=list(trainer.num_val_batches) or None,
+            to_device=lambda batch: trainer.strategy.batch_to_device(batch, device),
+            replacement=replacement,
+        )
     except Exception as err:  # a report must not fail a finished training run
         return f"not measured: validation_step failed ({type(err).__name__}: {err})"
-    finally:
-        if had_log:
-            pl_module.log = saved_log  # type: ignore[method-assign]
-        else:
-            vars(pl_module).pop("log", None)
-        for child_name, child in original_children.items():
-            setattr(pl_module, child_name, child)
-        pl_module.train(was_training)
-    return out
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, list | tuple):
-        for item in batch:
-            size = _batch_size(item)
-            if size:
-                return size
-    return 0
 
 
 def _techniques(callbacks: list[CompressionCallback], latency: dict[str, Any] | None) -> list[dict[str, str]]:
