@@ -8,6 +8,7 @@ from lightning_compress.callbacks import (
     QuantizationAwareTraining,
     TensorDecomposition,
     load_decomposed,
+    load_shrunk,
 )
 from lightning_compress.functional.quantization import convert_to_int8, export_onnx
 from lightning_compress.functional.sparse import load_sparse, save_sparse
@@ -24,6 +25,7 @@ __all__ = [
     "convert_to_int8",
     "export_onnx",
     "load_decomposed",
+    "load_shrunk",
     "load_sparse",
     "save_sparse",
 ]

@@ -207,3 +207,29 @@ def _outputs(model: torch.nn.Module, example: Any) -> list[torch.Tensor]:
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     return [t.detach().clone() for t in S._flatten(model(*args, **kwargs)) if t.is_floating_point()]
+
+
+def load_shrunk(
+    cls: type[pl.LightningModule], checkpoint_path: str, map_location: Any = None, **kwargs: Any
+) -> pl.LightningModule:
+    """``cls.load_from_checkpoint`` for a checkpoint of a model whose channels ``GradualPruning(shrink=True)`` removed.
+
+    The LightningModule is built from its saved hyperparameters at full size, its layers are resized to the
+    checkpoint's shapes (:func:`~lightning_compress.functional.shrink.resize_to_state_dict_`), and the
+    weights are then loaded strictly. Torch-Pruning is not needed.
+
+    Example::
+
+        >>> from lightning_compress import load_shrunk
+        >>> # trainer.fit(model)  with GradualPruning(structure="channels", shrink=True)
+        >>> # trainer.save_checkpoint("shrunk.ckpt"); model = load_shrunk(MyModule, "shrunk.ckpt")
+    """
+    from lightning_fabric.utilities.cloud_io import _load as pl_load
+
+    checkpoint = pl_load(checkpoint_path, map_location=map_location or "cpu", weights_only=False)
+    # Built from the saved hyperparameters (as load_from_checkpoint does); its own strict=False load would
+    # still refuse the smaller shapes, so the layers are resized first and the weights loaded here.
+    model = cls(**{**checkpoint.get("hyper_parameters", {}), **kwargs})
+    S.resize_to_state_dict_(model, checkpoint["state_dict"])
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model

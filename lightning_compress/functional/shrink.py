@@ -58,6 +58,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 import warnings
@@ -181,10 +182,15 @@ def channel_groups(
         model.train(was_training)
 
     groups: list[ChannelGroup] = []
+    try:
+        converted = [(names.get(g[0].dep.target.module, "?"), len(g[0].idxs), *_members(g, dg, names)) for g in raw]
+    finally:
+        # The graph holds autograd nodes of the parameters in reference cycles; until they are collected, a
+        # parameter resized later (shrink_) would meet its stale gradient accumulator in the next backward.
+        del raw, dg
+        gc.collect()
     kept: dict[str, str] = {}
-    for group in raw:
-        root = names.get(group[0].dep.target.module, "?")
-        members, reason = _members(group, dg, names)
+    for root, size, members, reason in converted:
         if reason is None:
             producers = [
                 m.module for m in members if m.role == "out" and isinstance(_get(model, m.module), _CONV + (nn.Linear,))
@@ -192,7 +198,6 @@ def channel_groups(
             outside = [p for p in producers if selected is not None and p not in selected]
             if outside:
                 reason = f"its channels are also produced by {outside[0]!r}, which is not selected for pruning"
-        size = len(group[0].idxs)
         if reason is None and not any(m.role == "in" for m in members):
             # Nothing reads the channels: they are the model's output (a classifier's logits).
             reason = "its channels are the model's output"
@@ -529,7 +534,7 @@ def shrink_(
           (0): Linear(in_features=4, out_features=4, bias=True)
           (1): ReLU()
           (2): Linear(in_features=4, out_features=2, bias=True)
-        ), 56, 38)
+        ), 44, 30)
     """
     groups = list(groups)
     before = sum(p.numel() for p in model.parameters())
