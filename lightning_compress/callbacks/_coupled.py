@@ -125,13 +125,13 @@ class CoupledChannels:
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         masks: Mapping[str, torch.Tensor],
-        on_resize: Callable[[str, torch.Tensor, int, torch.Tensor], None],
+        on_replace: Callable[[str, torch.nn.Parameter, torch.nn.Parameter, list[tuple[int, torch.Tensor]]], None],
     ) -> None:
         """Remove the masked channels from ``pl_module`` (every rank the same: masks are broadcast).
 
-        Parameters keep their identity, so optimizers keep them and ``on_resize(name, param, dim, kept)``
-        slices whatever else is shaped like them (masks, optimizer moments). Measures the masked and the
-        shrunk model on the example input for the report.
+        ``on_replace(name, old, new, cuts)`` is called for every parameter replaced by a smaller one, to swap
+        it in the optimizers and slice whatever else is shaped like it (masks, optimizer moments). Measures
+        the masked and the shrunk model on the example input for the report.
         """
         keep = S.keep_from_masks(pl_module, self.groups, masks)
         example = getattr(pl_module, "example_input_array", None)
@@ -142,7 +142,10 @@ class CoupledChannels:
             before = S.measure(pl_module, example, latency=trainer.is_global_zero)
             reference = _outputs(pl_module, example)
             result = S.shrink_(
-                pl_module, self.groups, keep, on_resize=lambda p, dim, kept: on_resize(names[id(p)], p, dim, kept)
+                pl_module,
+                self.groups,
+                keep,
+                on_replace=lambda old, new, cuts: on_replace(names[id(old)], old, new, cuts),
             )
             after = S.measure(pl_module, example, latency=trainer.is_global_zero)
             now = _outputs(pl_module, example)

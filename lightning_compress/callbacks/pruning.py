@@ -466,15 +466,26 @@ class GradualPruning(CompressionCallback):
         """Cut the masked channels away; slice masks, Taylor sums and optimizer state the same way."""
         assert self._coupled is not None
 
-        def follow(name: str, param: torch.Tensor, dim: int, kept: torch.Tensor) -> None:
+        def follow(name: str, old: torch.Tensor, new: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> None:
+            def cut(value: torch.Tensor) -> torch.Tensor:
+                for dim, kept in cuts:
+                    value = value.index_select(dim, kept.to(value.device))
+                return value.contiguous()
+
             for store in (self._masks, self._taylor, self._rewind):
                 if name in store:
-                    store[name] = store[name].index_select(dim, kept.to(store[name].device)).contiguous()
+                    store[name] = cut(store[name])
+            # The optimizer keeps its object (LR schedulers hold it): the parameter is swapped in its groups
+            # and its state (momentum, Adam moments) sliced like the parameter, so nothing restarts.
             for opt in trainer.optimizers:
-                state = opt.state.get(param, {})
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        state[key] = value.index_select(dim, kept.to(value.device)).contiguous()
+                for group in opt.param_groups:
+                    group["params"] = [new if p is old else p for p in group["params"]]
+                state = opt.state.pop(old, None)
+                if state is not None:
+                    opt.state[new] = {
+                        k: cut(v) if isinstance(v, torch.Tensor) and v.shape == old.shape else v
+                        for k, v in state.items()
+                    }
 
         self._coupled.shrink(trainer, pl_module, self._masks, follow)
         self._apply_masks(trainer)

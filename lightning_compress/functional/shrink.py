@@ -513,14 +513,15 @@ def shrink_(
     groups: Iterable[ChannelGroup],
     keep: Mapping[str, torch.Tensor],
     *,
-    on_resize: Callable[[torch.Tensor, int, torch.Tensor], None] | None = None,
+    on_replace: Callable[[nn.Parameter, nn.Parameter, list[tuple[int, torch.Tensor]]], None] | None = None,
 ) -> ShrinkResult:
     """Remove the channels ``keep`` drops from every layer of their group, in place.
 
-    Parameters keep their identity (their ``.data`` is replaced by the smaller slice), so an optimizer
-    built over them still holds them; ``on_resize(param, dim, kept_idxs)`` is called for each resized
-    parameter, e.g. to slice its optimizer state the same way. Module attributes (``out_channels``,
-    ``in_features``, ``num_features``, a depthwise conv's ``groups``) follow.
+    Every cut parameter is replaced by a new, smaller ``nn.Parameter`` (resizing one in place would leave
+    autograd's cached accumulator, and DDP's buckets, at the old shape); ``on_replace(old, new, cuts)``
+    is called for each, with ``cuts`` the ``(dim, kept indices)`` applied, e.g. to swap the parameter in an
+    optimizer and slice its state the same way. Module attributes (``out_channels``, ``in_features``,
+    ``num_features``, a depthwise conv's ``groups``) follow.
 
     Example::
 
@@ -538,8 +539,8 @@ def shrink_(
     """
     groups = list(groups)
     before = sum(p.numel() for p in model.parameters())
-    # (module, attribute, dim) -> indices removed along that dim
-    cut: dict[tuple[str, str, int], set[int]] = {}
+    # (module, attribute) -> {dim: indices removed along that dim}
+    cut: dict[tuple[str, str], dict[int, set[int]]] = {}
     removed: dict[str, int] = {}
     for group in groups:
         kept = keep[group.name].cpu().bool()
@@ -553,23 +554,29 @@ def shrink_(
             module = _get(model, member.module)
             gone = {i for i, r in zip(member.idxs, member.root_idxs, strict=True) if not kept[r]}
             for attr, dim, _ in _slots(module, member.role):
-                cut.setdefault((member.module, attr, dim), set()).update(gone)
+                cut.setdefault((member.module, attr), {}).setdefault(dim, set()).update(gone)
     touched: set[str] = set()
-    for (module_name, attr, dim), gone in cut.items():
-        if not gone:
+    for (module_name, attr), dims in cut.items():
+        if not any(dims.values()):
             continue
         module = _get(model, module_name)
         tensor = getattr(module, attr)
-        kept_idx = torch.tensor(
-            [i for i in range(tensor.shape[dim]) if i not in gone], dtype=torch.long, device=tensor.device
-        )
-        new = tensor.data.index_select(dim, kept_idx).contiguous()
+        new = tensor.detach()
+        applied = []
+        for dim, gone in sorted(dims.items()):
+            if not gone:
+                continue
+            kept_idx = torch.tensor(
+                [i for i in range(new.shape[dim]) if i not in gone], dtype=torch.long, device=tensor.device
+            )
+            new = new.index_select(dim, kept_idx)
+            applied.append((dim, kept_idx))
+        new = new.contiguous()
         if isinstance(tensor, nn.Parameter):
-            if on_resize is not None:
-                on_resize(tensor, dim, kept_idx)
-            tensor.data = new
-            if tensor.grad is not None:
-                tensor.grad = None
+            replacement = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            setattr(module, attr, replacement)
+            if on_replace is not None:
+                on_replace(tensor, replacement, applied)
         else:
             module._buffers[attr] = new
         touched.add(module_name)
@@ -627,7 +634,7 @@ def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefi
                 continue
             new = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
             if isinstance(tensor, nn.Parameter):
-                tensor.data = new
+                setattr(module, attr, nn.Parameter(new, requires_grad=tensor.requires_grad))
             else:
                 module._buffers[attr] = new
             changed = True
