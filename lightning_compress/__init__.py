@@ -9,6 +9,7 @@ from lightning_compress.callbacks import (
     QuantizationAwareTraining,
     TensorDecomposition,
     load_decomposed,
+    load_shrunk,
 )
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.compressed import load_compressed, save_compressed
@@ -29,6 +30,7 @@ __all__ = [
     "export_onnx",
     "load_compressed",
     "load_decomposed",
+    "load_shrunk",
     "load_sparse",
     "save_compressed",
     "save_sparse",

@@ -91,8 +91,10 @@ def check_reload(tmp_path, first: Any, config_path: str, first_root: str) -> Non
                 assert plain(attribute) == plain(reference), key
             elif isinstance(attribute, bool | int | float | str | list | dict):
                 assert plain(attribute) == plain(value), f"{type(cb).__name__}.{key}"
-            else:  # a parsed object given by name: "cubic" -> Cubic(...), "one_shot" -> OneShot(...)
-                assert type(attribute).__name__.lower() == str(value).replace("_", ""), f"{type(cb).__name__}.{key}"
+            else:  # a parsed object given by name: "cubic" -> Cubic(...), "channels" -> Structure("channels")
+                given = str(value).replace("_", "")
+                parsed = (type(attribute).__name__.lower(), str(attribute).replace("_", ""))
+                assert given in parsed, f"{type(cb).__name__}.{key}"
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -1,5 +1,6 @@
 """Lightning-facing callbacks: when, where and how much to compress."""
 
+from lightning_compress.callbacks._coupled import load_shrunk
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.callbacks.decomposition import TensorDecomposition, load_decomposed
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
@@ -15,4 +16,5 @@ __all__ = [
     "QuantizationAwareTraining",
     "TensorDecomposition",
     "load_decomposed",
+    "load_shrunk",
 ]

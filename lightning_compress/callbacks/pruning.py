@@ -34,8 +34,10 @@ from typing_extensions import override
 
 from lightning_compress._lightning_internals import is_spawn
 from lightning_compress._validation import check_choice, check_int, check_range, check_step
+from lightning_compress.callbacks._coupled import CoupledChannels
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.functional import pruning as F
+from lightning_compress.functional.shrink import INSTALL_HINT, torch_pruning_available
 from lightning_compress.functional.stats import count_nonzero
 from lightning_compress.schedules import Schedule, ScheduleName, StepWindow, resolve_schedule
 from lightning_compress.targets import (
@@ -81,7 +83,17 @@ class GradualPruning(CompressionCallback):
             mask is reached, reset the surviving weights to that copy.
         make_permanent: ``True`` (default) leaves plain parameters with zeros at fit end. ``False``
             also installs :mod:`torch.nn.utils.prune`'s reparametrisation (``weight_orig`` +
-            ``weight_mask``) so the masks travel inside the model's ``state_dict``.
+            ``weight_mask``) so the masks travel inside the model's ``state_dict``. Not with ``shrink``.
+        coupled: with ``structure="channels"``, choose channels per group of coupled parameters (a conv, its
+            BatchNorm, every conv writing into the same residual sum, the consumers' input columns; a
+            transformer's FFN units) and mask all of them, so the zeros are exactly what removal takes
+            away. Default: ``shrink``. Needs ``example_input_array`` on the LightningModule and
+            ``torch-pruning`` (``pip install lightning-compress[shrink]``). ``target_sparsity`` is then the
+            share of the groups' channels removed. See :mod:`lightning_compress.functional.shrink`.
+        shrink: physically remove the pruned channels at fit end (or at ``shrink_at_step``): the model
+            becomes a plain smaller model with the masked model's outputs. Implies ``coupled``.
+        shrink_at_step: remove them at this optimizer step instead (at or after the end of the schedule), so
+            the rest of training runs on the smaller model; optimizer state is sliced along.
         seed: seed of the ``"random"`` criterion (identical on every process).
         name: distinguishes several ``GradualPruning`` callbacks (state key and ``compress/<name>/...``).
 
@@ -122,11 +134,17 @@ class GradualPruning(CompressionCallback):
         types: Sequence[str] = DEFAULT_PRUNABLE_TYPES,
         rewind_to_step: int | None = None,
         make_permanent: bool = True,
+        coupled: bool | None = None,
+        shrink: bool = False,
+        shrink_at_step: int | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
         self.structure = F.parse_structure(structure)
+        self.coupled, self.shrink, self.shrink_at_step = _check_shrink(
+            self.structure, coupled, shrink, shrink_at_step, make_permanent
+        )
         limit = self.structure.max_sparsity
         if target_sparsity is None:
             target_sparsity = limit if self.structure.kind == "n:m" else 0.9
@@ -170,6 +188,9 @@ class GradualPruning(CompressionCallback):
         self._hot: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._metrics: dict[str, float] = {}
         self._model_id: int | None = None
+        self._coupled = CoupledChannels() if self.coupled else None
+        self._coupled_targets: list[ParameterTarget] = []
+        self._root_module: torch.nn.Module | None = None
 
     # ---------------------------------------------------------------- lifecycle
     @override
@@ -186,6 +207,15 @@ class GradualPruning(CompressionCallback):
         self._targets = select_parameters(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         for t in self._targets:
             F.check_fits(self.structure, t.name, t.out_first(t.parameter).shape)
+        if self._coupled is not None:
+            if self._model_id != id(pl_module):
+                self._coupled = CoupledChannels()
+            if not self._coupled.shrunk:
+                # Groups are found on the full-size model; a shrunk one only finishes training (no more updates).
+                self._coupled_targets = self._coupled.setup(pl_module, self._targets)
+            self._targets = self._coupled_targets
+            self._root_module = pl_module
+            self._coupled.register_resize_hook(pl_module)
         names = [t.name for t in self._targets]
         for pattern in self.overrides:
             if not any(matches(t.name, [pattern]) or matches(t.module_name, [pattern]) for t in self._targets):
@@ -203,18 +233,27 @@ class GradualPruning(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "last_update_step": self._last_update_step,
             "masks": {k: v.cpu() for k, v in self._masks.items()},
             "taylor": {k: v.cpu() for k, v in self._taylor.items()},
             "rewind": {k: v.cpu() for k, v in self._rewind.items()},
         }
+        if self._coupled is not None:
+            state["shrink"] = self._coupled.state()
+        return state
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window = self.window.resolve(trainer)
         if self.rewind_to_step is not None and self.rewind_to_step >= self._window[1]:
             raise ValueError(f"rewind_to_step must be < end_step, got {self.rewind_to_step} >= {self._window[1]}.")
+        if self.shrink_at_step is not None and self.shrink_at_step < self._window[1]:
+            raise ValueError(
+                f"shrink_at_step must be >= the end of the pruning schedule (end_step {self._window[1]}), got "
+                f"{self.shrink_at_step}: channels are removed once the final masks are reached. HINT: set "
+                f"end_step <= {self.shrink_at_step}, or a later shrink_at_step."
+            )
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
@@ -233,6 +272,14 @@ class GradualPruning(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if (
+            self._coupled is not None
+            and self.shrink_at_step is not None
+            and not self._coupled.shrunk
+            and step >= self.shrink_at_step
+            and batch_idx % trainer.accumulate_grad_batches == 0  # no half-accumulated gradient of cut weights
+        ):
+            self._shrink(trainer, pl_module)
         if step == self.rewind_to_step and not self._rewind and self._last_update_step < self._window[1]:
             self._rewind = {t.name: t.parameter.detach().clone() for t in self._targets}
         changed = batch_idx == 0  # once per epoch at least, so every run starts with the keys present
@@ -257,6 +304,8 @@ class GradualPruning(CompressionCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        if self.shrink and self._coupled is not None and not self._coupled.shrunk:
+            self._shrink(trainer, pl_module)
         if not self.make_permanent:
             for t in self._targets:
                 if t.name in self._masks:
@@ -266,6 +315,8 @@ class GradualPruning(CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if self._coupled is not None:
+            self._coupled.remove_hook()
         super().teardown(trainer, pl_module, stage)
 
     # ---------------------------------------------------------------- schedule
@@ -283,6 +334,8 @@ class GradualPruning(CompressionCallback):
 
     def _is_update_step(self, step: int) -> bool:
         start, end = self._window
+        if self._coupled is not None and self._coupled.shrunk:
+            return False  # the groups were cut away: the final masks were reached before
         if step < start or step == self._last_update_step:
             return False
         on_period = (step - start) % self.update_every_n_steps == 0 and step <= end
@@ -306,14 +359,29 @@ class GradualPruning(CompressionCallback):
             for t in self._targets
             if any(matches(t.name, [p]) or matches(t.module_name, [p]) for p in self.overrides)
         }
-        if self.scope == "global":
+        if self._coupled is not None:
+            # Channels are chosen per coupled group; overrides match a group's root layer.
+            plain = {t.name: t.out_first(s) for t, s in zip(self._targets, scores.values(), strict=True)}
+            level = {g.name: self._group_target(g.name, step) for g in self._coupled.groups}
+            scope = "layer" if self.scope == "layer" or self.overrides else "global"
+            masks = self._coupled.masks(
+                trainer.lightning_module,
+                plain,
+                self._masks,
+                level if scope == "layer" else self._group_target("", step),
+                scope,
+                self.norm,
+            )
+            masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
+        elif self.scope == "global":
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
             masks = F.global_masks(shared, current, level, self.structure, self.norm) if shared else {}
             masks.update(F.layer_masks({k: scores[k] for k in overridden}, current, targets, self.structure, self.norm))
         else:
             masks = F.layer_masks(scores, current, targets, self.structure, self.norm)
-        masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
+        if self._coupled is None:
+            masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
         self._masks = _broadcast_masks(trainer, masks)
         self._taylor = {}
         self._last_update_step = step
@@ -321,10 +389,11 @@ class GradualPruning(CompressionCallback):
         if step >= self._window[1] and self._rewind:
             self._rewind_weights(trainer)
         self._refresh_metrics(step)
-        shortfall = self._metrics["target_sparsity"] - self._metrics["sparsity"]
-        if step >= self._window[1] and shortfall > 0.01 and self._floor_reached():
+        reached = self._metrics["channel_sparsity" if self._coupled is not None else "sparsity"]
+        shortfall = self._metrics["target_sparsity"] - reached
+        if step >= self._window[1] and shortfall > 0.01 and (self._coupled is not None or self._floor_reached()):
             rank_zero_warn(
-                f"GradualPruning: reached sparsity {self._metrics['sparsity']:.3f} of the target "
+                f"GradualPruning: reached sparsity {reached:.3f} of the target "
                 f"{self._metrics['target_sparsity']:.3f}: every pruned tensor keeps at least one "
                 f"{'weight' if self.structure.kind == 'unstructured' else 'group'} (a layer is never emptied), "
                 "and too few are left to go further. HINT: prune more layers or lower target_sparsity."
@@ -387,6 +456,50 @@ class GradualPruning(CompressionCallback):
             "target_sparsity": sum(targets[t.name] * t.parameter.numel() for t in self._targets) / max(total, 1),
             "nonzero_params": float(nonzero),
         }
+        if self._coupled is not None:
+            module = self._root_module
+            groups = self._coupled.groups
+            self._metrics["target_sparsity"] = sum(self._group_target(g.name, step) * g.size for g in groups) / max(
+                sum(g.size for g in groups), 1
+            )
+            self._metrics["channel_sparsity"] = (
+                self._coupled.channel_sparsity(module, self._masks) if module is not None else 0.0
+            )
+
+    def _group_target(self, group: str, step: int) -> float:
+        """Scheduled share of channels removed from ``group`` (its root layer may match an override)."""
+        start, end = self._window
+        final = next((s for p, s in self.overrides.items() if group and matches(group, [p])), self.target_sparsity)
+        return self.schedule(step, start=start, end=end, initial=0.0, final=final)
+
+    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Cut the masked channels away; slice masks, Taylor sums and optimizer state the same way."""
+        assert self._coupled is not None
+
+        def follow(name: str, old: torch.Tensor, new: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> None:
+            def cut(value: torch.Tensor) -> torch.Tensor:
+                for dim, kept in cuts:
+                    value = value.index_select(dim, kept.to(value.device))
+                return value.contiguous()
+
+            for store in (self._masks, self._taylor, self._rewind):
+                if name in store:
+                    store[name] = cut(store[name])
+            # The optimizer keeps its object (LR schedulers hold it): the parameter is swapped in its groups
+            # and its state (momentum, Adam moments) sliced like the parameter, so nothing restarts.
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["params"] = [new if p is old else p for p in group["params"]]
+                state = opt.state.pop(old, None)
+                if state is not None:
+                    opt.state[new] = {
+                        k: cut(v) if isinstance(v, torch.Tensor) and v.shape == old.shape else v
+                        for k, v in state.items()
+                    }
+
+        self._coupled.shrink(trainer, pl_module, self._masks, follow)
+        self._apply_masks(trainer)
+        self._refresh_metrics(trainer.global_step)
 
     # ---------------------------------------------------------------- checkpoints
     def _restore(self, state: Mapping[str, Any]) -> None:
@@ -408,6 +521,8 @@ class GradualPruning(CompressionCallback):
         self._taylor = {k: v.to(expected[k].device) for k, v in state.get("taylor", {}).items() if k in expected}
         self._rewind = {k: v.to(expected[k].device) for k, v in state.get("rewind", {}).items() if k in expected}
         self._last_update_step = int(state.get("last_update_step", -1))
+        if self._coupled is not None and "shrink" in state:
+            self._coupled.restore(state["shrink"])
 
     def _undo_torch_reparametrisation(self, pl_module: pl.LightningModule) -> None:
         # A model finished with make_permanent=False carries torch.nn.utils.prune's weight_orig/weight_mask;
@@ -430,7 +545,11 @@ class GradualPruning(CompressionCallback):
     @override
     def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         start, end = self._window
+        extra = {} if self._coupled is None else {"channel_sparsity": self._metrics.get("channel_sparsity")}
+        if self._coupled is not None:
+            extra["shrink"] = self._coupled.report()
         return {
+            **extra,
             "target_sparsity": self.target_sparsity,
             "measured_sparsity": self._metrics.get("sparsity", 0.0),
             "structure": str(self.structure),
@@ -464,3 +583,41 @@ def _broadcast_masks(trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> dic
         dist.broadcast(payload, src=0)
         out[name] = payload.bool()
     return out
+
+
+def _check_shrink(
+    structure: F.Structure, coupled: bool | None, shrink: bool, shrink_at_step: int | None, make_permanent: bool
+) -> tuple[bool, bool, int | None]:
+    """Validate the coupled / shrink arguments; returns ``(coupled, shrink, shrink_at_step)``."""
+    if not isinstance(shrink, bool):
+        raise ValueError(f"shrink must be True or False, got {shrink!r}.")
+    if coupled is not None and not isinstance(coupled, bool):
+        raise ValueError(f"coupled must be True, False or None (= shrink), got {coupled!r}.")
+    check_step("shrink_at_step", shrink_at_step, optional=True)
+    if shrink_at_step is not None and not shrink:
+        raise ValueError(f"shrink_at_step={shrink_at_step} needs shrink=True.")
+    if coupled is None:
+        coupled = shrink
+    if (coupled or shrink) and structure.kind != "channels":
+        raise ValueError(
+            f"{'shrink=True' if shrink else 'coupled=True'} needs structure='channels' (whole channels can be "
+            f"removed), got structure='{structure}': {structure.kind} zeros leave every channel in place. "
+            "HINT: structure='channels', or shrink=False to keep the zeros."
+        )
+    if shrink and not coupled:
+        raise ValueError(
+            "shrink=True needs coupled=True: per-layer channel masks do not agree across a residual sum or "
+            "with BatchNorm, so removing them would change the outputs. HINT: leave coupled unset."
+        )
+    if shrink and not make_permanent:
+        raise ValueError(
+            "make_permanent=False cannot be combined with shrink=True: the shrunk model has no pruned weights "
+            "left to reparametrise (its state_dict is already a plain, smaller model). HINT: drop "
+            "make_permanent=False."
+        )
+    if coupled and not torch_pruning_available():
+        raise ImportError(
+            f"GradualPruning(structure='channels', {'shrink' if shrink else 'coupled'}=True) finds coupled "
+            f"channels with torch-pruning, which is not installed. {INSTALL_HINT}"
+        )
+    return coupled, shrink, shrink_at_step
