@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
 from torch.nn.utils import prune
 from typing_extensions import override
 
@@ -37,6 +38,7 @@ from lightning_compress._validation import check_choice, check_int, check_range,
 from lightning_compress.callbacks._coupled import CoupledChannels
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.functional import pruning as F
+from lightning_compress.functional.activation_stats import InputNorms
 from lightning_compress.functional.shrink import INSTALL_HINT, torch_pruning_available
 from lightning_compress.functional.stats import count_nonzero
 from lightning_compress.schedules import Schedule, ScheduleName, StepWindow, resolve_schedule
@@ -67,8 +69,11 @@ class GradualPruning(CompressionCallback):
         start_epoch: alternative to ``start_step``, in epochs (fractions allowed).
         end_epoch: alternative to ``end_step``, in epochs.
         update_every_n_steps: optimizer steps between mask updates.
-        criterion: ``"magnitude"`` (|w|), ``"random"``, or ``"taylor"`` (first-order Taylor |w * grad|
-            accumulated between updates; magnitude until gradients have been seen).
+        criterion: ``"magnitude"`` (|w|), ``"random"``, ``"taylor"`` (first-order Taylor |w * grad|
+            accumulated between updates; magnitude until gradients have been seen) or ``"wanda"``
+            (|w| times the L2 norm of its input feature over the training inputs seen since the last
+            update, Sun et al. 2023; forward pre-hooks on the pruned layers, summed across DDP ranks;
+            magnitude until inputs have been seen).
         structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), an N:M
             pattern such as ``"2:4"`` (along the input dimension), or ``"block:RxC"`` such as
             ``"block:1x4"``.
@@ -188,6 +193,7 @@ class GradualPruning(CompressionCallback):
         self._hot: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._metrics: dict[str, float] = {}
         self._model_id: int | None = None
+        self._input_norms: InputNorms | None = None  # criterion="wanda": inputs seen since the last update
         self._coupled = CoupledChannels() if self.coupled else None
         self._coupled_targets: list[ParameterTarget] = []
         self._root_module: torch.nn.Module | None = None
@@ -207,6 +213,8 @@ class GradualPruning(CompressionCallback):
         self._targets = select_parameters(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         for t in self._targets:
             F.check_fits(self.structure, t.name, t.out_first(t.parameter).shape)
+        if self.criterion == "wanda":
+            _check_inputs_observable(pl_module, self._targets)
         if self._coupled is not None:
             if self._model_id != id(pl_module):
                 self._coupled = CoupledChannels()
@@ -264,6 +272,8 @@ class GradualPruning(CompressionCallback):
         self._apply_masks(trainer)
         self._remove_hooks()
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        if self.criterion == "wanda":
+            self._input_norms = InputNorms({t.name: t.module for t in self._targets})
         self._refresh_metrics(trainer.global_step)
         super().on_fit_start(trainer, pl_module)
 
@@ -345,10 +355,23 @@ class GradualPruning(CompressionCallback):
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        norms: dict[str, torch.Tensor] = {}
+        if self._input_norms is not None:
+            self._input_norms.all_reduce_()  # every rank scores on the inputs all ranks saw
+            norms = self._input_norms.norms()
+            self._input_norms.reset()
         # Scores and masks go to the functional layer with output channels first (HF Conv1D is [in, out]).
         scores = {
             t.name: t.out_first(
-                F.element_scores(t.parameter, self.criterion, taylor=self._taylor.get(t.name), generator=generator)
+                F.element_scores(
+                    t.parameter,
+                    self.criterion,
+                    taylor=self._taylor.get(t.name),
+                    generator=generator,
+                    input_norms=norms.get(t.name),
+                    groups=getattr(t.module, "groups", 1),
+                    input_axis=1 - t.output_axis,
+                )
             )
             for t in self._targets
         }
@@ -541,6 +564,9 @@ class GradualPruning(CompressionCallback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._input_norms is not None:
+            self._input_norms.remove()
+            self._input_norms = None
 
     @override
     def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -621,3 +647,23 @@ def _check_shrink(
             f"channels with torch-pruning, which is not installed. {INSTALL_HINT}"
         )
     return coupled, shrink, shrink_at_step
+
+
+def _check_inputs_observable(model: torch.nn.Module, targets: Sequence[ParameterTarget]) -> None:
+    """Wanda needs each pruned layer's inputs: refuse weights whose layer's forward never runs."""
+    read_directly = {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+    blind = [
+        t.name
+        for t in targets
+        if t.module_name in read_directly or (isinstance(t.module, nn.MultiheadAttention) and t.param_name != "weight")
+    ]
+    if blind:
+        raise ValueError(
+            f"criterion='wanda' needs the inputs of every pruned layer, but nn.MultiheadAttention reads {blind} "
+            "directly (their layers' forward never runs, so no input can be observed). HINT: exclude them, "
+            "e.g. exclude=['*.out_proj', '*.in_proj_weight'], or use criterion='magnitude'."
+        )

@@ -13,7 +13,7 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> layer = nn.Linear(3, 2)
+    >>> layer = nn.Linear(3, 2)  # in training mode: evaluation forwards are not recorded
     >>> norms = InputNorms({"fc": layer})
     >>> _ = layer(torch.tensor([[3.0, 0.0, 1.0], [4.0, 0.0, 1.0]]))
     >>> norms.norms()["fc"].tolist()
@@ -57,7 +57,10 @@ class InputNorms:
 
     def _hook(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple) -> None:
-            if not args or not isinstance(args[0], torch.Tensor) or torch.compiler.is_compiling():
+            # Training forwards only: validation batches are not what the next mask update is about.
+            if not module.training or not args or not isinstance(args[0], torch.Tensor):
+                return
+            if torch.compiler.is_compiling():
                 return
             sums = squared_input_sums(module, args[0])
             previous = self._sums.get(name)

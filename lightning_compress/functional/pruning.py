@@ -35,8 +35,8 @@ from typing import Literal
 import torch
 
 StructureKind = Literal["unstructured", "channels", "block", "n:m"]
-Criterion = Literal["magnitude", "random", "taylor"]
-CRITERIA: tuple[str, ...] = ("magnitude", "random", "taylor")
+Criterion = Literal["magnitude", "random", "taylor", "wanda"]
+CRITERIA: tuple[str, ...] = ("magnitude", "random", "taylor", "wanda")
 
 
 @dataclass(frozen=True)
@@ -147,13 +147,19 @@ def element_scores(
     *,
     taylor: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    input_norms: torch.Tensor | None = None,
+    groups: int = 1,
+    input_axis: int = 1,
 ) -> torch.Tensor:
-    """Importance of each weight: ``|w|``, uniform random, or accumulated first-order Taylor ``|w * grad|``.
+    """Importance of each weight: ``|w|``, random, accumulated Taylor ``|w * grad|`` or Wanda's ``|w| * ||x||``.
 
-    Taylor falls back to magnitude while nothing has been accumulated (e.g. at step 0).
+    Wanda uses ``input_norms`` (see :func:`wanda_scores` for ``groups`` and ``input_axis``). Taylor and Wanda
+    fall back to magnitude while nothing has been accumulated (e.g. at step 0).
     """
     w = weight.detach()
-    if criterion == "magnitude" or (criterion == "taylor" and (taylor is None or not torch.any(taylor))):
+    if criterion == "wanda" and input_norms is not None:
+        return wanda_scores(w, input_norms, groups=groups, input_axis=input_axis)
+    if criterion in ("magnitude", "wanda") or (criterion == "taylor" and (taylor is None or not torch.any(taylor))):
         return w.abs().float()
     if criterion == "taylor":
         return taylor.float()  # type: ignore[union-attr]
