@@ -158,11 +158,12 @@ def test_masks_reach_target_and_only_grow(rows, cols, s1, s2, structure, scope, 
     if structure == "unstructured" and scope == "layer":
         for name, score in scores.items():
             pruned = (~first[name]).sum().item()
-            assert abs(pruned - s1 * score.numel()) <= 0.5 + 1e-9  # within one weight per layer
+            # within one weight per layer; every tensor keeps at least one weight
+            assert abs(pruned - min(s1 * score.numel(), score.numel() - 1)) <= 0.5 + 1e-9
     if structure == "unstructured" and scope == "global":
         total = sum(v.numel() for v in scores.values())
         pruned = sum((~m).sum().item() for m in first.values())
-        assert abs(pruned - s1 * total) <= 0.5 + 1e-9
+        assert abs(pruned - min(s1 * total, total - len(scores))) <= 0.5 + 1e-9
 
 
 def _masks(scores, old, level, structure, scope):
