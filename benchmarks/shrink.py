@@ -136,12 +136,18 @@ def main() -> None:
         dense = copy.deepcopy(base)
         rows["dense"] = (fit(dense, train, val, args.epochs), dense)
 
-        for label, structure in (("ours (channels, shrunk)", "channels"), ("unstructured (zeros)", "unstructured")):
+        variants = (
+            ("ours (channels, shrunk)", "channels", 1),
+            ("ours (channels, shrunk, widths x8)", "channels", 8),
+            ("unstructured (zeros)", "unstructured", 1),
+        )
+        for label, structure, multiple in variants:
             model = copy.deepcopy(base)
             pruning = GradualPruning(
                 args.ratio,
                 structure=structure,
                 shrink=structure == "channels",
+                channel_multiple=multiple,
                 end_step=int(0.6 * steps),
                 update_every_n_steps=5,
                 exclude=[head],

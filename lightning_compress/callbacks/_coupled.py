@@ -100,11 +100,12 @@ class CoupledChannels:
         sparsity: float | Mapping[str, float],
         scope: S.Scope,
         norm: float,
+        multiple: int = 1,
     ) -> dict[str, torch.Tensor]:
         """New parameter masks: a ``sparsity`` share of channels removed, chosen per group."""
         scores = S.channel_scores(pl_module, self.groups, element_scores, norm)
         live = S.keep_from_masks(pl_module, self.groups, current) if current else {}
-        keep = S.choose_channels(scores, live, sparsity, scope)
+        keep = S.choose_channels(scores, live, sparsity, scope, multiple=multiple)
         return S.param_masks(pl_module, self.groups, keep)
 
     def channel_sparsity(self, pl_module: pl.LightningModule, masks: Mapping[str, torch.Tensor]) -> float:

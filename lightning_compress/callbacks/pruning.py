@@ -99,6 +99,8 @@ class GradualPruning(CompressionCallback):
             becomes a plain smaller model with the masked model's outputs. Implies ``coupled``.
         shrink_at_step: remove them at this optimizer step instead (at or after the end of the schedule), so
             the rest of training runs on the smaller model; optimizer state is sliced along.
+        channel_multiple: with coupled groups, keep a multiple of this many channels in each group (rounded
+            up; 8 suits CPU convolution kernels, which work on blocks of channels). Slightly less is pruned.
         seed: seed of the ``"random"`` criterion (identical on every process).
         name: distinguishes several ``GradualPruning`` callbacks (state key and ``compress/<name>/...``).
 
@@ -142,6 +144,7 @@ class GradualPruning(CompressionCallback):
         coupled: bool | None = None,
         shrink: bool = False,
         shrink_at_step: int | None = None,
+        channel_multiple: int = 1,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -150,6 +153,12 @@ class GradualPruning(CompressionCallback):
         self.coupled, self.shrink, self.shrink_at_step = _check_shrink(
             self.structure, coupled, shrink, shrink_at_step, make_permanent
         )
+        self.channel_multiple = check_int("channel_multiple", channel_multiple, minimum=1)
+        if self.channel_multiple > 1 and not self.coupled:
+            raise ValueError(
+                f"channel_multiple={channel_multiple} rounds the widths of coupled channel groups; it needs "
+                "structure='channels' with coupled=True or shrink=True."
+            )
         limit = self.structure.max_sparsity
         if target_sparsity is None:
             target_sparsity = limit if self.structure.kind == "n:m" else 0.9
@@ -394,6 +403,7 @@ class GradualPruning(CompressionCallback):
                 level if scope == "layer" else self._group_target("", step),
                 scope,
                 self.norm,
+                multiple=self.channel_multiple,
             )
             masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
         elif self.scope == "global":

@@ -457,12 +457,16 @@ def choose_channels(
     current: Mapping[str, torch.Tensor],
     sparsity: float | Mapping[str, float],
     scope: Scope = "global",
+    multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Which channels to keep (``True``) so that a ``sparsity`` share of channels is removed.
 
     Removed channels stay removed (masks only grow) and every group keeps its best channel. ``"layer"``
     scope removes ``sparsity[group]`` of each group; ``"global"`` ranks all channels together, each
     divided by its group's mean live score (raw norms differ by orders of magnitude between groups).
+    With ``multiple > 1`` each group keeps a multiple of that many channels (rounded up, never above what
+    is still live): CPU convolution kernels work on blocks of 8 or 16 channels, and a width of 37 runs
+    much slower than 40.
 
     Example::
 
@@ -487,14 +491,36 @@ def choose_channels(
             done = int(torch.isneginf(v).sum())
             k = max(min(round(level * v.numel()), v.numel() - 1), done)
             out[n] = ~_lowest(v, k)
-        return out
+        return _round_up_kept(out, values, multiple)
     level = float(sparsity) if not isinstance(sparsity, Mapping) else float(next(iter(sparsity.values()), 0.0))
     values = [_protect_best(_per_layer_normalised(v)) for v in values]
     flat = torch.cat(values) if values else torch.zeros(0)
     selectable = int((flat != math.inf).sum())
     k = max(min(round(level * flat.numel()), selectable), int(torch.isneginf(flat).sum()))
     keep = ~_lowest(flat, k)
-    return dict(zip(names, keep.split([v.numel() for v in values]), strict=True))
+    return _round_up_kept(dict(zip(names, keep.split([v.numel() for v in values]), strict=True)), values, multiple)
+
+
+def _round_up_kept(keep: dict[str, torch.Tensor], values: list[torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Give back the best dropped-but-live channels of each group until it keeps a multiple of ``multiple``.
+
+    Never revives a channel removed at an earlier update (``-inf``): widths only shrink, and because the
+    earlier width was rounded up too, the rounded width is always reachable from the live channels.
+    """
+    if multiple <= 1:
+        return keep
+    out = {}
+    for (name, kept), v in zip(keep.items(), values, strict=True):
+        live = ~torch.isneginf(v)
+        want = min(-(-int(kept.sum()) // multiple) * multiple, int(live.sum()))
+        extra = want - int(kept.sum())
+        if extra > 0:
+            candidates = (live & ~kept).nonzero().flatten()
+            best = candidates[v[candidates].argsort(descending=True, stable=True)[:extra]]
+            kept = kept.clone()
+            kept[best] = True
+        out[name] = kept
+    return out
 
 
 # ---------------------------------------------------------------------------- removal

@@ -29,6 +29,8 @@ from tests.zoo.resnet import ResNetClassifier  # noqa: E402
         ({"structure": "channels", "shrink_at_step": 5}, r"shrink_at_step=5 needs shrink=True"),
         ({"structure": "channels", "shrink": "yes"}, r"shrink must be True or False, got 'yes'"),
         ({"structure": "channels", "shrink": True, "shrink_at_step": -1}, r"shrink_at_step"),
+        ({"structure": "channels", "channel_multiple": 8}, r"channel_multiple=8 rounds the widths of coupled"),
+        ({"structure": "channels", "shrink": True, "channel_multiple": 0}, r"channel_multiple must be an integer >= 1"),
     ],
 )
 def test_bad_configurations(kwargs: dict[str, Any], error: str) -> None:
@@ -139,3 +141,16 @@ def test_coupled_without_shrink_keeps_size_but_zeros_are_removable(tmp_path: Any
     # a removed channel's BatchNorm γ and β are zero together
     dead = bn.weight == 0
     assert dead.any() and (bn.bias[dead] == 0).all()
+
+
+def test_channel_multiple_leaves_widths_in_multiples(tmp_path: Any) -> None:
+    case = ZOO["resnet_basic"]()
+    original = {n: m.out_channels for n, m in case.module.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    pruning = GradualPruning(
+        0.5, structure="channels", shrink=True, channel_multiple=8, end_step=6, update_every_n_steps=2, exclude=["model.fc"]
+    )
+    trainer(tmp_path, [pruning], max_epochs=-1, max_steps=8, limit_val_batches=0).fit(case.module, case.train_loader)
+    widths = {n: m.out_channels for n, m in case.module.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert any(widths[n] < original[n] for n in widths)  # something was cut
+    # every width is a multiple of 8, or untouched (a group kept whole)
+    assert all(w % 8 == 0 or w == original[n] for n, w in widths.items()), widths

@@ -178,3 +178,20 @@ def test_bad_keep_is_refused() -> None:
     groups, _ = S.channel_groups(model, torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="at least one True"):
         S.shrink_(model, groups, {groups[0].name: torch.zeros(8, dtype=torch.bool)})
+
+
+def test_kept_widths_round_up_to_a_multiple_without_reviving() -> None:
+    from lightning_compress.functional.shrink import choose_channels
+
+    scores = {"a": torch.arange(1.0, 21.0)}  # 20 channels, channel i scores i + 1
+    # 50% per layer keeps 10 (scores 11..20); rounded up to 16: scores 5..20.
+    keep = choose_channels(scores, {}, 0.5, scope="layer", multiple=8)["a"]
+    assert keep.tolist() == [False] * 4 + [True] * 16
+    # Channels 0..3 were removed earlier: 90% keeps 2, rounded up to 8 of the 16 still live (scores 13..20).
+    earlier = torch.tensor([False] * 4 + [True] * 16)
+    keep = choose_channels(scores, {"a": earlier}, 0.9, scope="layer", multiple=8)["a"]
+    assert keep.tolist() == [False] * 12 + [True] * 8
+    # Only 5 live: rounding stops there, nothing removed before comes back.
+    earlier = torch.tensor([False] * 15 + [True] * 5)
+    keep = choose_channels(scores, {"a": earlier}, 0.9, scope="layer", multiple=8)["a"]
+    assert keep.tolist() == [False] * 15 + [True] * 5
