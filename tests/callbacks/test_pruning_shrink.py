@@ -147,7 +147,13 @@ def test_channel_multiple_leaves_widths_in_multiples(tmp_path: Any) -> None:
     case = ZOO["resnet_basic"]()
     original = {n: m.out_channels for n, m in case.module.named_modules() if isinstance(m, torch.nn.Conv2d)}
     pruning = GradualPruning(
-        0.5, structure="channels", shrink=True, channel_multiple=8, end_step=6, update_every_n_steps=2, exclude=["model.fc"]
+        0.5,
+        structure="channels",
+        shrink=True,
+        channel_multiple=8,
+        end_step=6,
+        update_every_n_steps=2,
+        exclude=["model.fc"],
     )
     trainer(tmp_path, [pruning], max_epochs=-1, max_steps=8, limit_val_batches=0).fit(case.module, case.train_loader)
     widths = {n: m.out_channels for n, m in case.module.named_modules() if isinstance(m, torch.nn.Conv2d)}
