@@ -13,12 +13,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from lightning_compress import GradualPruning
 from tests.helpers import trainer
 from tests.scripts.fsdp2_common import MODEL_ARGS, TRAINER_ARGS, PlainMLP
 from tests.scripts.fsdp2_pruning import SCENARIOS as PRUNING
@@ -102,3 +104,82 @@ def test_gradual_pruning_under_fsdp2(tmp_path: Path) -> None:
     for rank in (0, 1):
         message = (tmp_path / f"refused_rank{rank}.err").read_text()
         assert "block:2x2" in message and "[15, 15] rows per rank" in message and "Accepted under FSDP2" in message
+
+
+@pytest.mark.xdist_group("ddp")
+def test_quantization_distillation_and_refusals_under_fsdp2(tmp_path: Path) -> None:
+    from lightning_compress import convert_to_int8
+    from lightning_compress.functional.qat import prepare_
+    from tests.scripts.fsdp2_quantization import SCENARIOS
+
+    run_script("fsdp2_quantization.py", tmp_path)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+    for tag in SCENARIOS:
+        r0, r1 = ranks(tmp_path, tag)
+        assert_ranks_agree(r0, r1)
+        for name, buffer in r0["buffers"].items():  # observed ranges and scales: identical on the ranks
+            assert torch.equal(buffer, r1["buffers"][name]), (tag, name)
+        ref = single_process(tmp_path, tag, SCENARIOS[tag]())
+        for name, weight in ref["weights"].items():
+            got = r0["full"].get(name, r0["buffers"].get(name))
+            torch.testing.assert_close(got, weight, rtol=1e-4, atol=1e-5, msg=f"{tag} {name}")
+            if tag == "prune_qat" and name.endswith("weight"):
+                assert torch.equal(got == 0, weight == 0), name  # identical masks
+        if tag == "prune_qat":
+            zeros = sum(int((v == 0).sum()) for k, v in r0["full"].items() if k.endswith("weight"))
+            assert zeros == round(0.7 * (480 + 900 + 150))
+        report = json.loads((tmp_path / tag / "compression_report.json").read_text())
+        assert report["summary"]["nonzero_params"] == sum(int((v != 0).sum()) for v in r0["full"].values())
+        if tag == "qat":
+            # The consolidated model, prepared like the callback did, converts to the int8 model one process gets.
+            plain = PlainMLP(**MODEL_ARGS)
+            prepare_(plain, modules=["net.0", "net.2", "net.4"], activation_bits=8, fold_bn=True)
+            plain.load_state_dict(r0["consolidated"], strict=True)
+            ref_model = ref["trainer"].lightning_module
+            torch.testing.assert_close(convert_to_int8(plain)(x), convert_to_int8(ref_model)(x))
+    for rank in (0, 1):  # refused in setup, before step 1, on both ranks alike
+        err = {
+            tag: (tmp_path / f"{tag}_rank{rank}.err").read_text() for tag in ("decomposition", "qat_export", "kd_self")
+        }
+        assert "got ModelParallelStrategy" in err["decomposition"] and "HINT" in err["decomposition"]
+        assert "export_dir" in err["qat_export"] and "convert_to_int8(plain)" in err["qat_export"]
+        assert "teacher='self'" in err["kd_self"] and "HINT" in err["kd_self"]
+
+
+# ---- FSDP1 and DeepSpeed: refused in setup, naming what is supported (no process group, no GPU needed)
+
+
+def _callbacks() -> list[Any]:
+    from lightning_compress import KnowledgeDistillation, QuantizationAwareTraining, TensorDecomposition
+
+    return [
+        GradualPruning(0.5),
+        QuantizationAwareTraining(),
+        KnowledgeDistillation(teacher=PlainMLP(**MODEL_ARGS)),
+        TensorDecomposition(rank=0.5),
+    ]
+
+
+class DeepSpeedStrategy:
+    """Stands in for Lightning's DeepSpeedStrategy, which cannot be built without deepspeed installed.
+
+    Strategies are recognised by class name (both Lightning packages define their own classes).
+    """
+
+
+@pytest.mark.parametrize("kind", ["fsdp1", "deepspeed"])
+@pytest.mark.parametrize("index", range(4))
+def test_fsdp1_and_deepspeed_are_refused_in_setup(kind: str, index: int) -> None:
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy() if kind == "fsdp1" else DeepSpeedStrategy()
+    callback = _callbacks()[index]
+    name = type(strategy).__name__
+    with pytest.raises(ValueError) as info:
+        callback.setup(SimpleNamespace(strategy=strategy), PlainMLP(**MODEL_ARGS), "fit")
+    message = str(info.value)
+    assert name in message and ("Supported" in message or "supports" in message)
+    if type(callback).__name__ != "TensorDecomposition":
+        assert "ModelParallelStrategy" in message and "fully_shard" in message
+    else:
+        assert "strategy='ddp'" in message

@@ -59,11 +59,12 @@ class SaveFull(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         full = {n: p.full_tensor().detach().clone() for n, p in pl_module.named_parameters()}
         local = {n: p.to_local().detach().clone() for n, p in pl_module.named_parameters()}
+        buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}  # not sharded by fully_shard
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("compress/")}
         consolidated = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rank = trainer.global_rank
         torch.save(
-            {"full": full, "local": local, "metrics": metrics, "consolidated": consolidated},
+            {"full": full, "local": local, "buffers": buffers, "metrics": metrics, "consolidated": consolidated},
             os.path.join(self.out, f"{self.tag}_rank{rank}.pt"),
         )
 
