@@ -366,6 +366,7 @@ class GradualPruning(CompressionCallback):
         else:
             masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group)
         masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
+        del scores, current  # one float per weight: free before the new float masks are built
         # Sharded, each weight lives on one rank and the selection is an exact collective: nothing to agree on.
         self._masks = masks if group is not None else _broadcast_masks(trainer, masks)
         self._taylor = {}
@@ -402,6 +403,7 @@ class GradualPruning(CompressionCallback):
         # Per optimizer: (parameter, mask in the parameter's dtype) pairs, so the two per-step hooks do one
         # multiply per tensor. Measured on CPU: a float multiply is ~5x faster than multiplying by a bool
         # mask (converted at every call) and ~14x faster than masked_fill_.
+        self._hot = {}  # drop the previous float masks first: at most one set of them is alive
         dense = {t.name: self._masks[t.name].to(t.parameter.dtype) for t in self._targets if t.name in self._masks}
         self._hot = {
             key: [(t.parameter, dense[t.name]) for t in targets if t.name in dense]

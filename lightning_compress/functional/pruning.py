@@ -188,7 +188,8 @@ def element_scores(
 def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure, norm: float) -> torch.Tensor:
     if structure.kind == "unstructured":  # one weight per group: its (non-negative) score is the group's
         value = scores.reshape(-1)
-        return value if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
+        # Always a new tensor: the global ranking marks each tensor's best entry in place.
+        return value.clone() if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
     groups = to_groups(scores, structure)
     # Normalised by group size so that groups of different layers compare fairly in global scope.
     value = torch.linalg.vector_norm(groups, ord=norm, dim=1) / groups.shape[1] ** (1.0 / norm)
@@ -258,7 +259,8 @@ def _protect_best(values: list[torch.Tensor], group: Any = None) -> list[torch.T
     """Each tensor's ``values`` with its best group at ``+inf``: a global ranking may thin a layer, never empty it.
 
     Sharded: the best of the whole tensor is protected (the first one, on the lowest rank holding it), as
-    one process protects the first maximum of the full tensor.
+    one process protects the first maximum of the full tensor. Marks ``values`` in place (they are the
+    fresh group scores of :func:`_group_scores`): a copy would cost one more float per weight.
     """
     maxima = [float(v.max()) if v.numel() else -math.inf for v in values]
     if D.active(group):
@@ -273,9 +275,8 @@ def _protect_best(values: list[torch.Tensor], group: Any = None) -> list[torch.T
         if best == -math.inf or int((column == best).nonzero()[0]) != rank:
             out.append(v)  # all pruned, or the best group lives on another rank
             continue
-        protected = v.clone()
-        protected[int(v.argmax())] = math.inf
-        out.append(protected)
+        v[int(v.argmax())] = math.inf
+        out.append(v)
     return out
 
 
