@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch build without distributed support: nothing can be a DTensor
+
+    class DTensor:  # type: ignore[no-redef]
+        """Placeholder: no tensor is an instance of it."""
+
+    Shard = None  # type: ignore[assignment,misc]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
