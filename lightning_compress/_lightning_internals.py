@@ -62,3 +62,35 @@ def optimizers_to_device(optimizers: Any, device: torch.device) -> None:
     from lightning_fabric.utilities.optimizer import _optimizers_to_device
 
     _optimizers_to_device(optimizers, device)
+
+
+FSDP2_SUPPORTED = (
+    "single-device training, strategy='ddp', and ModelParallelStrategy with the model sharded by "
+    "torch.distributed.fsdp.fully_shard (FSDP2) in configure_model"
+)
+_FSDP2_HINT = (
+    "HINT: strategy=ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1), with "
+    "fully_shard(layer) on each layer and fully_shard(self) in the LightningModule's configure_model."
+)
+
+
+def refuse_unsupported_sharding(strategy: Any, callback: str, supported: str = FSDP2_SUPPORTED) -> None:
+    """Raise a ``ValueError`` for ``FSDPStrategy`` (FSDP1) and DeepSpeed, naming what ``callback`` supports.
+
+    FSDP1 flattens parameters into ``FlatParameter`` views and DeepSpeed partitions them behind its own
+    engine; neither exposes the per-layer tensors the callbacks mask, observe or replace. Called in ``setup``
+    (before any step). Strategies are recognised by class name (see :func:`strategy_is`).
+    """
+    kind = next((name for name in ("FSDPStrategy", "DeepSpeedStrategy") if strategy_is(strategy, name)), None)
+    if kind is None:
+        return
+    why = (
+        "FSDP1 flattens each wrapped module's parameters into one FlatParameter"
+        if kind == "FSDPStrategy"
+        else "DeepSpeed partitions parameters and optimizer state behind its own engine"
+    )
+    raise ValueError(
+        f"{callback} does not support {type(strategy).__name__}: {why}, so the per-layer weights it works on "
+        f"are not there to work on. Supported: {supported}. "
+        + (_FSDP2_HINT if "ModelParallelStrategy" in supported else "HINT: use strategy='ddp'.")
+    )

@@ -10,6 +10,11 @@ Built at the end of ``fit`` by the last compression callback on the trainer (so 
 covers pruning, quantization, distillation and decomposition together), written on rank zero as
 ``compression_report.json`` and ``compression_report.md`` into ``trainer.log_dir``.
 
+A sharded model (FSDP2: DTensor parameters) is reported without gathering it on one rank: counts are
+all-reduced (every rank builds the report), FLOPs come from one forward on every rank, and no temporary
+file of the whole model is written, so only files the user asked for (exports) are measured; the
+headline ``ratio`` is then ``None`` and ``ratio_estimated`` holds the estimate.
+
 Example::
 
     >>> import torch
@@ -40,6 +45,7 @@ from lightning_compress.functional.sparse import pack_state_dict
 from lightning_compress.functional.stats import (
     LayerStats,
     effective_flops,
+    is_sharded,
     model_stats,
     module_flops,
 )
@@ -118,12 +124,27 @@ class CompressionReport:
             baseline: the size row every ratio is relative to (``size_row(...)``; the original model's
                 fp32 ``state_dict`` file). Default: ``torch.save`` of ``model.state_dict()`` with floating
                 tensors in fp32, measured.
+
+        A sharded model (DTensor parameters, FSDP2) is counted with collectives: every rank must call this.
         """
         layers = model_stats(model, bits)
-        params = sum(layer.params for layer in layers)
-        nonzeros = sum(layer.nonzeros for layer in layers)
         dense = sum(layer.dense_bytes for layer in layers)
         effective = sum(layer.sparse_bytes for layer in layers)
+        if is_sharded(model):
+            # Writing the whole model to one file needs it gathered on one rank, which sharding exists to avoid.
+            candidates = [
+                size_row(what, os.path.getsize(path), "measured", path=path)
+                for what, path in artifacts
+                if os.path.isfile(path)
+            ]
+            if baseline is None:
+                baseline = size_row(
+                    "parameters at fp32 [sharded model: no file written]",
+                    dense,
+                    "estimated",
+                    note="the model is sharded (FSDP2); a file of the whole model is written only for an export",
+                )
+            return cls._assemble(model, layers, example_input, sections, baseline, candidates, dense, effective)
         state = model.state_dict()
         if baseline is None:
             fp32 = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -150,8 +171,27 @@ class CompressionReport:
         for what, path in artifacts:
             if os.path.isfile(path):
                 candidates.append(size_row(what, os.path.getsize(path), "measured", path=path))
+        return cls._assemble(model, layers, example_input, sections, baseline, candidates, dense, effective)
+
+    @classmethod
+    def _assemble(
+        cls,
+        model: nn.Module,
+        layers: list[LayerStats],
+        example_input: Any,
+        sections: Mapping[str, dict[str, Any]] | None,
+        baseline: dict[str, Any],
+        candidates: list[dict[str, Any]],
+        dense: int,
+        effective: int,
+    ) -> CompressionReport:
+        params = sum(layer.params for layer in layers)
+        nonzeros = sum(layer.nonzeros for layer in layers)
         on_disk = [row for row in candidates if row["path"]]
-        best = min(on_disk or candidates, key=lambda row: row["bytes"])
+        # The headline ratio is measured: a measured baseline over a measured file, or nothing.
+        best = min(on_disk or candidates, key=lambda row: row["bytes"]) if candidates else None
+        if baseline["kind"] != "measured":
+            best = None
         sizes = [
             {**baseline, "artifact": f"{baseline['artifact']} [baseline]"},
             *candidates,
@@ -165,15 +205,16 @@ class CompressionReport:
         ]
         for row in sizes:
             row["ratio"] = round(baseline["bytes"] / row["bytes"], 3) if row["bytes"] else None
+        not_measured = "not measured: the model is sharded and no export was written"
         summary: dict[str, Any] = {
             "params": params,
             "nonzero_params": nonzeros,
             "sparsity": 0.0 if params == 0 else 1.0 - nonzeros / params,
-            "ratio": baseline["bytes"] / best["bytes"] if best["bytes"] else 1.0,
-            "ratio_artifact": best["path"] or best["artifact"],
-            "size_bytes_measured": best["bytes"],
+            "ratio": None if best is None else baseline["bytes"] / best["bytes"] if best["bytes"] else 1.0,
+            "ratio_artifact": not_measured if best is None else best["path"] or best["artifact"],
+            "size_bytes_measured": None if best is None else best["bytes"],
             "baseline": baseline["path"] or baseline["artifact"],
-            "baseline_bytes_measured": baseline["bytes"],
+            "baseline_bytes_measured": baseline["bytes"] if baseline["kind"] == "measured" else None,
             "size_bytes_estimated": effective,
             "fp32_bytes_estimated": dense,
             "ratio_estimated": dense / effective if effective else 1.0,

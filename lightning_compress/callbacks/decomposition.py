@@ -484,9 +484,11 @@ def _check_strategy(strategy: Any) -> None:
         raise ValueError(
             f"TensorDecomposition supports single-device training and strategy='ddp'; got "
             f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
-            "parameter set, which sharded strategies (FSDP, DeepSpeed, ModelParallel) cannot follow, and "
-            "ddp_spawn reloads the undecomposed weights into the parent process with strict=False. "
-            "HINT: use strategy='ddp'."
+            "parameter set, which sharded strategies (FSDP, DeepSpeed, ModelParallelStrategy with fully_shard) "
+            "cannot follow mid-fit, and ddp_spawn reloads the undecomposed weights into the parent process with "
+            "strict=False. HINT: use strategy='ddp'; for a sharded model, consolidate it after fit "
+            "(get_model_state_dict(..., full_state_dict=True)) into a plain copy and decompose that with "
+            "TensorDecomposition in a short single-process fit."
         )
 
 

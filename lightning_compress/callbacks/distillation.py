@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
+from lightning_compress._lightning_internals import refuse_unsupported_sharding, strategy_is
 from lightning_compress._validation import check_choice, check_range
 from lightning_compress.callbacks import _teacher
 from lightning_compress.callbacks._hints import HintAdapters
@@ -83,6 +84,11 @@ class KnowledgeDistillation(CompressionCallback):
     Hinton et al. 2015) or the MSE of the logits (``loss="mse"``), and the feature losses are FitNets
     hints between named layers through learned adapters when widths differ. The teacher runs once per
     training step, on exactly the arguments of the first ``self(...)`` call in ``training_step``.
+
+    Under ``ModelParallelStrategy`` (FSDP2) the student is sharded as the user's ``configure_model`` says
+    and the teacher is **replicated**: each process holds the whole frozen teacher and runs it on its own
+    batch (it is not part of the LightningModule, so ``fully_shard`` never sees it). Hint adapters are
+    replicated too, their gradients averaged over the processes.
 
     Args:
         teacher: an ``nn.Module`` (in YAML: a ``class_path``); a path to a LightningModule checkpoint
@@ -244,6 +250,14 @@ class KnowledgeDistillation(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_unsupported_sharding(trainer.strategy, type(self).__name__)
+        if self.teacher_spec == "self" and strategy_is(trainer.strategy, "ModelParallelStrategy"):
+            raise ValueError(
+                "teacher='self' is not supported under ModelParallelStrategy: the copy would be taken of the "
+                "sharded student (DTensor parameters without FSDP's gathering), and the teacher must be whole "
+                "on each process. HINT: pass a plain module (an instance of the model with the weights to "
+                "distill from) or a checkpoint path as teacher."
+            )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "KnowledgeDistillation adds its term to the loss training_step returns, which manual "

@@ -17,6 +17,19 @@ The model's parameters stay plain tensors with zeros in them: a checkpoint taken
 into a plain copy of the model with ``load_state_dict``. The masks themselves (and the schedule
 position) live in the callback's checkpoint state, so ``fit(ckpt_path=...)`` resumes with identical
 masks.
+
+Sharded models (FSDP2: ``ModelParallelStrategy`` with ``fully_shard``, parameters are DTensors split by
+rows): every rank keeps the masks of its own rows only and works on its local shards (weights, gradients,
+optimizer state). Selections are exact collectives over the shards
+(:mod:`lightning_compress.functional.distributed`: a global threshold needs only the global k-th value,
+not the weights), so the masks equal those of one process on the full weights; nothing is broadcast,
+because every weight lives on exactly one rank. The ``"random"`` criterion draws the full-shape random
+tensor from the step-seeded generator on every rank and keeps its own rows. Structures whose groups would
+span two ranks' rows are refused before step 1. Lightning saves callback state from rank zero only, so
+under FSDP2 the checkpoint holds no masks: on resume each rank recomputes its masks from the exact zeros of
+its restored shards (a pruned weight is exactly 0.0; a weight that trained to exactly 0.0 unpruned would
+count as pruned from then on). Taylor scores accumulated since the last update are not checkpointed there
+(accumulation restarts after a resume), and resuming inside the lottery-ticket rewind window is refused.
 """
 
 from __future__ import annotations
@@ -33,14 +46,15 @@ from torch import nn
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from lightning_compress._lightning_internals import is_spawn
+from lightning_compress._lightning_internals import is_spawn, refuse_unsupported_sharding, strategy_is
 from lightning_compress._validation import check_choice, check_int, check_range, check_step
 from lightning_compress.callbacks._coupled import CoupledChannels
 from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.functional import distributed as D
 from lightning_compress.functional import pruning as F
 from lightning_compress.functional.activation_stats import InputNorms
 from lightning_compress.functional.shrink import INSTALL_HINT, torch_pruning_available
-from lightning_compress.functional.stats import count_nonzero
+from lightning_compress.functional.stats import count_nonzeros
 from lightning_compress.schedules import Schedule, ScheduleName, StepWindow, resolve_schedule
 from lightning_compress.targets import (
     DEFAULT_PRUNABLE_TYPES,
@@ -206,12 +220,23 @@ class GradualPruning(CompressionCallback):
         self._coupled = CoupledChannels() if self.coupled else None
         self._coupled_targets: list[ParameterTarget] = []
         self._root_module: torch.nn.Module | None = None
+        # FSDP2: the process group the pruned weights are row-sharded over (None: whole tensors here), and
+        # per parameter this rank's first row and the full shape (for the random criterion).
+        self._group: Any = None
+        self._shards: dict[str, tuple[torch.Size, int]] = {}
 
     # ---------------------------------------------------------------- lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_unsupported_sharding(trainer.strategy, type(self).__name__)
+        if not self.make_permanent and strategy_is(trainer.strategy, "ModelParallelStrategy"):
+            raise ValueError(
+                "make_permanent=False cannot be used with ModelParallelStrategy: torch.nn.utils.prune's "
+                "reparametrisation (weight_orig * weight_mask) does not work on sharded DTensor parameters. "
+                "HINT: keep make_permanent=True; the weights keep their zeros in the (consolidated) state dict."
+            )
         if not self.make_permanent and is_spawn(trainer.strategy):
             raise ValueError(
                 "make_permanent=False cannot be used with a spawn strategy (ddp_spawn): the parent process "
@@ -250,6 +275,10 @@ class GradualPruning(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._group is not None:
+            # Lightning writes callback state from rank zero only; rank zero's masks cover its own rows.
+            # Each rank recomputes its masks from the zeros of its restored shards instead.
+            return {"last_update_step": self._last_update_step, "masks_from_zeros": True}
         state = {
             "last_update_step": self._last_update_step,
             "masks": {k: v.cpu() for k, v in self._masks.items()},
@@ -271,8 +300,19 @@ class GradualPruning(CompressionCallback):
                 f"{self.shrink_at_step}: channels are removed once the final masks are reached. HINT: set "
                 f"end_step <= {self.shrink_at_step}, or a later shrink_at_step."
             )
+        # After configure_model: the parameters are DTensors now if the model was sharded.
+        self._group, self._shards = self._check_sharding()
+        if (
+            self._group is not None
+            and self._masks
+            and any(
+                D.local(t.parameter).shape != self._masks[t.name].shape for t in self._targets if t.name in self._masks
+            )
+        ):
+            # Masks of another sharding (a repeated fit that resharded): the zeros of the weights are the truth.
+            self._masks = self._masks_from_zeros()
         if self._pending_state is not None:
-            self._restore(self._pending_state)
+            self._restore(self._pending_state, trainer.global_step)
             self._pending_state = None
         self._params_of = {
             id(opt): [t for t in self._targets if any(t.parameter is p for g in opt.param_groups for p in g["params"])]
@@ -300,7 +340,7 @@ class GradualPruning(CompressionCallback):
         ):
             self._shrink(trainer, pl_module)
         if step == self.rewind_to_step and not self._rewind and self._last_update_step < self._window[1]:
-            self._rewind = {t.name: t.parameter.detach().clone() for t in self._targets}
+            self._rewind = {t.name: D.local(t.parameter).clone() for t in self._targets}
         changed = batch_idx == 0  # once per epoch at least, so every run starts with the keys present
         if self._is_update_step(step):
             self._update(trainer, step)
@@ -313,12 +353,12 @@ class GradualPruning(CompressionCallback):
             for t in self._params_of.get(id(optimizer), ()):
                 param = t.parameter
                 if param.grad is not None:
-                    score = (param.detach() * param.grad).abs_()
+                    score = (D.local(param) * D.local(param.grad)).abs_()
                     acc = self._taylor.get(t.name)
                     self._taylor[t.name] = score if acc is None else acc.add_(score)
         for param, mask in self._hot.get(id(optimizer), ()):
             if param.grad is not None:
-                param.grad.mul_(mask)
+                D.local(param.grad).mul_(mask)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -364,22 +404,25 @@ class GradualPruning(CompressionCallback):
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        group = self._group
         norms: dict[str, torch.Tensor] = {}
         if self._input_norms is not None:
             self._input_norms.all_reduce_()  # every rank scores on the inputs all ranks saw
             norms = self._input_norms.norms()
             self._input_norms.reset()
-        # Scores and masks go to the functional layer with output channels first (HF Conv1D is [in, out]).
+        # Scores and masks go to the functional layer with output channels first (HF Conv1D is [in, out]);
+        # sharded, they are this rank's rows and the functional layer runs collectives over `group`.
         scores = {
             t.name: t.out_first(
                 F.element_scores(
-                    t.parameter,
+                    D.local(t.parameter),
                     self.criterion,
                     taylor=self._taylor.get(t.name),
                     generator=generator,
                     input_norms=norms.get(t.name),
                     groups=getattr(t.module, "groups", 1),
                     input_axis=1 - t.output_axis,
+                    shard=self._shards.get(t.name),
                 )
             )
             for t in self._targets
@@ -409,13 +452,19 @@ class GradualPruning(CompressionCallback):
         elif self.scope == "global":
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
-            masks = F.global_masks(shared, current, level, self.structure, self.norm) if shared else {}
-            masks.update(F.layer_masks({k: scores[k] for k in overridden}, current, targets, self.structure, self.norm))
+            masks = F.global_masks(shared, current, level, self.structure, self.norm, group=group) if shared else {}
+            masks.update(
+                F.layer_masks(
+                    {k: scores[k] for k in overridden}, current, targets, self.structure, self.norm, group=group
+                )
+            )
         else:
-            masks = F.layer_masks(scores, current, targets, self.structure, self.norm)
+            masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group)
         if self._coupled is None:
             masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
-        self._masks = _broadcast_masks(trainer, masks)
+        del scores, current  # one float per weight: free before the new float masks are built
+        # Sharded, each weight lives on one rank and the selection is an exact collective: nothing to agree on.
+        self._masks = masks if group is not None else _broadcast_masks(trainer, masks)
         self._taylor = {}
         self._last_update_step = step
         self._apply_masks(trainer, zero_optimizer_state=True)
@@ -436,17 +485,22 @@ class GradualPruning(CompressionCallback):
         """Whether some pruned tensor is down to its last group, the floor that keeps layers from being emptied."""
         if self.structure.kind == "n:m":
             return False
-        return any(
-            int(F.to_groups(t.out_first(self._masks[t.name]), self.structure).any(dim=1).sum()) == 1
-            for t in self._targets
-            if t.name in self._masks
+        live = D.sum_ints(
+            [
+                int(F.to_groups(t.out_first(self._masks[t.name]), self.structure).any(dim=1).sum())
+                for t in self._targets
+                if t.name in self._masks
+            ],
+            self._group,
         )
+        return any(n == 1 for n in live)
 
     def _apply_masks(self, trainer: pl.Trainer, zero_optimizer_state: bool = False) -> None:
         """Zero the pruned weights (at an update, also their optimizer state); refresh the per-step lists."""
         # Per optimizer: (parameter, mask in the parameter's dtype) pairs, so the two per-step hooks do one
         # multiply per tensor. Measured on CPU: a float multiply is ~5x faster than multiplying by a bool
         # mask (converted at every call) and ~14x faster than masked_fill_.
+        self._hot = {}  # drop the previous float masks first: at most one set of them is alive
         dense = {t.name: self._masks[t.name].to(t.parameter.dtype) for t in self._targets if t.name in self._masks}
         self._hot = {
             key: [(t.parameter, dense[t.name]) for t in targets if t.name in dense]
@@ -456,33 +510,35 @@ class GradualPruning(CompressionCallback):
             mask = dense.get(t.name)
             if mask is None:
                 continue
-            t.parameter.detach().mul_(mask)
+            D.local(t.parameter).mul_(mask)
             if zero_optimizer_state:
                 for opt in trainer.optimizers:
                     for value in opt.state.get(t.parameter, {}).values():
-                        if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                            value.mul_(mask.to(value.dtype))
+                        # Sharded optimizer state (DTensor) is sharded like its parameter: mask the local rows.
+                        if isinstance(value, torch.Tensor) and D.local(value).shape == mask.shape:
+                            D.local(value).mul_(mask.to(value.dtype))
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # `detach()` shares storage and bypasses autograd: cheaper than entering no_grad at every step.
+        # `detach()` (inside D.local) shares storage and bypasses autograd: cheaper than entering no_grad.
         for param, mask in self._hot.get(id(optimizer), ()):
-            param.detach().mul_(mask)
+            D.local(param).mul_(mask)
 
     @torch.no_grad()
     def _rewind_weights(self, trainer: pl.Trainer) -> None:
         for t in self._targets:
-            t.parameter.copy_(self._rewind[t.name].to(t.parameter.device))
+            weight = D.local(t.parameter)
+            weight.copy_(self._rewind[t.name].to(weight.device))
             for opt in trainer.optimizers:
                 for value in opt.state.get(t.parameter, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == t.parameter.shape:
-                        value.zero_()
+                    if isinstance(value, torch.Tensor) and D.local(value).shape == weight.shape:
+                        D.local(value).zero_()
         self._rewind = {}
         self._apply_masks(trainer)
 
     def _refresh_metrics(self, step: int) -> None:
         params = [t.parameter for t in self._targets]
-        total = sum(p.numel() for p in params)
-        nonzero = sum(count_nonzero(p) for p in params)
+        total = sum(p.numel() for p in params)  # a DTensor's numel is the full tensor's
+        nonzero = sum(count_nonzeros(params))  # sharded: one all-reduce (every rank is here)
         targets = self.target_at(step)
         self._metrics = {
             "sparsity": 1.0 - nonzero / total if total else 0.0,
@@ -535,7 +591,21 @@ class GradualPruning(CompressionCallback):
         self._refresh_metrics(trainer.global_step)
 
     # ---------------------------------------------------------------- checkpoints
-    def _restore(self, state: Mapping[str, Any]) -> None:
+    def _restore(self, state: Mapping[str, Any], step: int) -> None:
+        self._last_update_step = int(state.get("last_update_step", -1))
+        if self._group is not None or state.get("masks_from_zeros"):
+            # Sharded: rank zero's state holds no masks (see the module docstring); the zeros are exact.
+            self._masks = self._masks_from_zeros() if self._last_update_step >= 0 else {}
+            self._taylor, self._rewind = {}, {}
+            start_rewind = self.rewind_to_step
+            if start_rewind is not None and start_rewind < step and self._last_update_step < self._window[1]:
+                raise ValueError(
+                    f"Cannot resume lottery-ticket rewinding at step {step} of a sharded model: the weights "
+                    f"copied at rewind_to_step={start_rewind} live on each rank and are not in the checkpoint "
+                    "(Lightning saves callback state from rank zero only). HINT: resume from a checkpoint taken "
+                    f"before step {start_rewind} or after end_step={self._window[1]}, or drop rewind_to_step."
+                )
+            return
         masks = state.get("masks", {})
         expected = {t.name: t.parameter for t in self._targets}
         problems = [f"{k} (not in the model)" for k in masks if k not in expected]
@@ -556,6 +626,83 @@ class GradualPruning(CompressionCallback):
         self._last_update_step = int(state.get("last_update_step", -1))
         if self._coupled is not None and "shrink" in state:
             self._coupled.restore(state["shrink"])
+
+    def _masks_from_zeros(self) -> dict[str, torch.Tensor]:
+        """The masks of the local rows, read off the weights: a pruned weight is exactly 0.0."""
+        return {t.name: D.local(t.parameter) != 0 for t in self._targets}
+
+    def _check_sharding(self) -> tuple[Any, dict[str, tuple[torch.Size, int]]]:
+        """The process group the pruned weights are row-sharded over, and each one's (full shape, first row).
+
+        ``(None, {})`` when no pruned weight is a DTensor. Refuses, on every rank alike (the row counts of
+        all ranks are gathered first), layouts and structures whose groups would span two ranks' rows.
+        """
+        params = {t.name: t.parameter for t in self._targets}
+        sharded = [n for n, p in params.items() if D.is_dtensor(p)]
+        if not sharded:
+            return None, {}
+        if self._coupled is not None:
+            raise ValueError(
+                "GradualPruning(coupled=True / shrink=True) traces the whole model to find coupled channels and "
+                "removes them from every layer, which FSDP2's sharded parameters cannot follow. HINT: structure="
+                "'channels' with coupled=False under ModelParallelStrategy, or shrink a consolidated copy after fit."
+            )
+        plain = [n for n in params if n not in sharded]
+        if plain:
+            raise ValueError(
+                f"GradualPruning: some pruned parameters are sharded DTensors and some are plain tensors "
+                f"({plain}); a global ranking over both would count the plain ones once per rank. "
+                "HINT: call fully_shard on every module holding pruned weights (or on the root module), "
+                "or exclude these."
+            )
+        groups = []
+        for name, p in params.items():
+            try:
+                groups.append(D.row_sharded_group(p))
+            except ValueError as err:
+                raise ValueError(
+                    f"GradualPruning supports parameters sharded by FSDP2's fully_shard; {name!r}: {err} "
+                    "HINT: ModelParallelStrategy(tensor_parallel_size=1), with fully_shard in configure_model."
+                ) from None
+        group = groups[0]
+        if any(g is not group for g in groups):
+            raise ValueError("GradualPruning: the pruned parameters are sharded over different device meshes.")
+        rows = D.gather_ints([D.local(params[t.name]).shape[0] for t in self._targets], group)
+        rank = D.rank(group)
+        shards = {}
+        for i, t in enumerate(self._targets):
+            full = params[t.name].shape
+            counts = [r[i] for r in rows]
+            shards[t.name] = (full, sum(counts[:rank]))
+            self._check_shard_groups(t, full, counts)
+        return group, shards
+
+    def _check_shard_groups(self, target: ParameterTarget, full: torch.Size, counts: list[int]) -> None:
+        kind = self.structure.kind
+        split = sum(1 for c in counts if c) > 1
+        if kind == "unstructured" or not split:
+            return
+        # Dim 0 of the stored weight is split; a group must lie within one rank's rows.
+        if kind == "channels" and (target.output_axis != 0 or len(full) < 2):
+            problem = "an output channel spans every rank's rows (the output dimension is not dim 0)"
+        else:
+            problem = ""
+            for c in (c for c in counts if c):
+                try:
+                    F.check_fits(
+                        self.structure, target.name, target.out_first(torch.empty(c, *full[1:], device="meta")).shape
+                    )
+                except ValueError:
+                    problem = f"a {self.structure} group would span two ranks' rows"
+                    break
+        if problem:
+            raise ValueError(
+                f"GradualPruning cannot prune {target.name!r} with structure '{self.structure}' under FSDP2: "
+                f"fully_shard splits its weight {tuple(full)} along dim 0 into {counts} rows per rank, and "
+                f"{problem}. Accepted under FSDP2: 'unstructured'; 'channels' for weights stored "
+                "[out, in, ...]; N:M and blocks whose groups fit inside every rank's rows. "
+                f"HINT: exclude=[{target.module_name!r}], or structure='unstructured'."
+            )
 
     def _undo_torch_reparametrisation(self, pl_module: pl.LightningModule) -> None:
         # A model finished with make_permanent=False carries torch.nn.utils.prune's weight_orig/weight_mask;
@@ -597,9 +744,9 @@ class GradualPruning(CompressionCallback):
                 {
                     "parameter": t.name,
                     "shape": "x".join(map(str, t.parameter.shape)),
-                    "sparsity": round(1.0 - count_nonzero(t.parameter) / t.parameter.numel(), 4),
+                    "sparsity": round(1.0 - nonzero / t.parameter.numel(), 4),
                 }
-                for t in self._targets
+                for t, nonzero in zip(self._targets, count_nonzeros([t.parameter for t in self._targets]), strict=True)
             ],
         }
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_compress._lightning_internals import refuse_unsupported_sharding, strategy_is
 from lightning_compress._validation import check_choice, check_range, check_step
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.export.onnx import export_onnx
@@ -150,6 +151,9 @@ class QuantizationAwareTraining(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_unsupported_sharding(trainer.strategy, type(self).__name__)
+        if self.export_dir is not None and strategy_is(trainer.strategy, "ModelParallelStrategy"):
+            raise ValueError(_SHARDED_EXPORT)
         selected = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         names = self._quantizable(pl_module, selected)
         for pattern in self.overrides:
@@ -334,6 +338,16 @@ class QuantizationAwareTraining(CompressionCallback):
         self.exported["onnx"] = export_onnx(
             int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), to_device(sample, "cpu")
         )
+
+
+_SHARDED_EXPORT = (
+    "QuantizationAwareTraining(export_dir=...) is not supported under ModelParallelStrategy: the int8 export "
+    "needs the whole trained model on one process. HINT: train without export_dir, then consolidate and "
+    "convert: full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+    "cpu_offload=True)) on every rank; on rank 0 build the model without configure_model, "
+    "lightning_compress.functional.qat.prepare_(plain, modules=<the quantized layer names>, ...), "
+    "plain.load_state_dict(full), convert_to_int8(plain) / export_onnx."
+)
 
 
 def _read_directly_by_parent(model: torch.nn.Module) -> set[str]:

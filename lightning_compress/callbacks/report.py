@@ -20,6 +20,12 @@ model it keeps a CPU copy taken in ``setup``, which must run before ``Quantizati
 its layers — so list it before that callback (otherwise the original's latency is skipped and the
 report says why).
 
+Under ``ModelParallelStrategy`` (FSDP2, a sharded model) latency, quality and the compact artifact need
+the whole model on one process, which sharding exists to avoid: they are skipped and the report says
+so (exports the other callbacks wrote are still measured). Consolidate the model after ``fit`` to
+measure it (``torch.distributed.checkpoint.state_dict.get_model_state_dict(model,
+options=StateDictOptions(full_state_dict=True))`` into a plain copy).
+
 Example::
 
     >>> from lightning_compress import CompressionReporter, GradualPruning
@@ -44,17 +50,22 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress._lightning_internals import loggers_write_now
+from lightning_compress._lightning_internals import loggers_write_now, strategy_is
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.evaluation import validation_metrics
 from lightning_compress.functional import latency as L
 from lightning_compress.functional.compressed import save_compressed
+from lightning_compress.functional.stats import is_sharded
 from lightning_compress.inputs import CapturedCall
 from lightning_compress.report import file_bytes, size_row
 
 __all__ = ["CompressionReporter", "run_validation"]
 
 COMPRESSED_BASENAME = "model_compressed.lcz"
+_SHARDED = (
+    "the model is sharded (ModelParallelStrategy / FSDP2) and these need it whole on one process. HINT: "
+    "consolidate it after fit (get_model_state_dict(..., full_state_dict=True)) and measure a plain copy."
+)
 
 
 class CompressionReporter(CompressionCallback):
@@ -134,6 +145,9 @@ class CompressionReporter(CompressionCallback):
         self._original, self._original_note, self.history, self._before = None, "", [], None
         if stage != "fit" or not trainer.is_global_zero:
             return
+        if strategy_is(trainer.strategy, "ModelParallelStrategy"):
+            self._original_note = f"not kept: {_SHARDED}"
+            return
         swapped = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.layer_bits()]
         if swapped:
             self._original_note = (
@@ -164,7 +178,7 @@ class CompressionReporter(CompressionCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before any callback's on_fit_end: the model as trained, before fit-end transforms.
         self._module_changes = False
-        if not (self.evaluate and trainer.is_global_zero):
+        if not (self.evaluate and trainer.is_global_zero) or is_sharded(pl_module):
             return
         quantized, self._module_changes = _fit_end_transforms(trainer, pl_module)
         if quantized or self._module_changes:
@@ -183,6 +197,14 @@ class CompressionReporter(CompressionCallback):
         Called by the report builder on rank zero after every callback has finalized.
         """
         self._results = {}
+        if is_sharded(pl_module):
+            self._results["not_measured"] = f"latency, quality and the compact artifact: {_SHARDED}"
+            exports = [
+                (f"{type(cb).__name__} export ({kind})", str(path))
+                for cb in callbacks
+                for kind, path in getattr(cb, "exported", {}).items()
+            ]
+            return exports, None
         quantized = any(cb.layer_bits() for cb in callbacks)
         deployable, deployable_name = pl_module, "the model as trained"
         if quantized:
@@ -342,6 +364,8 @@ class CompressionReporter(CompressionCallback):
         if "compressed_artifact" in self._results:
             out["compressed_artifact"] = self._results["compressed_artifact"]
         out["original_model"] = self._original_note or "not kept"
+        if "not_measured" in self._results:
+            out["not_measured"] = self._results["not_measured"]
         return out
 
     def extra_sections(self) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,13 @@ dropped together:
 Masks only grow: what was pruned stays pruned (its score is ``-inf`` so it is chosen first), and a
 sparsity below the current one never revives anything.
 
+Sharded tensors (FSDP2, ``Shard(0)``): :func:`layer_masks` and :func:`global_masks` take each rank's
+shard of the scores and masks and a process ``group``; every count and selection is then a collective
+over that group (:mod:`~lightning_compress.functional.distributed`), so the masks equal those one process
+computes on the full tensors, without gathering any weight. Only the small per-group summaries of a
+global ranking over groups of unequal sizes (one number per channel or block) are gathered. The caller
+makes sure no group spans two shards.
+
 Example::
 
     >>> import torch
@@ -30,9 +37,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from lightning_compress.functional import distributed as D
 
 StructureKind = Literal["unstructured", "channels", "block", "n:m"]
 Criterion = Literal["magnitude", "random", "taylor", "wanda"]
@@ -99,7 +108,8 @@ def parse_structure(spec: str) -> Structure:
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """View a weight as ``[out, in * kernel]`` (a 1-D tensor becomes one row)."""
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+    # Explicit sizes rather than -1: an empty shard (a rank holding no rows) must reshape too.
+    return t.reshape(1, t.numel()) if t.dim() < 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def check_fits(structure: Structure, name: str, shape: torch.Size | tuple[int, ...]) -> None:
@@ -150,11 +160,23 @@ def element_scores(
     input_norms: torch.Tensor | None = None,
     groups: int = 1,
     input_axis: int = 1,
+    shard: tuple[torch.Size, int] | None = None,
 ) -> torch.Tensor:
     """Importance of each weight: ``|w|``, random, accumulated Taylor ``|w * grad|`` or Wanda's ``|w| * ||x||``.
 
-    Wanda uses ``input_norms`` (see :func:`wanda_scores` for ``groups`` and ``input_axis``). Taylor and Wanda
-    fall back to magnitude while nothing has been accumulated (e.g. at step 0).
+    Taylor and Wanda fall back to magnitude while nothing has been accumulated (e.g. at step 0).
+
+    Args:
+        weight: the weight (or this rank's rows of it).
+        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` or ``"wanda"``.
+        taylor: accumulated ``|w * grad|``, shaped like ``weight``.
+        generator: the generator of the random criterion.
+        input_norms: Wanda's per-input-feature norms (:func:`wanda_scores`).
+        groups: the convolution's ``groups``, for Wanda.
+        input_axis: the weight dimension indexing input features, for Wanda (0 for HF ``Conv1D``).
+        shard: ``(full shape, first row)`` when ``weight`` is a row shard of a larger tensor: the random
+            scores are drawn for the full tensor and sliced, so every rank consumes the generator as one
+            process does and the scores equal that process's.
     """
     w = weight.detach()
     if criterion == "wanda" and input_norms is not None:
@@ -164,6 +186,9 @@ def element_scores(
     if criterion == "taylor":
         return taylor.float()  # type: ignore[union-attr]
     if criterion == "random":
+        if shard is not None:
+            full, first = shard
+            return torch.rand(full, generator=generator, device="cpu")[first : first + w.shape[0]].to(w.device)
         return torch.rand(w.shape, generator=generator, device="cpu").to(w.device)
     raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}.")
 
@@ -201,7 +226,8 @@ def wanda_scores(
 def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure, norm: float) -> torch.Tensor:
     if structure.kind == "unstructured":  # one weight per group: its (non-negative) score is the group's
         value = scores.reshape(-1)
-        return value if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
+        # Always a new tensor: the global ranking marks each tensor's best entry in place.
+        return value.clone() if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
     groups = to_groups(scores, structure)
     # Compared within a layer only (global scope divides by the layer's mean first), so no size factor.
     value = torch.linalg.vector_norm(groups, ord=norm, dim=1)
@@ -234,13 +260,15 @@ def _nm_mask(groups: torch.Tensor, chosen: torch.Tensor, structure: Structure, s
     return from_groups(keep, structure, shape)
 
 
-def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean selector of exactly the ``k`` lowest values.
+def _lowest(values: torch.Tensor, k: int, group: Any = None) -> torch.Tensor:
+    """Boolean selector of exactly the ``k`` lowest values (over all ranks of ``group`` when given).
 
     Ties go to the lowest index, so every process picks the same. A selection (``kthvalue``, linear
     time) rather than a full sort: on 150k weights it is several times faster than ``argsort``, and it
     runs at every mask update.
     """
+    if D.active(group):
+        return D.lowest(values, k, group)
     n = values.numel()
     if k <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
@@ -261,31 +289,54 @@ def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _already_pruned(values: torch.Tensor) -> int:
+    """Groups already pruned in this tensor (this rank's part of it)."""
     return int(torch.isneginf(values).sum())
 
 
-def _protect_best(values: torch.Tensor) -> torch.Tensor:
-    """``values`` with its best group at ``+inf``: a global ranking may thin a layer, never empty it."""
-    if values.numel() == 0 or torch.isneginf(values).all():
-        return values
-    best = int(values.argmax())
-    out = values.clone()
-    out[best] = math.inf
+def _protect_best(values: list[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
+    """Each tensor's ``values`` with its best group at ``+inf``: a global ranking may thin a layer, never empty it.
+
+    Sharded: the best of the whole tensor is protected (the first one, on the lowest rank holding it), as
+    one process protects the first maximum of the full tensor. Marks ``values`` in place (they are the
+    fresh group scores of :func:`_group_scores`): a copy would cost one more float per weight.
+    """
+    maxima = [float(v.max()) if v.numel() else -math.inf for v in values]
+    if D.active(group):
+        everyone = D.gather_rows(torch.tensor(maxima, dtype=torch.float64), group)[0].reshape(-1, len(values))
+        rank = D.rank(group)
+    else:
+        everyone, rank = torch.tensor([maxima], dtype=torch.float64), 0
+    out = []
+    for i, v in enumerate(values):
+        column = everyone[:, i]
+        best = float(column.max())
+        if best == -math.inf or int((column == best).nonzero()[0]) != rank:
+            out.append(v)  # all pruned, or the best group lives on another rank
+            continue
+        v[int(v.argmax())] = math.inf
+        out.append(v)
     return out
 
 
-def _per_layer_normalised(values: torch.Tensor) -> torch.Tensor:
+def _per_layer_normalised(values: list[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
     """Group scores divided by the mean of the layer's live groups, so one global ranking compares layers fairly.
 
     Raw channel norms differ by orders of magnitude between layers (a depthwise 3x3 filter vs a 512-wide
     projection, a classifier initialised small); ranked raw, whole layers go first. Divided by their
     layer's mean they compare a channel with its neighbours, as Torch-Pruning's global ranking does.
+    The mean is summed in float64 (over all ranks when sharded, one all-reduce for all tensors).
     """
-    live = values[torch.isfinite(values)]
-    if live.numel() == 0:
-        return values
-    scale = live.mean()
-    return values / scale if scale > 0 else values
+    sums: list[float] = []
+    for v in values:
+        live = v[torch.isfinite(v)]
+        sums += [float(live.double().sum()), float(live.numel())]
+    sums = D.sum_floats(sums, group)
+    out = []
+    for i, v in enumerate(values):
+        total, count = sums[2 * i], sums[2 * i + 1]
+        scale = total / count if count else 0.0
+        out.append(v / scale if scale > 0 else v)
+    return out
 
 
 def layer_masks(
@@ -294,23 +345,27 @@ def layer_masks(
     sparsity: Mapping[str, float],
     structure: Structure,
     norm: float = 2.0,
+    group: Any = None,
 ) -> dict[str, torch.Tensor]:
     """New masks (``True`` = keep) giving each tensor its own ``sparsity[name]``.
 
-    ``masks`` holds the current masks (missing = all kept); they only grow.
+    ``masks`` holds the current masks (missing = all kept); they only grow. With a process ``group``,
+    ``scores`` and ``masks`` are this rank's row shards and every rank must call this (collectives).
     """
     out: dict[str, torch.Tensor] = {}
     for name, score in scores.items():
         old = masks.get(name)
         if structure.kind == "n:m":
             cost, groups = _nm_costs(score, old, structure)
-            k = max(round(sparsity[name] / structure.max_sparsity * cost.numel()), _already_pruned(cost))
-            out[name] = _nm_mask(groups, _lowest(cost, k), structure, score.shape)
+            total, done = D.sum_ints([cost.numel(), _already_pruned(cost)], group)
+            k = max(round(sparsity[name] / structure.max_sparsity * total), done)
+            out[name] = _nm_mask(groups, _lowest(cost, k, group), structure, score.shape)
         else:
             values = _group_scores(score, old, structure, norm)
+            total, done = D.sum_ints([values.numel(), _already_pruned(values)], group)
             # Never the whole tensor: at least one group stays (a layer is thinned, never removed).
-            k = max(min(round(sparsity[name] * values.numel()), values.numel() - 1), _already_pruned(values))
-            keep = ~_lowest(values, k)
+            k = max(min(round(sparsity[name] * total), total - 1), done)
+            keep = ~_lowest(values, k, group)
             out[name] = from_groups(
                 keep[:, None].expand(-1, to_groups(score, structure).shape[1]), structure, score.shape
             )
@@ -323,30 +378,37 @@ def global_masks(
     sparsity: float,
     structure: Structure,
     norm: float = 2.0,
+    group: Any = None,
 ) -> dict[str, torch.Tensor]:
     """New masks reaching ``sparsity`` over all tensors together: the lowest-scored groups anywhere go first.
 
     Channel and block scores are first divided by their layer's mean (see :func:`_per_layer_normalised`),
     and every tensor keeps its best group, so a layer is never emptied; when that leaves too few groups
     to reach ``sparsity``, the masks reach as close as they can (the caller measures and says so).
+
+    With a process ``group``, ``scores`` and ``masks`` are this rank's row shards and every rank must
+    call this (collectives).
     """
     names = list(scores)
     if structure.kind == "n:m":
         per = [_nm_costs(scores[n], masks.get(n), structure) for n in names]
         costs = torch.cat([c for c, _ in per])
-        k = max(round(sparsity / structure.max_sparsity * costs.numel()), _already_pruned(costs))
-        chosen = _lowest(costs, k).split([c.numel() for c, _ in per])
+        total, done = D.sum_ints([costs.numel(), _already_pruned(costs)], group)
+        k = max(round(sparsity / structure.max_sparsity * total), done)
+        chosen = _lowest(costs, k, group).split([c.numel() for c, _ in per])
         return {n: _nm_mask(g, c, structure, scores[n].shape) for n, (_, g), c in zip(names, per, chosen, strict=True)}
 
     values = [_group_scores(scores[n], masks.get(n), structure, norm) for n in names]
     if structure.kind != "unstructured":
-        values = [_per_layer_normalised(v) for v in values]
-    values = [_protect_best(v) for v in values]
-    sizes = [to_groups(scores[n], structure).shape[1] for n in names]
+        values = _per_layer_normalised(values, group)
+    values = _protect_best(values, group)
+    sizes = [_group_size(scores[n], structure) for n in names]
     flat = torch.cat(values)
-    selectable = int((flat != math.inf).sum())
     if len(set(sizes)) == 1:  # equal groups (always so for unstructured): a count, no sort needed
-        keep = ~_lowest(flat, max(min(round(sparsity * flat.numel()), selectable), _already_pruned(flat)))
+        total, selectable, done = D.sum_ints(
+            [flat.numel(), int((flat != math.inf).sum()), _already_pruned(flat)], group
+        )
+        keep = ~_lowest(flat, max(min(round(sparsity * total), selectable), done), group)
         parts = keep.split([v.numel() for v in values])
         if structure.kind == "unstructured":
             return {name: part.reshape(scores[name].shape) for name, part in zip(names, parts, strict=True)}
@@ -354,7 +416,14 @@ def global_masks(
             name: from_groups(part[:, None].expand(-1, sizes[0]), structure, scores[name].shape)
             for name, part in zip(names, parts, strict=True)
         }
-    weight = torch.cat([torch.full_like(v, s) for v, s in zip(values, sizes, strict=True)])
+    # Groups of unequal sizes: prune by weights counted, which needs the order of all groups. Sharded, each
+    # tensor's group scores (one number per channel or block) are gathered in rank order, which is the
+    # full tensor's order; every rank then runs the same selection and keeps its own rows.
+    gathered = [D.gather_rows(v, group) for v in values]
+    full = [g for g, _ in gathered]
+    flat = torch.cat(full)
+    selectable = int((flat != math.inf).sum())
+    weight = torch.cat([torch.full_like(v, s) for v, s in zip(full, sizes, strict=True)])
     order = flat.argsort(stable=True)
     # Prune the lowest groups until the pruned share of all weights is closest to the target.
     cumulative = weight[order].cumsum(0)
@@ -367,6 +436,16 @@ def global_masks(
     keep = torch.ones_like(flat, dtype=torch.bool)
     keep[order[:k]] = False
     out = {}
-    for name, part, size in zip(names, keep.split([v.numel() for v in values]), sizes, strict=True):
-        out[name] = from_groups(part[:, None].expand(-1, size), structure, scores[name].shape)
+    parts = keep.split([v.numel() for v in full])
+    for name, part, size, value, (_, first) in zip(names, parts, sizes, values, gathered, strict=True):
+        mine = part[first : first + value.numel()]
+        out[name] = from_groups(mine[:, None].expand(-1, size), structure, scores[name].shape)
     return out
+
+
+def _group_size(scores: torch.Tensor, structure: Structure) -> int:
+    """Weights per group (independent of how many rows this rank holds, so equal on every rank)."""
+    if structure.kind == "unstructured":
+        return 1
+    bh, bw = _tile(structure, scores.shape)
+    return bh * bw

@@ -493,7 +493,7 @@ def choose_channels(
             out[n] = ~_lowest(v, k)
         return _round_up_kept(out, values, multiple)
     level = float(sparsity) if not isinstance(sparsity, Mapping) else float(next(iter(sparsity.values()), 0.0))
-    values = [_protect_best(_per_layer_normalised(v)) for v in values]
+    values = _protect_best(_per_layer_normalised(values))
     flat = torch.cat(values) if values else torch.zeros(0)
     selectable = int((flat != math.inf).sum())
     k = max(min(round(level * flat.numel()), selectable), int(torch.isneginf(flat).sum()))

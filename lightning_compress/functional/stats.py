@@ -3,6 +3,10 @@
 Sparsity is counted from the actual zeros in the tensors, never from a mask the code believes in,
 so the numbers describe the model a user will ship.
 
+Sharded parameters (FSDP2 DTensors) are counted where they live: each rank counts its shard and one
+all-reduce adds the counts up, so no rank ever holds the whole model. Those counts are collectives:
+every rank must call them, in the same order.
+
 Example::
 
     >>> import torch
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,10 +33,43 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_compress.functional import distributed as D
+
+
+def count_nonzeros(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Number of nonzero entries of each tensor; of the whole tensor for a DTensor.
+
+    Row-sharded DTensors (FSDP2) are counted per shard and summed with one all-reduce for all of them
+    (a collective: every rank calls it with the same tensors); other DTensor layouts fall back to
+    DTensor's own reduction, one collective each. Plain tensors need no communication.
+    """
+    counts: list[int] = []
+    groups: list[tuple[Any, list[int]]] = []  # (process group, indices counted per shard), in first-seen order
+    for i, t in enumerate(tensors):
+        if not D.is_dtensor(t):
+            counts.append(int(torch.count_nonzero(t.detach())))
+            continue
+        try:
+            group = D.row_sharded_group(t)
+        except ValueError:  # tensor parallel or replicated layouts: let DTensor reduce it
+            counts.append(int((t.detach() != 0).sum().full_tensor()))
+            continue
+        counts.append(int(torch.count_nonzero(D.local(t))))
+        for known, indices in groups:
+            if known is group:
+                indices.append(i)
+                break
+        else:
+            groups.append((group, [i]))
+    for group, indices in groups:
+        for i, total in zip(indices, D.sum_ints([counts[i] for i in indices], group), strict=True):
+            counts[i] = total
+    return counts
+
 
 def count_nonzero(tensor: torch.Tensor) -> int:
-    """Number of nonzero entries."""
-    return int(torch.count_nonzero(tensor.detach()))
+    """Number of nonzero entries (of the whole tensor for a DTensor: a collective, see :func:`count_nonzeros`)."""
+    return count_nonzeros([tensor])[0]
 
 
 def sparsity(tensor: torch.Tensor) -> float:
@@ -43,11 +80,14 @@ def sparsity(tensor: torch.Tensor) -> float:
 
 def global_sparsity(tensors: Iterable[torch.Tensor]) -> float:
     """Zero fraction over several tensors taken together (weighted by their sizes)."""
-    total = zeros = 0
-    for t in tensors:
-        total += t.numel()
-        zeros += t.numel() - count_nonzero(t)
-    return 0.0 if total == 0 else zeros / total
+    tensors = list(tensors)
+    total = sum(t.numel() for t in tensors)
+    return 0.0 if total == 0 else (total - sum(count_nonzeros(tensors))) / total
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (FSDP2 / tensor parallel): its tensors live on several ranks."""
+    return any(D.is_dtensor(p) for p in model.parameters())
 
 
 def bytes_at(numel: int, bits: float) -> int:
@@ -107,7 +147,7 @@ def layer_stats(module: nn.Module, name: str = "", bits: float = 32.0, skip: Ite
         name=name,
         type=type(module).__name__,
         params=sum(p.numel() for p in params),
-        nonzeros=sum(count_nonzero(p) for p in params),
+        nonzeros=sum(count_nonzeros(params)),
         bits=bits,
     )
 
@@ -116,17 +156,28 @@ def model_stats(model: nn.Module, bits: Mapping[str, float] | None = None) -> li
     """Per-module statistics for every module owning parameters; ``bits`` maps module name to bit width.
 
     A tied parameter (one tensor owned by two modules) is counted once, with the first module that owns it.
+    Sharded parameters are counted with one all-reduce for the whole model (every rank must call this).
     """
     bits = bits or {}
-    seen: list[torch.Tensor] = []
-    rows = []
+    seen: set[int] = set()
+    owned: list[tuple[str, nn.Module, list[torch.Tensor]]] = []
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
         if not own:
             continue
-        rows.append(layer_stats(m, name, bits.get(name, 32.0), skip=seen))
-        seen.extend(own)
-    return rows
+        owned.append((name, m, [p for p in own if id(p) not in seen]))
+        seen.update(id(p) for p in own)
+    counts = iter(count_nonzeros([p for _, _, params in owned for p in params]))
+    return [
+        LayerStats(
+            name=name,
+            type=type(m).__name__,
+            params=sum(p.numel() for p in params),
+            nonzeros=sum(next(counts) for _ in params),
+            bits=bits.get(name, 32.0),
+        )
+        for name, m, params in owned
+    ]
 
 
 def serialized_bytes(obj: Any) -> int:

@@ -60,3 +60,79 @@ def test_two_processes_select_what_one_process_selects_on_the_whole(tmp_path: An
     rank0, rank1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     for k, a, b in zip(KS, rank0, rank1, strict=True):
         assert torch.equal(torch.cat([a, b]), reference(whole, k)), k
+
+
+# ---- pruning masks of row-sharded tensors (FSDP2's Shard(0)) equal one process's masks on the full tensors
+
+
+def _full_problem() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Scores of three layers with uneven row counts and different input sizes, and masks from an earlier step."""
+    g = torch.Generator().manual_seed(7)
+    scores = {
+        "a": torch.randn(10, 12, generator=g).abs(),
+        "b": torch.randn(7, 12, generator=g).abs(),  # splits 4 + 3 rows
+        "c": torch.randn(3, 8, generator=g).abs(),  # splits 2 + 1 rows; channel groups of 8, not 12
+    }
+    masks = {k: torch.rand(v.shape, generator=g) > 0.2 for k, v in scores.items()}
+    return scores, masks
+
+
+CASES = [  # (structure, scope, sparsity) with the earlier masks shaped for the structure
+    ("unstructured", "global", 0.6),
+    ("unstructured", "layer", 0.5),
+    ("channels", "global", 0.5),
+    ("channels", "layer", 0.4),
+    ("2:4", "global", 0.3),
+    ("2:4", "layer", 0.5),
+    ("block:1x4", "global", 0.5),
+]
+
+
+def _masks_for(scores: dict[str, torch.Tensor], old: dict[str, torch.Tensor], case: tuple, group: Any) -> dict:
+    from lightning_compress.functional import pruning as P
+
+    spec, scope, level = case
+    structure = P.parse_structure(spec)
+    # An earlier mask of the right structure: one step of the same update from nothing, at half the level.
+    current = P.global_masks(scores, {}, level / 2, structure, group=group) if structure.kind != "unstructured" else old
+    if scope == "global":
+        return P.global_masks(scores, current, level, structure, group=group)
+    return P.layer_masks(scores, current, {k: level for k in scores}, structure, group=group)
+
+
+def _shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return t.chunk(world)[rank].clone() if rank < len(t.chunk(world)) else t[:0].clone()
+
+
+def _pruning_worker(rank: int, init: str, out: str) -> None:
+    from lightning_compress.functional.pruning import element_scores
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        scores, old = _full_problem()
+        mine = {k: _shard(v, rank, 2) for k, v in scores.items()}
+        my_old = {k: _shard(v, rank, 2) for k, v in old.items()}
+        results = [_masks_for(mine, my_old, case, dist.group.WORLD) for case in CASES]
+        first = 0 if rank == 0 else 4
+        drawn = element_scores(
+            torch.zeros(3, 5), "random", generator=torch.Generator().manual_seed(1), shard=(torch.Size([7, 5]), first)
+        )
+        torch.save({"masks": results, "random": drawn}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.xdist_group("ddp")
+def test_sharded_pruning_masks_equal_one_process_masks(tmp_path: Any) -> None:
+    init = f"file://{os.path.join(tmp_path, 'init')}"
+    mp.spawn(_pruning_worker, args=(init, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    scores, old = _full_problem()
+    for case, m0, m1 in zip(CASES, rank0["masks"], rank1["masks"], strict=True):
+        expected = _masks_for(scores, old, case, None)
+        for name, full in expected.items():
+            assert m0[name].shape[0] + m1[name].shape[0] == full.shape[0], (case, name)
+            assert torch.equal(torch.cat([m0[name], m1[name]]), full), (case, name)
+    # The random criterion: each rank's rows of one full draw.
+    full = torch.rand(7, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(rank0["random"], full[:3]) and torch.equal(rank1["random"], full[4:7])

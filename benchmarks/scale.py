@@ -1,0 +1,210 @@
+"""How GradualPruning scales: mask-update time and memory against model size, and per-rank memory under FSDP2.
+
+(a) ``update``: one ``GradualPruning`` mask update (scores, selection, masks applied to the weights) on a
+stack of square ``nn.Linear`` layers, from 1M parameters up, in global and layer scope, unstructured and
+channels. Each configuration runs in a fresh process; its peak resident memory is reset right before the
+update (``/proc/self/clear_refs``) and read right after (``VmHWM``), so "extra" is what the update adds
+on top of the model (the masks it keeps included), in multiples of the pruned weights' bytes.
+
+(b) ``ranks``: per-rank peak memory while training with pruning + QAT on two CPU processes, under
+``ModelParallelStrategy`` (FSDP2, ``fully_shard`` per layer) and under DDP; the peak is reset when
+training starts, so model construction before sharding is not counted.
+
+Usage (from the repository root)::
+
+    python benchmarks/scale.py update --sizes 1 10 30 100     # millions of parameters
+    python benchmarks/scale.py ranks --params 20              # FSDP2 vs DDP, two processes each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+WIDTHS = {1: 512, 10: 1024, 30: 2048, 100: 4096}
+
+
+def stack(millions: float) -> nn.Sequential:
+    """Square Linear layers (no bias) holding about ``millions`` x 1e6 weights."""
+    width = WIDTHS.get(int(millions), 1024)
+    layers = max(1, round(millions * 1e6 / width**2))
+    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+
+
+def one_update(millions: float, scope: str, structure: str) -> dict[str, Any]:
+    """Time and peak memory of one mask update (25% -> 50%) of GradualPruning on ``stack(millions)``."""
+    from lightning_compress import GradualPruning
+
+    torch.set_num_threads(1)
+    model = stack(millions)
+    pruning = GradualPruning(0.5, scope=scope, structure=structure, schedule="linear", end_step=2)
+    stub = SimpleNamespace(strategy=object(), optimizers=[])
+    pruning.setup(stub, model, "fit")  # type: ignore[arg-type]
+    pruning._window = (0, 2)
+    pruning._update(stub, 1)  # the first update (25%): masks exist afterwards, as in training
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    rss = _status("VmRSS")
+    _reset_peak()
+    started = time.perf_counter()
+    pruning._update(stub, 2)  # the measured update, from 25% to 50% with masks kept
+    seconds = time.perf_counter() - started
+    peak = _status("VmHWM")
+    kept = sum(m.numel() for m in pruning._masks.values())
+    return {
+        "params_M": round(weights / 4 / 1e6, 2),
+        "scope": scope,
+        "structure": structure,
+        "update_s": round(seconds, 3),
+        "ns_per_param": round(seconds / (weights / 4) * 1e9, 2),
+        "extra_peak_MB": round((peak - rss) / 2**20, 1),
+        "extra_peak_x_weights": round((peak - rss) / weights, 2),
+        "sparsity": round(pruning._metrics["sparsity"], 4),
+        "mask_entries": kept,
+    }
+
+
+def run_updates(sizes: list[float]) -> list[dict[str, Any]]:
+    rows = []
+    for millions in sizes:
+        for scope in ("global", "layer"):
+            for structure in ("unstructured", "channels"):
+                cmd = [sys.executable, __file__, "_one", str(millions), scope, structure]
+                out = subprocess.run(
+                    cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+                )
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------- (b) per-rank memory
+def rank_run(strategy_name: str, millions: float, out: str) -> None:
+    """One two-process fit (this script re-launched by Lightning on each rank); each rank writes its peak."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_compress import GradualPruning, QuantizationAwareTraining
+
+    width = WIDTHS.get(int(millions), 1024)
+
+    class Big(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = stack(millions)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.randn(64, width)), batch_size=8)
+
+    class Sharded(Big):
+        def configure_model(self) -> None:
+            for layer in self.net:
+                fully_shard(layer)
+            fully_shard(self)
+
+    class Peak(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.start = _status("VmRSS")
+            _reset_peak()
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            row = {"strategy": strategy_name, "rank": trainer.global_rank, "rss_at_start_MB": self.start / 2**20}
+            row["peak_MB"] = _status("VmHWM") / 2**20
+            with open(os.path.join(out, f"{strategy_name}_rank{trainer.global_rank}.json"), "w") as fh:
+                json.dump(row, fh)
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    fsdp = strategy_name == "fsdp2"
+    model = Sharded() if fsdp else Big()
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if fsdp else "ddp"
+    callbacks = [GradualPruning(0.5, end_step=4, update_every_n_steps=2), QuantizationAwareTraining(), Peak()]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=6,
+        max_epochs=None,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    trainer.fit(model)
+
+
+def run_ranks(millions: float, out: str) -> list[dict[str, Any]]:
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for strategy in ("fsdp2", "ddp"):
+        cmd = [sys.executable, __file__, "_ranks", strategy, str(millions), out]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for rank in (0, 1):
+            with open(os.path.join(out, f"{strategy}_rank{rank}.json")) as fh:
+                row = json.load(fh)
+            row = {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    if sys.argv[1] == "_one":
+        print(json.dumps(one_update(float(sys.argv[2]), sys.argv[3], sys.argv[4])))
+        return
+    if sys.argv[1] == "_ranks":
+        rank_run(sys.argv[2], float(sys.argv[3]), sys.argv[4])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    update = sub.add_parser("update")
+    update.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 30, 100])
+    ranks = sub.add_parser("ranks")
+    ranks.add_argument("--params", type=float, default=10)
+    ranks.add_argument("--out", default="/tmp/lightning_compress_scale")
+    args = parser.parse_args()
+    if args.what == "update":
+        run_updates(args.sizes)
+    else:
+        run_ranks(args.params, args.out)
+
+
+if __name__ == "__main__":
+    main()

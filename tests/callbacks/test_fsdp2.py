@@ -1,0 +1,185 @@
+"""Every callback under FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) on two CPU processes (gloo).
+
+Each scenario script runs its fits in one two-process launch; the test compares what the ranks wrote
+with each other and with a single-process run of the same seed on the same batches (both ranks read the
+same batch, so the averaged gradient is one process's gradient). FSDP1 and DeepSpeed are refused in
+``setup`` with a message naming what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_compress import GradualPruning
+from tests.helpers import trainer
+from tests.scripts.fsdp2_common import MODEL_ARGS, TRAINER_ARGS, PlainMLP
+from tests.scripts.fsdp2_pruning import SCENARIOS as PRUNING
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+
+
+def run_script(name: str, out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), str(out)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def ranks(out: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    return torch.load(out / f"{tag}_rank0.pt"), torch.load(out / f"{tag}_rank1.pt")
+
+
+def single_process(tmp_path: Path, tag: str, callbacks: list[pl.Callback], **model_args: Any) -> dict[str, Any]:
+    """The reference: the same seed, model, batches and callbacks in one process."""
+    pl.seed_everything(0)
+    model = PlainMLP(**MODEL_ARGS, **model_args)
+    t = trainer(tmp_path / f"single_{tag}", callbacks, **TRAINER_ARGS)
+    t.fit(model)
+    return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()}, "trainer": t}
+
+
+def assert_ranks_agree(r0: dict[str, Any], r1: dict[str, Any]) -> None:
+    assert r0["metrics"] == r1["metrics"]
+    for name, full in r0["full"].items():
+        assert torch.equal(full, r1["full"][name]), name
+        # Each rank holds its own rows of the full tensor: rank 0 the first ones.
+        assert torch.equal(torch.cat([r0["local"][name], r1["local"][name]]), full), name
+
+
+@pytest.mark.xdist_group("ddp")
+def test_gradual_pruning_under_fsdp2(tmp_path: Path) -> None:
+    run_script("fsdp2_pruning.py", tmp_path)
+    # Zeros expected from the configuration alone (weights 30x16, 30x30, 5x30; biases not pruned).
+    expected_zeros = {
+        "global": {"all": round(0.7 * (480 + 900 + 150))},
+        "mixed": {"net.0.weight": 15 * 16, "net.2.weight": 15 * 30, "net.4.weight": round(0.6 * 150)},
+        "nm": {"net.0.weight": 480 // 2},
+    }
+    for tag, optimizer in (("global", "sgd"), ("mixed", "adamw"), ("nm", "sgd")):
+        r0, r1 = ranks(tmp_path, tag)
+        assert_ranks_agree(r0, r1)
+        full = r0["full"]
+        zeros = {k: int((v == 0).sum()) for k, v in full.items() if k.endswith("weight")}
+        for name, count in expected_zeros[tag].items():
+            assert (sum(zeros.values()) if name == "all" else zeros[name]) == count, (tag, name, zeros)
+        assert r0["metrics"]["compress/sparsity"] == pytest.approx(r0["metrics"]["compress/target_sparsity"])
+        lr = 0.01 if optimizer == "adamw" else 0.05
+        ref = single_process(tmp_path, tag, PRUNING[tag](), optimizer=optimizer, lr=lr)
+        for name, weight in ref["weights"].items():
+            assert torch.equal(full[name] == 0, weight == 0), (tag, name)  # identical masks
+            torch.testing.assert_close(full[name], weight, rtol=1e-4, atol=1e-5)
+        single_metrics = {k: float(v) for k, v in ref["trainer"].callback_metrics.items() if k.startswith("compress/")}
+        assert r0["metrics"] == pytest.approx(single_metrics)
+
+    # Resume from the distributed checkpoint at step 8 (mid-schedule): the same end, bit for bit.
+    (g0, _), (s0, s1) = ranks(tmp_path, "global"), ranks(tmp_path, "resume")
+    assert_ranks_agree(s0, s1)
+    for name, weight in g0["full"].items():
+        assert torch.equal(s0["full"][name], weight), name
+
+    # The consolidated full state dict (rank zero) loads into a plain model, zeros included.
+    plain = PlainMLP(**MODEL_ARGS)
+    plain.load_state_dict(g0["consolidated"], strict=True)
+    for name, weight in plain.state_dict().items():
+        assert torch.equal(weight, g0["full"][name]), name
+
+    # The fit-end report counted the sharded model without gathering it: nonzeros as counted here.
+    report = json.loads((tmp_path / "global" / "compression_report.json").read_text())
+    assert report["summary"]["nonzero_params"] == sum(int((v != 0).sum()) for v in g0["full"].values())
+    assert report["summary"]["ratio"] is None and "sharded" in report["summary"]["ratio_artifact"]
+    assert report["summary"]["flops"] == 2 * (16 * 30 + 30 * 30 + 30 * 5)
+
+    # A block structure crossing the 15-row shards is refused before step 1, on both ranks alike.
+    for rank in (0, 1):
+        message = (tmp_path / f"refused_rank{rank}.err").read_text()
+        assert "block:2x2" in message and "[15, 15] rows per rank" in message and "Accepted under FSDP2" in message
+
+
+@pytest.mark.xdist_group("ddp")
+def test_quantization_distillation_and_refusals_under_fsdp2(tmp_path: Path) -> None:
+    from lightning_compress import convert_to_int8
+    from lightning_compress.functional.qat import prepare_
+    from tests.scripts.fsdp2_quantization import SCENARIOS
+
+    run_script("fsdp2_quantization.py", tmp_path)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+    for tag in SCENARIOS:
+        r0, r1 = ranks(tmp_path, tag)
+        assert_ranks_agree(r0, r1)
+        for name, buffer in r0["buffers"].items():  # observed ranges and scales: identical on the ranks
+            assert torch.equal(buffer, r1["buffers"][name]), (tag, name)
+        ref = single_process(tmp_path, tag, SCENARIOS[tag]())
+        for name, weight in ref["weights"].items():
+            got = r0["full"].get(name, r0["buffers"].get(name))
+            torch.testing.assert_close(got, weight, rtol=1e-4, atol=1e-5, msg=f"{tag} {name}")
+            if tag == "prune_qat" and name.endswith("weight"):
+                assert torch.equal(got == 0, weight == 0), name  # identical masks
+        if tag == "prune_qat":
+            zeros = sum(int((v == 0).sum()) for k, v in r0["full"].items() if k.endswith("weight"))
+            assert zeros == round(0.7 * (480 + 900 + 150))
+        report = json.loads((tmp_path / tag / "compression_report.json").read_text())
+        assert report["summary"]["nonzero_params"] == sum(int((v != 0).sum()) for v in r0["full"].values())
+        if tag == "qat":
+            # The consolidated model, prepared like the callback did, converts to the int8 model one process gets.
+            plain = PlainMLP(**MODEL_ARGS)
+            prepare_(plain, modules=["net.0", "net.2", "net.4"], activation_bits=8, fold_bn=True)
+            plain.load_state_dict(r0["consolidated"], strict=True)
+            ref_model = ref["trainer"].lightning_module
+            torch.testing.assert_close(convert_to_int8(plain)(x), convert_to_int8(ref_model)(x))
+    for rank in (0, 1):  # refused in setup, before step 1, on both ranks alike
+        err = {
+            tag: (tmp_path / f"{tag}_rank{rank}.err").read_text() for tag in ("decomposition", "qat_export", "kd_self")
+        }
+        assert "got ModelParallelStrategy" in err["decomposition"] and "HINT" in err["decomposition"]
+        assert "export_dir" in err["qat_export"] and "convert_to_int8(plain)" in err["qat_export"]
+        assert "teacher='self'" in err["kd_self"] and "HINT" in err["kd_self"]
+
+
+# ---- FSDP1 and DeepSpeed: refused in setup, naming what is supported (no process group, no GPU needed)
+
+
+def _callbacks() -> list[Any]:
+    from lightning_compress import KnowledgeDistillation, QuantizationAwareTraining, TensorDecomposition
+
+    return [
+        GradualPruning(0.5),
+        QuantizationAwareTraining(),
+        KnowledgeDistillation(teacher=PlainMLP(**MODEL_ARGS)),
+        TensorDecomposition(rank=0.5),
+    ]
+
+
+class DeepSpeedStrategy:
+    """Stands in for Lightning's DeepSpeedStrategy, which cannot be built without deepspeed installed.
+
+    Strategies are recognised by class name (both Lightning packages define their own classes).
+    """
+
+
+@pytest.mark.parametrize("kind", ["fsdp1", "deepspeed"])
+@pytest.mark.parametrize("index", range(4))
+def test_fsdp1_and_deepspeed_are_refused_in_setup(kind: str, index: int) -> None:
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy() if kind == "fsdp1" else DeepSpeedStrategy()
+    callback = _callbacks()[index]
+    name = type(strategy).__name__
+    with pytest.raises(ValueError) as info:
+        callback.setup(SimpleNamespace(strategy=strategy), PlainMLP(**MODEL_ARGS), "fit")
+    message = str(info.value)
+    assert name in message and ("Supported" in message or "supports" in message)
+    if type(callback).__name__ != "TensorDecomposition":
+        assert "ModelParallelStrategy" in message and "fully_shard" in message
+    else:
+        assert "strategy='ddp'" in message
