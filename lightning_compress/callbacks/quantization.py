@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_compress._validation import check_choice, check_range, check_step
 from lightning_compress.callbacks.base import CompressionCallback, example_input
+from lightning_compress.export.cpu import TARGET_CPUS, WEIGHT_DTYPES, weight_storage
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
 from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
@@ -67,6 +68,11 @@ class QuantizationAwareTraining(CompressionCallback):
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
             ``model_int8.onnx`` there.
+        target_cpu: the CPU the ONNX model will run on (``"auto"``: the one running the export; ``"vnni"``,
+            ``"avx2"``, ``"arm64"``); decides the int8 weight storage, see
+            :func:`~lightning_compress.export.cpu.weight_storage`. The report says what was chosen and why.
+        export_weight_dtype: force the ONNX weight storage (``"int8"`` / ``"uint8"``) instead of
+            deciding it from ``target_cpu`` (``"auto"``).
         name: distinguishes several instances (state key and ``compress/<name>/...`` metrics).
 
     Logged metrics (``pl_module.log``, every training step): ``compress/weight_bits`` (mean over the
@@ -102,6 +108,8 @@ class QuantizationAwareTraining(CompressionCallback):
         exclude: Sequence[str] | None = None,
         types: Sequence[str] | None = None,
         export_dir: str | None = None,
+        target_cpu: str = "auto",
+        export_weight_dtype: str = "auto",
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
@@ -138,6 +146,8 @@ class QuantizationAwareTraining(CompressionCallback):
                 "HINT: other layers (Conv3d, Embedding, attention's in_proj_weight) stay in fp32."
             )
         self.export_dir = export_dir
+        self.target_cpu = check_choice("target_cpu", target_cpu, TARGET_CPUS)
+        self.export_weight_dtype = check_choice("export_weight_dtype", export_weight_dtype, WEIGHT_DTYPES)
 
         self._layers: dict[str, Any] = {}
         self._fp32_layers: dict[str, str] = {}
@@ -295,6 +305,7 @@ class QuantizationAwareTraining(CompressionCallback):
                     "folded_bn": "yes" if m.folded_bn is not None else "-",
                 }
             )
+        storage = weight_storage(self.export_weight_dtype, self.target_cpu)
         return {
             "weight_bits": self._metrics.get("weight_bits", float(self.weight_bits)),
             "activation_bits": self.activation_bits if self.activation_bits is not None else "none (weight-only)",
@@ -303,6 +314,9 @@ class QuantizationAwareTraining(CompressionCallback):
             "start_step": self.start_step,
             "freeze_observers_step": self.freeze_observers_step,
             "freeze_bn_step": self.freeze_bn_step,
+            "onnx_weight_storage": storage.summary,
+            "onnx_target_cpu": storage.target,
+            "onnx_storage_reason": storage.reason,
             **{f"exported_{k}": v for k, v in self.exported.items()},
             "layers": rows,
             "fp32_layers": [{"layer": n, "reason": r} for n, r in self._fp32_layers.items()],
@@ -332,7 +346,11 @@ class QuantizationAwareTraining(CompressionCallback):
             return
         # The whole call, positional and keyword inputs alike (forward(x, *, gate) keeps its gate).
         self.exported["onnx"] = export_onnx(
-            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), to_device(sample, "cpu")
+            int8.cpu(),
+            os.path.join(self.export_dir, "model_int8.onnx"),
+            to_device(sample, "cpu"),
+            weight_dtype=self.export_weight_dtype,
+            target_cpu=self.target_cpu,
         )
 
 
