@@ -58,8 +58,10 @@ class QuantizationAwareTraining(CompressionCallback):
         start_step: optimizer step at which fake-quantization starts (``trainer.global_step``).
         freeze_observers_step: step from which scales and ranges stop changing (``None``: never).
         freeze_bn_step: step from which folded BatchNorms use running statistics (``None``: never).
-        fold_bn: fold a BatchNorm that directly follows a conv in an ``nn.Sequential`` into the conv's
-            quantized weight during training (the standard QAT recipe); conversion removes it.
+        fold_bn: fold every BatchNorm that follows a quantized conv in the data flow (traced with
+            ``torch.fx``, so torchvision-style ``conv1``/``bn1`` attributes count) into the conv's quantized
+            weight during training (the standard QAT recipe); conversion removes it. BatchNorms left
+            unfolded are named in a warning and listed under ``fp32_layers`` in the report.
         ema_decay: EMA weight of the old activation range, in ``[0, 1)``.
         overrides: ``{pattern: weight_bits}`` for layers that need other bits (e.g. ``{"classifier": 8}``).
         include: module name patterns (glob or ``re:``) to quantize; all supported layers by default.
@@ -176,6 +178,10 @@ class QuantizationAwareTraining(CompressionCallback):
         )
         modules = dict(pl_module.named_modules())
         self._layers = {n: modules[n] for n in names}
+        if self.fold_bn:
+            for n, m in modules.items():
+                if type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d):
+                    self._fp32_layers[n] = "BatchNorm not folded during training (see the setup warning)"
         self._phase = None
         self._set_phase(trainer.global_step)
         self._refresh_metrics(pl_module)

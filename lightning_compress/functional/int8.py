@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.functional.conv_bn import find_conv_bn_pairs
 from lightning_compress.functional.fake_quant import (
     activation_qrange,
+    batchnorm_factor,
     dequantize_weight,
     quantize_weight,
     weight_scale,
@@ -138,11 +140,13 @@ def _deployed_scale(module: _QATMixin, weight: torch.Tensor) -> torch.Tensor:
     return module.weight_scale
 
 
-def _to_int8_layer(module: _QATMixin) -> Int8Layer:
+def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None = None) -> Int8Layer:
     weight, bias = module.folded_weight_bias()
     # Codes are stored [out, in, ...]: a Conv1D ([in, out]) becomes a plain linear, one export path.
     weight = weight.detach().movedim(module.weight_axis, 0)
     codes, scale = quantize_weight(weight, module.weight_bits, _deployed_scale(module, weight))
+    if bn is not None:
+        codes, scale, bias = _fold_after_quantization(codes, scale, bias, bn)
     act = None
     if module.activation_bits is not None and module.activation_observed:
         s, z = module.activation_qparams()
@@ -161,13 +165,35 @@ def _to_int8_layer(module: _QATMixin) -> Int8Layer:
     return Int8Layer(kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args)
 
 
+def _fold_after_quantization(
+    codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold an inference-mode BatchNorm into an already quantized conv, exactly.
+
+    The fake-quantized model computes ``f * (conv(x, codes * s) + b - mean) + beta`` per channel with
+    ``f = gamma / sqrt(var + eps)``: the codes stay, the scale becomes ``s * |f|`` (a negative ``f``
+    flips the codes' sign, exact in the symmetric range) and the bias ``beta + (b - mean) * f``.
+    """
+    assert bn.running_mean is not None and bn.running_var is not None
+    factor = batchnorm_factor(bn.running_var, bn.weight, bn.eps).detach().float()
+    sign = torch.where(factor < 0, -1, 1).to(torch.int8).reshape((-1,) + (1,) * (codes.dim() - 1))
+    codes = torch.where(factor.reshape(sign.shape) == 0, 0, codes * sign).to(torch.int8)
+    new_scale = (scale * factor.abs()).clamp_min(torch.finfo(torch.float32).eps)
+    beta = torch.zeros_like(factor) if bn.bias is None else bn.bias.detach().float()
+    bias = torch.zeros_like(factor) if bias is None else bias.detach().float()
+    return codes, new_scale, beta + (bias - bn.running_mean.float()) * factor
+
+
 @torch.no_grad()
 def convert_to_int8(model: nn.Module) -> nn.Module:
     """A deployable copy of a QAT-prepared ``model`` with int8 weights; ``model`` itself is unchanged.
 
     Every QAT layer becomes an :class:`Int8Layer` (int8 codes + per-channel scales, the observed input
-    quantization), a folded BatchNorm becomes ``nn.Identity``. The copy is in eval mode; its
-    ``state_dict`` holds int8 tensors, about 4x smaller on disk than fp32.
+    quantization), a folded BatchNorm becomes ``nn.Identity``. A BatchNorm that was not folded during
+    training but follows a quantized conv in the data flow (``prepare_(fold_bn=False)``) is folded here,
+    exactly (into the per-channel scales and the bias, see :func:`_fold_after_quantization`), so no
+    BatchNorm is left between int8 layers after export. The copy is in eval mode; its ``state_dict``
+    holds int8 tensors, about 4x smaller on disk than fp32.
 
     Raises:
         ValueError: if ``model`` has no QAT layer.
@@ -179,11 +205,17 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
             "this model has no QAT layer."
         )
     out = copy.deepcopy(model).eval()
-    for module in list(out.modules()):
+    convs = [n for n, m in qat_modules(out) if isinstance(m, nn.Conv1d | nn.Conv2d) and m.folded_bn is None]
+    named = dict(out.named_modules())
+    late_pairs = find_conv_bn_pairs(out, convs).pairs if convs else {}
+    late_bns = {named[bn_name]: conv_name for conv_name, bn_name in late_pairs.items()}
+    for module_name, module in list(out.named_modules()):
         for child_name, child in list(module.named_children()):
+            full = f"{module_name}.{child_name}" if module_name else child_name
             if isinstance(child, _QATMixin):
-                setattr(module, child_name, _to_int8_layer(child))
-            elif isinstance(child, FOLDED_BN_TYPES):
+                bn = named[late_pairs[full]] if full in late_pairs else None
+                setattr(module, child_name, _to_int8_layer(child, bn))  # type: ignore[arg-type]
+            elif isinstance(child, FOLDED_BN_TYPES) or child in late_bns:
                 setattr(module, child_name, nn.Identity())
     return out
 

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -272,25 +273,16 @@ def qat_modules(model: nn.Module) -> Iterator[tuple[str, _QATMixin]]:
 
 
 def conv_bn_pairs(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
-    """Conv → BatchNorm pairs that can be folded: adjacent in an ``nn.Sequential``, channels matching.
+    """Conv → BatchNorm pairs that can be folded, found by the data flow (see :mod:`.conv_bn`).
 
-    Only ``nn.Sequential`` adjacency is trusted: there the conv's output feeds the BatchNorm and nothing
-    else. Pairs anywhere else in a custom ``forward`` are left unfolded (still quantized).
+    Example::
+
+        >>> conv_bn_pairs(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()), ["0"])
+        {'0': '1'}
     """
-    wanted = set(names)
-    pairs: dict[str, str] = {}
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        children = list(parent.named_children())
-        for (a_name, a), (b_name, b) in zip(children, children[1:], strict=False):
-            full_a = f"{parent_name}.{a_name}" if parent_name else a_name
-            full_b = f"{parent_name}.{b_name}" if parent_name else b_name
-            conv_ok = type(a) in (nn.Conv1d, nn.Conv2d, QATConv1d, QATConv2d) and full_a in wanted
-            bn_ok = type(b) in (nn.BatchNorm1d, nn.BatchNorm2d) and b.track_running_stats
-            if conv_ok and bn_ok and b.num_features == a.out_channels:
-                pairs[full_a] = full_b
-    return pairs
+    from lightning_compress.functional.conv_bn import find_conv_bn_pairs
+
+    return find_conv_bn_pairs(model, names).pairs
 
 
 def prepare_(
@@ -311,7 +303,9 @@ def prepare_(
         weight_bits: bits of every weight, or ``{module name: bits}`` for each layer in ``modules``.
         activation_bits: bits of each layer's input, or ``None`` for weight-only quantization.
         modules: names of the layers to quantize (all supported layers by default).
-        fold_bn: fold a BatchNorm that directly follows a conv in an ``nn.Sequential`` into it.
+        fold_bn: fold every BatchNorm that follows a quantized conv in the data flow into it (found by
+            tracing with ``torch.fx``; see :func:`~lightning_compress.functional.conv_bn.find_conv_bn_pairs`).
+            BatchNorms left unfolded are listed in a warning.
         ema_decay: weight of the old value in the EMA of activation min/max.
 
     Raises:
@@ -333,7 +327,13 @@ def prepare_(
         module.__class__ = cls
         module._init_qat(int(bits_of[name]), activation_bits, ema_decay)  # type: ignore[operator]
     if fold_bn:
-        for conv_name, bn_name in conv_bn_pairs(model, names).items():
+        from lightning_compress.functional.conv_bn import find_conv_bn_pairs
+
+        found = find_conv_bn_pairs(model, names)
+        if found.unfolded:
+            # Never silently: an unfolded BatchNorm costs accuracy parity and int8 speed after export.
+            warnings.warn(f"prepare_(fold_bn=True): {found.message()}", stacklevel=2)
+        for conv_name, bn_name in found.pairs.items():
             conv, bn = named[conv_name], named[bn_name]
             bn.__class__ = _FOLDED_BN_CLASS[type(bn)]
             # A plain attribute (object.__setattr__), not a submodule: the BatchNorm stays registered
