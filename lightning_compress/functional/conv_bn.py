@@ -124,9 +124,9 @@ def _adjacent_pairs(sequential: nn.Sequential, prefix: str, wanted: set[str]) ->
     pairs: dict[str, str] = {}
     children = list(sequential.named_children())
     for (a_name, a), (b_name, b) in zip(children, children[1:], strict=False):
-        if isinstance(a, _CONV_TYPES) and isinstance(b, _BN_TYPES) and _join(prefix, a_name) in wanted:
-            if _foldable(a, b):
-                pairs[_join(prefix, a_name)] = _join(prefix, b_name)
+        conv_ok = isinstance(a, _CONV_TYPES) and _join(prefix, a_name) in wanted
+        if conv_ok and isinstance(b, _BN_TYPES) and _foldable(a, b):
+            pairs[_join(prefix, a_name)] = _join(prefix, b_name)
     return pairs
 
 
