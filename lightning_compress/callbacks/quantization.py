@@ -29,7 +29,7 @@ from lightning_compress.export.cpu import TARGET_CPUS, WEIGHT_DTYPES, weight_sto
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
 from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
-from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_, qat_class
+from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, pool_names, prepare_, qat_class, qat_pools
 from lightning_compress.inputs import to_device
 from lightning_compress.targets import matches, select_modules, tied_parameters, validate_patterns
 
@@ -152,6 +152,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self.export_weight_dtype = check_choice("export_weight_dtype", export_weight_dtype, WEIGHT_DTYPES)
 
         self._layers: dict[str, Any] = {}
+        self._pools: dict[str, Any] = {}
         self._fp32_layers: dict[str, str] = {}
         self._phase: tuple[bool, bool, bool] | None = None
         self._metrics: dict[str, float] = {}
@@ -175,9 +176,12 @@ class QuantizationAwareTraining(CompressionCallback):
             modules=names,
             fold_bn=self.fold_bn,
             ema_decay=self.ema_decay,
+            # Average pools are observed so an int8 runtime can pool in int8; `exclude` keeps one float.
+            pools=[n for n in pool_names(pl_module) if not (self.exclude and matches(n, self.exclude))],
         )
         modules = dict(pl_module.named_modules())
         self._layers = {n: modules[n] for n in names}
+        self._pools = dict(qat_pools(pl_module))
         if self.fold_bn:
             for n, m in modules.items():
                 if type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d):
@@ -221,7 +225,7 @@ class QuantizationAwareTraining(CompressionCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _sync_observers(self._layers)
+        _sync_observers(self._layers, self._pools)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -282,7 +286,7 @@ class QuantizationAwareTraining(CompressionCallback):
         phase = self.phase_at(step)
         if phase == self._phase:
             return
-        for module in self._layers.values():
+        for module in (*self._layers.values(), *self._pools.values()):
             module.fake_quant_enabled, module.observer_enabled, module.bn_frozen = phase
         self._phase = phase
 
@@ -369,18 +373,21 @@ def _read_directly_by_parent(model: torch.nn.Module) -> set[str]:
     }
 
 
-def _sync_observers(layers: dict[str, Any]) -> None:
-    """Average the observed activation ranges over DDP processes, so every rank quantizes alike.
+def _sync_observers(layers: dict[str, Any], pools: dict[str, Any] | None = None) -> None:
+    """Average the observed ranges over DDP processes, so every rank quantizes alike.
 
-    Weight scales follow from the weights, which DDP already keeps identical. One all-reduce per step.
+    Input ranges of layers and pools, and output ranges of convs that quantize their output. Weight
+    scales follow from the weights, which DDP already keeps identical. One all-reduce per step.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    observed = [m for m in layers.values() if m.activation_bits is not None and m.observer_enabled]
-    if not observed:
+    observing = [m for m in (*layers.values(), *(pools or {}).values()) if m.activation_bits is not None]
+    ranges = [m.activation_range for m in observing if m.observer_enabled]
+    ranges += [m.output_range for m in observing if m.observer_enabled and getattr(m, "quantize_output", False)]
+    if not ranges:
         return
-    flat = torch.cat([m.activation_range for m in observed])
+    flat = torch.cat(ranges)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
-    for i, m in enumerate(observed):
-        m.activation_range.copy_(flat[2 * i : 2 * i + 2])
+    for i, r in enumerate(ranges):
+        r.copy_(flat[2 * i : 2 * i + 2])

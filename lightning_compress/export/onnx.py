@@ -40,8 +40,15 @@ def export_onnx(
     ``model`` is a QAT-prepared model (converted here with :func:`convert_to_int8`) or an already
     converted one. Weights are written as **int8 initializers** behind ``DequantizeLinear`` (per output
     channel), inputs of quantized layers as ``QuantizeLinear`` → ``DequantizeLinear`` with the observed
-    scales (the QDQ format). onnxruntime fuses these into ``QGemm`` / ``QLinearConv`` where an
-    operator's output is itself re-quantized; a Linear whose output stays float (the last layer, or every
+    scales (the QDQ format), and so are the outputs of convs that QAT quantized (before a residual add or
+    a Hardswish), the inputs of observed average pools, and residual adds. The graph is then rewritten
+    so that onnxruntime keeps whole networks in int8: ``QLinearConv`` → int8 ``MaxPool`` →
+    ``QLinearConv``, ``QLinearAdd`` for residual sums (the identity branch reads the quantized copy of the
+    block input, within half a step of its observed scale), ``QLinearGlobalAveragePool``. Ops without
+    int8 kernels between quantized layers (Hardswish, Hardsigmoid, the squeeze-excite multiplication,
+    LayerNorm, GELU, softmax) stay **fp32 islands**: they read ``DequantizeLinear`` and their result is
+    quantized again for the next layer, which keeps running in int8. A Linear whose output is
+    re-quantized becomes ``QGemm``; a Linear whose output stays float (the last layer, or every
     layer of a weight-only model) is rewritten to ``MatMulInteger`` with the same scales (weight-only:
     with ``DynamicQuantizeLinear`` of its input, as onnxruntime's ``quantize_dynamic`` does).
 
@@ -86,8 +93,16 @@ def export_onnx(
         model = convert_to_int8(model)
     model = model.eval()
     call = as_call(example_input)
-    with torch.no_grad():
-        outputs = run(model, call)
+    try:
+        with torch.no_grad():
+            outputs = run(model, call)
+    except Exception as err:
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in call.args]
+        raise ValueError(
+            f"export_onnx: the model cannot run example_input (positional {shapes}, keywords "
+            f"{sorted(call.kwargs)}): {type(err).__name__}: {err}. Nothing was written. HINT: pass one real "
+            "batch the model accepts, e.g. next(iter(dataloader))[0][:1]."
+        ) from err
     n_outputs = len(outputs) if isinstance(outputs, list | tuple) else 1
     input_names = input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(call.args))] + list(
         call.kwargs
@@ -116,7 +131,11 @@ def _rewrite(graph_model: Any, storage: WeightStorage) -> None:
     index = onnx_graph.GraphIndex(graph_model)
     if storage.keep_int8_within < 127:
         onnx_graph.weights_to_uint8(index, keep_int8_within=storage.keep_int8_within)
+    onnx_graph.merge_duplicate_quantize(index)
     onnx_graph.hoist_quantize(index)
+    onnx_graph.merge_duplicate_quantize(index)
+    onnx_graph.drop_redundant_quantize(index)
+    onnx_graph.int8_residuals(index)
     onnx_graph.integer_matmuls(index)
     index.remove_dead()
     index.commit()

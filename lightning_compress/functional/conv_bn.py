@@ -73,7 +73,7 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps convs, BatchNorms and linear layers (and their QAT / folded subclasses) as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
-        if isinstance(m, (*_CONV_TYPES, *_BN_TYPES, nn.Linear)):
+        if isinstance(m, (*_CONV_TYPES, *_BN_TYPES, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -176,3 +176,76 @@ def find_conv_bn_pairs(model: nn.Module, convs: Iterable[str]) -> ConvBnPairs:
             reason = "its input is not the output of one quantized conv used only by it"
         found.unfolded[name] = reason
     return found
+
+
+# Ops a quantized value passes through unchanged in int8 (onnxruntime keeps them on int8 tensors, and
+# quantization commutes with them): the value is quantized where the next quantized layer reads it.
+_TRANSPARENT_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+_TRANSPARENT_FUNCTIONS = ("relu", "max_pool1d", "max_pool2d", "flatten", "dropout", "reshape", "view")
+
+
+def convs_needing_output_quantization(
+    model: nn.Module, convs: Iterable[str], quantizing: Iterable[str], folded: Iterable[str]
+) -> set[str] | None:
+    """Quantized convs whose output must be quantized for an int8 runtime to run them in int8.
+
+    onnxruntime runs a conv in int8 only if its output is quantized. A conv whose output reaches (through
+    ReLU, max-pooling, reshapes, dropout or its folded BatchNorm) only quantized layers or the model's
+    output needs nothing more; one whose output feeds anything else (a residual add, a Hardswish, a
+    multiplication) gets its output fake-quantized in training, so that the trained model is the one
+    deployed.
+
+    Args:
+        model: the model to trace with ``torch.fx``.
+        convs: names of the quantized convs.
+        quantizing: names of every module that quantizes its input (quantized layers, observed pools).
+        folded: names of folded BatchNorms (transparent here).
+
+    Returns:
+        the conv names, or ``None`` when ``model`` cannot be traced (then no output is quantized).
+    """
+    try:
+        graph = _trace(model)
+    except Exception:  # noqa: BLE001 - untraceable: the caller keeps outputs float
+        return None
+    modules = dict(model.named_modules())
+    convs, quantizing, folded = set(convs), set(quantizing), set(folded)
+
+    def transparent(node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            return str(node.target) in folded or isinstance(modules.get(str(node.target)), _TRANSPARENT_MODULES)
+        if node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", str(node.target))
+            return name.lstrip("_").rstrip("_") in _TRANSPARENT_FUNCTIONS
+        return False
+
+    def quantizer(node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and str(node.target) in quantizing
+
+    def add_or_cat(node: torch.fx.Node) -> bool:
+        # The export lets these read the quantized copy of a tensor (int8 QLinearAdd / QLinearConcat).
+        name = getattr(node.target, "__name__", str(node.target))
+        return node.op in ("call_function", "call_method") and name in ("add", "iadd", "add_", "cat", "concat")
+
+    def reaches_only_quantized(node: torch.fx.Node, seen: set[torch.fx.Node]) -> bool:
+        quantized_here = any(quantizer(u) for u in node.users)
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "output" or quantizer(user) or (quantized_here and add_or_cat(user)):
+                continue
+            unfolded_bn = str(user.target) not in folded and isinstance(modules.get(str(user.target)), _BN_TYPES)
+            if user.op == "call_module" and unfolded_bn:
+                # An unfolded BatchNorm (prepare_(fold_bn=False)) is folded only at conversion, after the
+                # output would have been quantized: keep this output float.
+                continue
+            if not (transparent(user) and reaches_only_quantized(user, seen)):
+                return False
+        return True
+
+    needed = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and str(node.target) in convs and not reaches_only_quantized(node, set()):
+            needed.add(str(node.target))
+    return needed

@@ -24,13 +24,14 @@ from torch import nn
 
 from lightning_compress.functional.conv_bn import find_conv_bn_pairs
 from lightning_compress.functional.fake_quant import (
+    activation_qparams,
     activation_qrange,
     batchnorm_factor,
     dequantize_weight,
     quantize_weight,
     weight_scale,
 )
-from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, keep_own_forward, qat_modules
+from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, keep_own_forward, qat_modules, qat_pools
 
 
 class _DequantizeWeight(torch.autograd.Function):
@@ -78,6 +79,7 @@ class Int8Layer(nn.Module):
         activation_bits: int | None,
         conv_args: dict[str, Any] | None = None,
         weight_layout: str = "out_in",
+        output_qparams: tuple[float, int] | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -93,6 +95,14 @@ class Int8Layer(nn.Module):
         self.register_buffer(
             "input_zero_point",
             None if input_zero_point is None else torch.tensor(int(input_zero_point), dtype=torch.int32),
+        )
+        output_scale, output_zero_point = (
+            output_qparams if self.activation_bits is not None and output_qparams else (None, None)
+        )
+        self.register_buffer("output_scale", None if output_scale is None else torch.tensor(float(output_scale)))
+        self.register_buffer(
+            "output_zero_point",
+            None if output_zero_point is None else torch.tensor(int(output_zero_point), dtype=torch.int32),
         )
         keep_own_forward(self)
 
@@ -120,9 +130,15 @@ class Int8Layer(nn.Module):
             qmin, qmax = activation_qrange(self.activation_bits)
             x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, qmin, qmax)
         if self.kind == "linear":
-            return F.linear(x, self.dequantized_weight(), self.bias)
-        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
-        return conv(x, self.dequantized_weight(), self.bias, **self.conv_args)
+            y = F.linear(x, self.dequantized_weight(), self.bias)
+        else:
+            conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+            y = conv(x, self.dequantized_weight(), self.bias, **self.conv_args)
+        if self.output_scale is not None and self.activation_bits is not None:
+            # As in QAT (``quantize_output``): a conv output that an int8 runtime keeps in int8.
+            qmin, qmax = activation_qrange(self.activation_bits)
+            y = torch.fake_quantize_per_tensor_affine(y, self.output_scale, self.output_zero_point, qmin, qmax)
+        return y
 
     def extra_repr(self) -> str:  # noqa: D102
         shape = "x".join(map(str, self.weight_int8.shape))
@@ -147,22 +163,37 @@ def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None
     codes, scale = quantize_weight(weight, module.weight_bits, _deployed_scale(module, weight))
     if bn is not None:
         codes, scale, bias = _fold_after_quantization(codes, scale, bias, bn)
-    act = None
+    act = out = None
     if module.activation_bits is not None and module.activation_observed:
         s, z = module.activation_qparams()
         act = (float(s), int(z))
+    if module.activation_bits is not None and module.quantize_output and module.output_observed:
+        s, z = activation_qparams(module.output_range[0], module.output_range[1], module.activation_bits)
+        out = (float(s), int(z))
     if module.weight_axis == 1:
         return Int8Layer(
-            "linear", codes, scale, bias, module.weight_bits, act, module.activation_bits, weight_layout="in_out"
+            "linear",
+            codes,
+            scale,
+            bias,
+            module.weight_bits,
+            act,
+            module.activation_bits,
+            weight_layout="in_out",
+            output_qparams=out,
         )
     if isinstance(module, nn.Linear):
-        return Int8Layer("linear", codes, scale, bias, module.weight_bits, act, module.activation_bits)
+        return Int8Layer(
+            "linear", codes, scale, bias, module.weight_bits, act, module.activation_bits, output_qparams=out
+        )
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     if module.padding_mode != "zeros":
         raise NotImplementedError(f"padding_mode={module.padding_mode!r} is not supported by the int8 conversion.")
     conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
     kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
-    return Int8Layer(kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args)
+    return Int8Layer(
+        kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args, output_qparams=out
+    )
 
 
 def _fold_after_quantization(
@@ -217,6 +248,9 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
                 setattr(module, child_name, _to_int8_layer(child, bn))  # type: ignore[arg-type]
             elif isinstance(child, FOLDED_BN_TYPES) or child in late_bns:
                 setattr(module, child_name, nn.Identity())
+    for _, pool in qat_pools(out):
+        # Observed average pools stay, frozen: they quantize their input as in training and as onnxruntime.
+        pool.observer_enabled = False
     return out
 
 

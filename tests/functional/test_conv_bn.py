@@ -98,3 +98,31 @@ def test_unfolded_bn_is_folded_exactly_at_conversion() -> None:
     # Only the arithmetic order changes (scale * factor folded before the conv): float rounding.
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert len(list(qat_modules(model))) == 12  # the QAT model itself is untouched
+
+
+def test_convs_before_residual_adds_quantize_their_output() -> None:
+    model = resnet()
+    prepare_(model, fold_bn=True)
+    marked = sorted(n for n, m in qat_modules(model) if m.quantize_output)
+    # Counted by hand: each block's conv2 and each downsample conv feed a residual add; every other conv
+    # reaches (through its BatchNorm, ReLU, max-pool) only quantized layers.
+    blocks = ("layer1.0", "layer1.1", "layer2.0", "layer3.0")
+    expected = sorted([f"{b}.conv2" for b in blocks] + ["layer2.0.downsample.0", "layer3.0.downsample.0"])
+    assert marked == expected
+    x = torch.randn(8, 3, 16, 16)
+    model.train()
+    model(x)
+    assert all(torch.isfinite(dict(model.named_modules())[n].output_range).all() for n in expected)
+    model.eval()
+    with torch.no_grad():  # the converted model quantizes the same outputs: identical arithmetic
+        torch.testing.assert_close(convert_to_int8(model)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_without_output_range_loads_strictly() -> None:
+    model = resnet()
+    prepare_(model, fold_bn=True)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("output_range")}
+    fresh = resnet()
+    prepare_(fresh, fold_bn=True)
+    fresh.load_state_dict(old, strict=True)  # written before output ranges existed
+    assert not fresh.layer1[0].conv2.output_observed
