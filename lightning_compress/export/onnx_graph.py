@@ -329,11 +329,13 @@ def _dequantized_copy(index: GraphIndex, tensor: str) -> str | None:
 
 
 def integer_matmuls(index: GraphIndex) -> None:
-    """Rewrite float-output ``Gemm`` over an int8 ``DequantizeLinear`` weight to ``MatMulInteger``.
+    """Rewrite float-output ``Gemm`` over an int8 ``DequantizeLinear`` weight to an int8 kernel.
 
     onnxruntime fuses ``DQ → Gemm → (Relu) → Q`` into an int8 ``QGemm``; a Gemm whose output is not
-    re-quantized would run in fp32 after dequantizing its weight on every call. This turns it into
-    ``MatMulInteger(x_q, W_q^T) * (x_scale * w_scale) + b``: the same arithmetic, int8 kernels.
+    re-quantized would run in fp32 after dequantizing its weight on every call. With a statically
+    quantized input it becomes onnxruntime's ``QGemm`` without output scale (fp32 output, one fused
+    kernel) plus the fp32 bias; otherwise ``MatMulInteger(x_q, W_q^T) * (x_scale * w_scale) + b`` with a
+    per-call ``DynamicQuantizeLinear`` (onnxruntime fuses it). The same arithmetic, int8 kernels.
     """
     for node in [n for n in index.nodes if n.op_type == "Gemm"]:
         if _requantized(index, node.output[0]) or not _plain_transposed_gemm(node):
@@ -346,6 +348,7 @@ def integer_matmuls(index: GraphIndex) -> None:
             continue
         prefix = node.output[0] + "_int"
         index.set_initializer(prefix + "_wT", np.ascontiguousarray(codes.T))
+        index.set_initializer(prefix + "_w", codes)
         index.set_initializer(prefix + "_wzp", w_zero)
         input_dq = index.producer.get(node.input[0])
         if _static_input_quantization(index, input_dq):
@@ -387,6 +390,20 @@ def _static_input_quantization(index: GraphIndex, input_dq: NodeProto | None) ->
 def _static_matmul(index: GraphIndex, prefix: str, input_dq: NodeProto, w_scale: np.ndarray) -> list[NodeProto]:
     """Integer matmul of the already-quantized input, rescaled by ``x_scale * w_scale``."""
     x_q, x_scale_name, x_zero = input_dq.input[:3]
+    if index.array(x_q) is None:
+        _register_ms_domain(index)
+        # onnxruntime's QGemm with no output scale returns fp32: one fused int8 kernel (the MatMulInteger
+        # form below is not fused into one when the input is already quantized).
+        index.set_initializer(prefix + "_wscale", w_scale.astype(np.float32))
+        return [
+            helper.make_node(
+                "QGemm",
+                [x_q, x_scale_name, x_zero, prefix + "_w", prefix + "_wscale", prefix + "_wzp"],
+                [prefix + "_scaled"],
+                domain="com.microsoft",
+                transB=1,
+            )
+        ]
     x_scale = float(index.array(x_scale_name))  # type: ignore[arg-type]
     index.set_initializer(prefix + "_scale", (w_scale * x_scale).astype(np.float32))
     return [
@@ -394,6 +411,12 @@ def _static_matmul(index: GraphIndex, prefix: str, input_dq: NodeProto, w_scale:
         helper.make_node("Cast", [prefix + "_i32"], [prefix + "_f"], to=TensorProto.FLOAT),
         helper.make_node("Mul", [prefix + "_f", prefix + "_scale"], [prefix + "_scaled"]),
     ]
+
+
+def _register_ms_domain(index: GraphIndex) -> None:
+    """Declare onnxruntime's ``com.microsoft`` operator domain (``QGemm``) in the model."""
+    if not any(o.domain == "com.microsoft" for o in index.model.opset_import):
+        index.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _dynamic_matmul(index: GraphIndex, prefix: str, x: str, w_scale: np.ndarray) -> list[NodeProto]:
