@@ -6,6 +6,7 @@ accuracy is measured in ``qat_int8.py``/``qat.md``; here the point is which kern
 - ``digits_cnn``: ``lightning_compress.demo.DigitsCNN`` (conv-BN-ReLU x2, max-pool, Linear), 1x8x8.
 - ``resnet``: the test zoo's ResNet of BasicBlocks [2, 1, 1] at widths 8-16-32, 3x64x64.
 - ``mobilenet_v3``: the test zoo's MobileNetV3-style net (depthwise, squeeze-excite, Hardswish), 3x64x64.
+- ``resnet18_width``: the zoo ResNet class with ResNet-18's blocks [2, 2, 2, 2] and widths 64-512, 3x64x64.
 - ``bert_encoder``: Hugging Face ``BertModel`` (4 layers, hidden 256, 4 heads, FFN 1024), 64 tokens,
   classifier on the pooled output.
 - ``mlp_4x1024``: 4 x Linear(1024, 1024) with ReLU.
@@ -77,6 +78,11 @@ def models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.T
         "digits_cnn": (DigitsCNN, lambda n: torch.randn(n, 1, 8, 8)),
         "resnet": (lambda: ResNet(BasicBlock, [2, 1, 1], [8, 16, 32]), lambda n: torch.randn(n, 3, 64, 64)),
         "mobilenet_v3": (MobileNetV3, lambda n: torch.randn(n, 3, 64, 64)),
+        # ResNet-18's block layout and widths (the zoo ResNet above is toy-width): 3x64x64
+        "resnet18_width": (
+            lambda: ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512]),
+            lambda n: torch.randn(n, 3, 64, 64),
+        ),
         "bert_encoder": (BertClassifier, lambda n: torch.randint(0, 1000, (n, 64))),
         "mlp_4x1024": (mlp, lambda n: torch.randn(n, 1024)),
     }

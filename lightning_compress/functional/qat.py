@@ -411,7 +411,7 @@ def prepare_(
         ema_decay: weight of the old value in the EMA of activation min/max.
         pools: names of ``nn.AdaptiveAvgPool2d`` / ``nn.AvgPool2d`` modules whose input is observed and
             fake-quantized too, so an int8 runtime can average in int8 (:class:`QATAdaptiveAvgPool2d`);
-            all of them by default when ``activation_bits`` is set, ``[]`` for none.
+            by default all of them when ``activation_bits`` is set and ``modules`` is not given.
 
     Raises:
         TypeError: if a layer in ``modules`` is not of a quantizable type.
@@ -431,7 +431,10 @@ def prepare_(
             raise TypeError(f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}.")
         module.__class__ = cls
         module._init_qat(int(bits_of[name]), activation_bits, ema_decay)  # type: ignore[operator]
-    pool_list = (pool_names(model) if activation_bits is not None else []) if pools is None else list(pools)
+    if pools is None:  # every pool when the whole model is quantized; a chosen subset of layers: none
+        pool_list = pool_names(model) if activation_bits is not None and modules is None else []
+    else:
+        pool_list = list(pools)
     for name in pool_list:
         pool = named[name]
         if isinstance(pool, _PoolObserver):
@@ -469,7 +472,14 @@ def _mark_output_quantization(model: nn.Module) -> None:
         return
     quantizing = [n for n, m in layers.items() if m.activation_bits] + [n for n, _ in qat_pools(model)]
     folded = [n for n, m in model.named_modules() if isinstance(m, FOLDED_BN_TYPES)]
-    needed = convs_needing_output_quantization(model, convs, quantizing, folded) or set()
+    needed = convs_needing_output_quantization(model, convs, quantizing, folded)
+    if needed is None:
+        warnings.warn(
+            "prepare_: torch.fx could not trace the model, so no conv output is quantized; after ONNX export, "
+            "onnxruntime runs convs whose output feeds a residual add or a non-ReLU activation in fp32.",
+            stacklevel=3,
+        )
+        needed = set()
     for name in convs:
         layers[name].quantize_output = name in needed
 
