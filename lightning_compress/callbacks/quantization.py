@@ -26,10 +26,11 @@ from typing_extensions import override
 from lightning_compress._lightning_internals import refuse_unsupported_sharding, strategy_is
 from lightning_compress._validation import check_choice, check_range, check_step
 from lightning_compress.callbacks.base import CompressionCallback, example_input
+from lightning_compress.export.cpu import TARGET_CPUS, WEIGHT_DTYPES, weight_storage
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
 from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
-from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, prepare_, qat_class
+from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, pool_names, prepare_, qat_class, qat_pools
 from lightning_compress.inputs import to_device
 from lightning_compress.targets import matches, select_modules, tied_parameters, validate_patterns
 
@@ -58,8 +59,10 @@ class QuantizationAwareTraining(CompressionCallback):
         start_step: optimizer step at which fake-quantization starts (``trainer.global_step``).
         freeze_observers_step: step from which scales and ranges stop changing (``None``: never).
         freeze_bn_step: step from which folded BatchNorms use running statistics (``None``: never).
-        fold_bn: fold a BatchNorm that directly follows a conv in an ``nn.Sequential`` into the conv's
-            quantized weight during training (the standard QAT recipe); conversion removes it.
+        fold_bn: fold every BatchNorm that follows a quantized conv in the data flow (traced with
+            ``torch.fx``, so torchvision-style ``conv1``/``bn1`` attributes count) into the conv's quantized
+            weight during training (the standard QAT recipe); conversion removes it. BatchNorms left
+            unfolded are named in a warning and listed under ``fp32_layers`` in the report.
         ema_decay: EMA weight of the old activation range, in ``[0, 1)``.
         overrides: ``{pattern: weight_bits}`` for layers that need other bits (e.g. ``{"classifier": 8}``).
         include: module name patterns (glob or ``re:``) to quantize; all supported layers by default.
@@ -68,6 +71,11 @@ class QuantizationAwareTraining(CompressionCallback):
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
             ``model_int8.onnx`` there.
+        target_cpu: the CPU the ONNX model will run on (``"auto"``: the one running the export; ``"vnni"``,
+            ``"avx2"``, ``"arm64"``); decides the int8 weight storage, see
+            :func:`~lightning_compress.export.cpu.weight_storage`. The report says what was chosen and why.
+        export_weight_dtype: force the ONNX weight storage (``"int8"`` / ``"uint8"``) instead of
+            deciding it from ``target_cpu`` (``"auto"``).
         name: distinguishes several instances (state key and ``compress/<name>/...`` metrics).
 
     Logged metrics (``pl_module.log``, every training step): ``compress/weight_bits`` (mean over the
@@ -103,6 +111,8 @@ class QuantizationAwareTraining(CompressionCallback):
         exclude: Sequence[str] | None = None,
         types: Sequence[str] | None = None,
         export_dir: str | None = None,
+        target_cpu: str = "auto",
+        export_weight_dtype: str = "auto",
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
@@ -139,8 +149,11 @@ class QuantizationAwareTraining(CompressionCallback):
                 "HINT: other layers (Conv3d, Embedding, attention's in_proj_weight) stay in fp32."
             )
         self.export_dir = export_dir
+        self.target_cpu = check_choice("target_cpu", target_cpu, TARGET_CPUS)
+        self.export_weight_dtype = check_choice("export_weight_dtype", export_weight_dtype, WEIGHT_DTYPES)
 
         self._layers: dict[str, Any] = {}
+        self._pools: dict[str, Any] = {}
         self._fp32_layers: dict[str, str] = {}
         self._phase: tuple[bool, bool, bool] | None = None
         self._metrics: dict[str, float] = {}
@@ -167,9 +180,16 @@ class QuantizationAwareTraining(CompressionCallback):
             modules=names,
             fold_bn=self.fold_bn,
             ema_decay=self.ema_decay,
+            # Average pools are observed so an int8 runtime can pool in int8; `exclude` keeps one float.
+            pools=[n for n in pool_names(pl_module) if not (self.exclude and matches(n, self.exclude))],
         )
         modules = dict(pl_module.named_modules())
         self._layers = {n: modules[n] for n in names}
+        self._pools = dict(qat_pools(pl_module))
+        if self.fold_bn:
+            for n, m in modules.items():
+                if type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d):
+                    self._fp32_layers[n] = "BatchNorm not folded during training (see the setup warning)"
         self._phase = None
         self._set_phase(trainer.global_step)
         self._refresh_metrics(pl_module)
@@ -209,7 +229,7 @@ class QuantizationAwareTraining(CompressionCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _sync_observers(self._layers)
+        _sync_observers(self._layers, self._pools)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -270,7 +290,7 @@ class QuantizationAwareTraining(CompressionCallback):
         phase = self.phase_at(step)
         if phase == self._phase:
             return
-        for module in self._layers.values():
+        for module in (*self._layers.values(), *self._pools.values()):
             module.fake_quant_enabled, module.observer_enabled, module.bn_frozen = phase
         self._phase = phase
 
@@ -299,6 +319,7 @@ class QuantizationAwareTraining(CompressionCallback):
                     "folded_bn": "yes" if m.folded_bn is not None else "-",
                 }
             )
+        storage = weight_storage(self.export_weight_dtype, self.target_cpu)
         return {
             "weight_bits": self._metrics.get("weight_bits", float(self.weight_bits)),
             "activation_bits": self.activation_bits if self.activation_bits is not None else "none (weight-only)",
@@ -307,6 +328,9 @@ class QuantizationAwareTraining(CompressionCallback):
             "start_step": self.start_step,
             "freeze_observers_step": self.freeze_observers_step,
             "freeze_bn_step": self.freeze_bn_step,
+            "onnx_weight_storage": storage.summary,
+            "onnx_target_cpu": storage.target,
+            "onnx_storage_reason": storage.reason,
             **{f"exported_{k}": v for k, v in self.exported.items()},
             "layers": rows,
             "fp32_layers": [{"layer": n, "reason": r} for n, r in self._fp32_layers.items()],
@@ -336,7 +360,11 @@ class QuantizationAwareTraining(CompressionCallback):
             return
         # The whole call, positional and keyword inputs alike (forward(x, *, gate) keeps its gate).
         self.exported["onnx"] = export_onnx(
-            int8.cpu(), os.path.join(self.export_dir, "model_int8.onnx"), to_device(sample, "cpu")
+            int8.cpu(),
+            os.path.join(self.export_dir, "model_int8.onnx"),
+            to_device(sample, "cpu"),
+            weight_dtype=self.export_weight_dtype,
+            target_cpu=self.target_cpu,
         )
 
 
@@ -359,18 +387,21 @@ def _read_directly_by_parent(model: torch.nn.Module) -> set[str]:
     }
 
 
-def _sync_observers(layers: dict[str, Any]) -> None:
-    """Average the observed activation ranges over DDP processes, so every rank quantizes alike.
+def _sync_observers(layers: dict[str, Any], pools: dict[str, Any] | None = None) -> None:
+    """Average the observed ranges over DDP processes, so every rank quantizes alike.
 
-    Weight scales follow from the weights, which DDP already keeps identical. One all-reduce per step.
+    Input ranges of layers and pools, and output ranges of convs that quantize their output. Weight
+    scales follow from the weights, which DDP already keeps identical. One all-reduce per step.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    observed = [m for m in layers.values() if m.activation_bits is not None and m.observer_enabled]
-    if not observed:
+    observing = [m for m in (*layers.values(), *(pools or {}).values()) if m.activation_bits is not None]
+    ranges = [m.activation_range for m in observing if m.observer_enabled]
+    ranges += [m.output_range for m in observing if m.observer_enabled and getattr(m, "quantize_output", False)]
+    if not ranges:
         return
-    flat = torch.cat([m.activation_range for m in observed])
+    flat = torch.cat(ranges)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
-    for i, m in enumerate(observed):
-        m.activation_range.copy_(flat[2 * i : 2 * i + 2])
+    for i, r in enumerate(ranges):
+        r.copy_(flat[2 * i : 2 * i + 2])

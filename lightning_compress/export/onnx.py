@@ -8,16 +8,19 @@ works without it).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_compress.export.cpu import WEIGHT_DTYPES, WeightStorage, weight_storage
 from lightning_compress.functional.int8 import convert_to_int8, int8_layers
 from lightning_compress.inputs import CapturedCall, as_call, run
 
-WEIGHT_DTYPES = ("auto", "uint8", "int8")
+__all__ = ["WEIGHT_DTYPES", "export_onnx"]
 
 
 def export_onnx(
@@ -30,14 +33,22 @@ def export_onnx(
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
     weight_dtype: str = "auto",
+    target_cpu: str = "auto",
 ) -> str:
     """Write ``model`` as an int8 ONNX model that onnxruntime runs with int8 kernels.
 
     ``model`` is a QAT-prepared model (converted here with :func:`convert_to_int8`) or an already
     converted one. Weights are written as **int8 initializers** behind ``DequantizeLinear`` (per output
     channel), inputs of quantized layers as ``QuantizeLinear`` → ``DequantizeLinear`` with the observed
-    scales (the QDQ format). onnxruntime fuses these into ``QGemm`` / ``QLinearConv`` where an
-    operator's output is itself re-quantized; a Linear whose output stays float (the last layer, or every
+    scales (the QDQ format), and so are the outputs of convs that QAT quantized (before a residual add or
+    a Hardswish), the inputs of observed average pools, and residual adds. The graph is then rewritten
+    so that onnxruntime keeps whole networks in int8: ``QLinearConv`` → int8 ``MaxPool`` →
+    ``QLinearConv``, ``QLinearAdd`` for residual sums (the identity branch reads the quantized copy of the
+    block input, within half a step of its observed scale), ``QLinearGlobalAveragePool``. Ops without
+    int8 kernels between quantized layers (Hardswish, Hardsigmoid, the squeeze-excite multiplication,
+    LayerNorm, GELU, softmax) stay **fp32 islands**: they read ``DequantizeLinear`` and their result is
+    quantized again for the next layer, which keeps running in int8. A Linear whose output is
+    re-quantized becomes ``QGemm``; a Linear whose output stays float (the last layer, or every
     layer of a weight-only model) is rewritten to ``MatMulInteger`` with the same scales (weight-only:
     with ``DynamicQuantizeLinear`` of its input, as onnxruntime's ``quantize_dynamic`` does).
 
@@ -51,26 +62,28 @@ def export_onnx(
         input_names: names of the graph inputs (default ``input``, ``input_1``, ..., then the keywords).
         output_names: names of the graph outputs (default ``output``, ...).
         dynamic_batch: make dim 0 of every input and output dynamic.
-        weight_dtype: how weight codes are stored. onnxruntime's uint8 x int8 kernels are the fastest,
-            but on x86 CPUs without VNNI they add pairs of products in 16-bit registers, which
-            saturate for weights beyond ±64 (visible output errors). ``"auto"`` (default) keeps a
-            layer's codes ``int8`` when they fit in ±64 (7-bit weights: ``weight_bits<=7``) and
-            otherwise stores them as ``uint8`` with zero point 128 (the same values; exact uint8 x uint8
-            kernels, somewhat slower). ``"int8"`` / ``"uint8"`` force one storage for every layer.
+        weight_dtype: how weight codes are stored: ``"auto"`` (default) decides from ``target_cpu``
+            (:func:`~lightning_compress.export.cpu.weight_storage`): signed int8 on CPUs whose int8
+            products accumulate in 32 bits (x86 with VNNI / AMX, arm64); on x86 without VNNI, int8 for
+            layers whose codes fit in ±64 and ``uint8`` with zero point 128 for the others (there
+            onnxruntime's int8 kernels add pairs of products in 16-bit registers, which saturate).
+            ``"int8"`` / ``"uint8"`` force one storage for every layer.
+        target_cpu: the CPU the model will run on: ``"auto"`` (the one running the export), ``"vnni"``,
+            ``"avx2"`` (exact on every x86 CPU) or ``"arm64"``. The choice and its reason are written to
+            the model's ``metadata_props`` (``lightning_compress.weight_storage``, ``...target_cpu``,
+            ``...storage_reason``).
 
     Returns:
         ``path``.
 
     Raises:
-        ValueError: if ``example_input`` is missing, ``weight_dtype`` unknown or the model was not
-            prepared for quantization.
+        ValueError: if ``example_input`` is missing, ``weight_dtype`` / ``target_cpu`` unknown or the
+            model was not prepared for quantization. Nothing is written then, and a failed export never
+            leaves a partial file at ``path`` (it is written to a temporary file, then renamed).
     """
     import onnx  # the [onnx] extra
 
-    from lightning_compress.export import onnx_graph
-
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be 'auto', 'uint8' or 'int8', got {weight_dtype!r}.")
+    storage = weight_storage(weight_dtype, target_cpu)  # validates both arguments before any work
     if example_input is None:
         raise ValueError(
             "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
@@ -80,26 +93,60 @@ def export_onnx(
         model = convert_to_int8(model)
     model = model.eval()
     call = as_call(example_input)
-    with torch.no_grad():
-        outputs = run(model, call)
+    try:
+        with torch.no_grad():
+            outputs = run(model, call)
+    except Exception as err:
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in call.args]
+        raise ValueError(
+            f"export_onnx: the model cannot run example_input (positional {shapes}, keywords "
+            f"{sorted(call.kwargs)}): {type(err).__name__}: {err}. Nothing was written. HINT: pass one real "
+            "batch the model accepts, e.g. next(iter(dataloader))[0][:1]."
+        ) from err
     n_outputs = len(outputs) if isinstance(outputs, list | tuple) else 1
     input_names = input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(call.args))] + list(
         call.kwargs
     )
     output_names = output_names or [("output" if i == 0 else f"output_{i}") for i in range(n_outputs)]
-    _torchscript_export(model, call, path, opset_version, input_names, output_names, dynamic_batch)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=".export-", dir=directory)
+    os.close(fd)
+    try:
+        _torchscript_export(model, call, tmp, opset_version, input_names, output_names, dynamic_batch)
+        graph_model = onnx.load(tmp)
+        _rewrite(graph_model, storage)
+        onnx.checker.check_model(graph_model)
+        onnx.save(graph_model, tmp)
+        os.replace(tmp, path)  # atomic: `path` is either the old file or the complete new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
-    graph_model = onnx.load(path)
+
+def _rewrite(graph_model: Any, storage: WeightStorage) -> None:
+    """Graph passes that make onnxruntime run int8 kernels, and the metadata saying how."""
+    from lightning_compress.export import onnx_graph
+
     index = onnx_graph.GraphIndex(graph_model)
-    if weight_dtype != "int8":
-        onnx_graph.weights_to_uint8(index, keep_int8_within=64 if weight_dtype == "auto" else -1)
+    if storage.keep_int8_within < 127:
+        onnx_graph.weights_to_uint8(index, keep_int8_within=storage.keep_int8_within)
+    onnx_graph.merge_duplicate_quantize(index)
     onnx_graph.hoist_quantize(index)
+    onnx_graph.merge_duplicate_quantize(index)
+    onnx_graph.drop_redundant_quantize(index)
+    onnx_graph.int8_residuals(index)
     onnx_graph.integer_matmuls(index)
     index.remove_dead()
     index.commit()
-    onnx.checker.check_model(graph_model)
-    onnx.save(graph_model, path)
-    return path
+    metadata = {
+        "lightning_compress.weight_storage": storage.summary,
+        "lightning_compress.target_cpu": storage.target,
+        "lightning_compress.storage_reason": storage.reason,
+    }
+    for key, value in metadata.items():
+        entry = next((p for p in graph_model.metadata_props if p.key == key), None) or graph_model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _torchscript_export(

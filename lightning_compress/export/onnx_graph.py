@@ -168,25 +168,31 @@ def weights_to_uint8(index: GraphIndex, keep_int8_within: int = -1) -> None:
 # Ops through which per-tensor quantization commutes exactly (monotonic or pure data movement):
 # Q(maxpool(x)) == maxpool(Q(x)), Q(flatten(x)) == flatten(Q(x)).
 _COMMUTES_WITH_QUANTIZE = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+# Producers after which a hoisted Q -> DQ lets onnxruntime run them (or what follows) in int8.
+_HOIST_TARGETS = ("Relu", "Conv", "Add", "GlobalAveragePool", "AveragePool", "Clip", "Concat")
 
 
 def hoist_quantize(index: GraphIndex) -> None:
-    """Copy a layer-input ``Q → DQ`` up through pooling/reshapes to the producing ``Relu`` / conv.
+    """Copy a layer-input ``Q → DQ`` up through pooling/reshapes to the op producing the tensor.
 
     In ``conv → relu → maxpool → flatten → Q → DQ → gemm`` the conv's output is not re-quantized where
-    onnxruntime looks for it, so the conv would run in fp32. The same ``Q → DQ`` (same scale) placed
-    right after the relu gives identical values (quantization commutes with max-pooling and reshapes)
-    and lets onnxruntime fuse ``QLinearConv`` and run the pooling on uint8.
+    onnxruntime looks for it, so the conv would run in fp32 and max-pooling on floats. The same ``Q → DQ``
+    (same scale) placed right after the relu gives identical values after the max-pool (quantization
+    commutes with max-pooling and reshapes) and lets onnxruntime fuse ``QLinearConv`` and pool on uint8.
+    Other readers of the quantized tensor (a residual branch) then read the quantized values too: a
+    change of at most half a step of a scale observed on that very tensor.
     """
     for q in [n for n in index.nodes if n.op_type == "QuantizeLinear"]:
         tensor = q.input[0]
         node = index.producer.get(tensor)
         moved = False
-        while node is not None and node.op_type in _COMMUTES_WITH_QUANTIZE and len(index.users(tensor)) == 1:
+        while node is not None and node.op_type in _COMMUTES_WITH_QUANTIZE:
+            if moved and len(index.users(tensor)) != 1:
+                break  # an intermediate value with other readers must keep its float value
             tensor = node.input[0]
             node = index.producer.get(tensor)
             moved = True
-        if not moved or node is None or node.op_type not in ("Relu", "Conv") or len(index.users(tensor)) != 1:
+        if not moved or node is None or node.op_type not in _HOIST_TARGETS or len(index.users(tensor)) != 1:
             continue
         hoisted = tensor + "_hoisted"
         index.rename_output(node, tensor, hoisted)
@@ -199,12 +205,137 @@ def hoist_quantize(index: GraphIndex) -> None:
         )
 
 
+def merge_duplicate_quantize(index: GraphIndex) -> None:
+    """Make one ``QuantizeLinear`` of the same tensor with the same scale and zero point out of several.
+
+    Two quantized layers reading one tensor (a ResNet block's ``conv1`` and ``downsample``) each export
+    their own ``Q`` with equal values; onnxruntime fuses a producer with its quantization only when the
+    output has a single ``Q`` reader, so the duplicates are merged.
+    """
+    for tensor in list(index.consumers):
+        quantizers = [n for n in index.users(tensor) if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+        kept: list[NodeProto] = []
+        for q in quantizers:
+            twin = next((k for k in kept if _same_quantization(index, k, q)), None)
+            if twin is None:
+                kept.append(q)
+                continue
+            for reader in list(index.users(q.output[0])):
+                for position, name in enumerate(reader.input):
+                    if name == q.output[0]:
+                        index.set_input(reader, position, twin.output[0])
+            index.remove(q)
+
+
+def _same_quantization(index: GraphIndex, a: NodeProto, b: NodeProto) -> bool:
+    if _attribute(a, "axis", 1) != _attribute(b, "axis", 1) or len(a.input) != len(b.input):
+        return False
+    for name_a, name_b in zip(a.input[1:], b.input[1:], strict=True):
+        value_a, value_b = index.array(name_a), index.array(name_b)
+        if value_a is None or value_b is None or value_a.dtype != value_b.dtype:
+            return False
+        if not np.array_equal(value_a, value_b):
+            return False
+    return True
+
+
+def _bypass(index: GraphIndex, q: NodeProto, dq: NodeProto) -> None:
+    """Remove ``x → Q → DQ → y``: readers of ``y`` read ``x`` (a graph output ``y`` = ``Identity(x)``)."""
+    source, target = q.input[0], dq.output[0]
+    if any(o.name == target for o in index.model.graph.output):
+        index.replace(dq, [helper.make_node("Identity", [source], [target])])
+    else:
+        for reader in list(index.users(target)):
+            for position, name in enumerate(reader.input):
+                if name == target:
+                    index.set_input(reader, position, source)
+        index.remove(dq)
+    if not index.users(q.output[0]):
+        index.remove(q)
+
+
+def _qdq_pairs(index: GraphIndex) -> list[tuple[NodeProto, NodeProto]]:
+    pairs = []
+    for q in index.nodes:
+        if q.op_type != "QuantizeLinear":
+            continue
+        readers = index.users(q.output[0])
+        if len(readers) == 1 and readers[0].op_type == "DequantizeLinear":
+            pairs.append((q, readers[0]))
+    return pairs
+
+
+def drop_redundant_quantize(index: GraphIndex) -> None:
+    """Remove a layer-output ``Q → DQ`` that another quantization right after it makes redundant.
+
+    The export quantizes each quantized layer's output (with the range observed in QAT) so that
+    onnxruntime has an int8 output to fuse with. Where the value is re-quantized anyway (``DQ → Q``,
+    ``DQ → Relu → Q``: the next layer's input) the first rounding only adds error; where the value is a
+    graph output (logits) it only costs precision. Both are removed.
+    """
+    graph_outputs = {o.name for o in index.model.graph.output}
+    for q, dq in _qdq_pairs(index):
+        readers = index.users(dq.output[0])
+        if len(readers) == 1 and readers[0].op_type == "Relu":
+            readers = index.users(readers[0].output[0])
+        requantized = bool(readers) and all(r.op_type == "QuantizeLinear" for r in readers)
+        if requantized or dq.output[0] in graph_outputs:
+            producer = index.producer.get(q.input[0])
+            if producer is not None and producer.op_type != "DequantizeLinear":
+                _bypass(index, q, dq)
+
+
+_INT8_MULTI_INPUT = ("Add", "Concat")
+
+
+def int8_residuals(index: GraphIndex) -> None:
+    """Let onnxruntime run residual ``Add`` (and ``Concat``) in int8: ``QLinearAdd`` / ``QLinearConcat``.
+
+    onnxruntime fuses ``DQ → Add → Q`` only when *every* input comes from a ``DequantizeLinear``. A
+    residual branch reads the block input as a float, although that tensor is quantized for the next
+    conv right next to it (``x → Q → DQ → conv``). The float input is replaced by that ``DQ``'s output:
+    the same value up to half a step of the scale observed on ``x``. Done only where the op's output
+    is itself quantized (directly or through a ``Relu``), otherwise nothing would run in int8.
+    """
+    for node in [n for n in index.nodes if n.op_type in _INT8_MULTI_INPUT]:
+        readers = index.users(node.output[0])
+        if len(readers) == 1 and readers[0].op_type == "Relu":
+            readers = index.users(readers[0].output[0])
+        if not any(r.op_type == "QuantizeLinear" for r in readers):
+            continue
+        replacements = {}
+        for position, name in enumerate(node.input):
+            producer = index.producer.get(name)
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                continue
+            dq = _dequantized_copy(index, name)
+            if dq is None:
+                break
+            replacements[position] = dq
+        else:
+            for position, name in replacements.items():
+                index.set_input(node, position, name)
+
+
+def _dequantized_copy(index: GraphIndex, tensor: str) -> str | None:
+    """The output of ``tensor → Q → DQ`` already in the graph (with constant scale), if there is one."""
+    for q in index.users(tensor):
+        if q.op_type != "QuantizeLinear" or q.input[1] not in index.initializers:
+            continue
+        for dq in index.users(q.output[0]):
+            if dq.op_type == "DequantizeLinear" and list(dq.input[1:]) == list(q.input[1:]):
+                return dq.output[0]
+    return None
+
+
 def integer_matmuls(index: GraphIndex) -> None:
-    """Rewrite float-output ``Gemm`` over an int8 ``DequantizeLinear`` weight to ``MatMulInteger``.
+    """Rewrite float-output ``Gemm`` over an int8 ``DequantizeLinear`` weight to an int8 kernel.
 
     onnxruntime fuses ``DQ → Gemm → (Relu) → Q`` into an int8 ``QGemm``; a Gemm whose output is not
-    re-quantized would run in fp32 after dequantizing its weight on every call. This turns it into
-    ``MatMulInteger(x_q, W_q^T) * (x_scale * w_scale) + b``: the same arithmetic, int8 kernels.
+    re-quantized would run in fp32 after dequantizing its weight on every call. With a statically
+    quantized input it becomes onnxruntime's ``QGemm`` without output scale (fp32 output, one fused
+    kernel) plus the fp32 bias; otherwise ``MatMulInteger(x_q, W_q^T) * (x_scale * w_scale) + b`` with a
+    per-call ``DynamicQuantizeLinear`` (onnxruntime fuses it). The same arithmetic, int8 kernels.
     """
     for node in [n for n in index.nodes if n.op_type == "Gemm"]:
         if _requantized(index, node.output[0]) or not _plain_transposed_gemm(node):
@@ -217,6 +348,7 @@ def integer_matmuls(index: GraphIndex) -> None:
             continue
         prefix = node.output[0] + "_int"
         index.set_initializer(prefix + "_wT", np.ascontiguousarray(codes.T))
+        index.set_initializer(prefix + "_w", codes)
         index.set_initializer(prefix + "_wzp", w_zero)
         input_dq = index.producer.get(node.input[0])
         if _static_input_quantization(index, input_dq):
@@ -258,6 +390,20 @@ def _static_input_quantization(index: GraphIndex, input_dq: NodeProto | None) ->
 def _static_matmul(index: GraphIndex, prefix: str, input_dq: NodeProto, w_scale: np.ndarray) -> list[NodeProto]:
     """Integer matmul of the already-quantized input, rescaled by ``x_scale * w_scale``."""
     x_q, x_scale_name, x_zero = input_dq.input[:3]
+    if index.array(x_q) is None:
+        _register_ms_domain(index)
+        # onnxruntime's QGemm with no output scale returns fp32: one fused int8 kernel (the MatMulInteger
+        # form below is not fused into one when the input is already quantized).
+        index.set_initializer(prefix + "_wscale", w_scale.astype(np.float32))
+        return [
+            helper.make_node(
+                "QGemm",
+                [x_q, x_scale_name, x_zero, prefix + "_w", prefix + "_wscale", prefix + "_wzp"],
+                [prefix + "_scaled"],
+                domain="com.microsoft",
+                transB=1,
+            )
+        ]
     x_scale = float(index.array(x_scale_name))  # type: ignore[arg-type]
     index.set_initializer(prefix + "_scale", (w_scale * x_scale).astype(np.float32))
     return [
@@ -265,6 +411,12 @@ def _static_matmul(index: GraphIndex, prefix: str, input_dq: NodeProto, w_scale:
         helper.make_node("Cast", [prefix + "_i32"], [prefix + "_f"], to=TensorProto.FLOAT),
         helper.make_node("Mul", [prefix + "_f", prefix + "_scale"], [prefix + "_scaled"]),
     ]
+
+
+def _register_ms_domain(index: GraphIndex) -> None:
+    """Declare onnxruntime's ``com.microsoft`` operator domain (``QGemm``) in the model."""
+    if not any(o.domain == "com.microsoft" for o in index.model.opset_import):
+        index.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _dynamic_matmul(index: GraphIndex, prefix: str, x: str, w_scale: np.ndarray) -> list[NodeProto]:

@@ -22,13 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.functional.conv_bn import find_conv_bn_pairs
 from lightning_compress.functional.fake_quant import (
+    activation_qparams,
     activation_qrange,
+    batchnorm_factor,
     dequantize_weight,
     quantize_weight,
     weight_scale,
 )
-from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, keep_own_forward, qat_modules
+from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, keep_own_forward, qat_modules, qat_pools
 
 
 class _DequantizeWeight(torch.autograd.Function):
@@ -76,6 +79,7 @@ class Int8Layer(nn.Module):
         activation_bits: int | None,
         conv_args: dict[str, Any] | None = None,
         weight_layout: str = "out_in",
+        output_qparams: tuple[float, int] | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -91,6 +95,14 @@ class Int8Layer(nn.Module):
         self.register_buffer(
             "input_zero_point",
             None if input_zero_point is None else torch.tensor(int(input_zero_point), dtype=torch.int32),
+        )
+        output_scale, output_zero_point = (
+            output_qparams if self.activation_bits is not None and output_qparams else (None, None)
+        )
+        self.register_buffer("output_scale", None if output_scale is None else torch.tensor(float(output_scale)))
+        self.register_buffer(
+            "output_zero_point",
+            None if output_zero_point is None else torch.tensor(int(output_zero_point), dtype=torch.int32),
         )
         keep_own_forward(self)
 
@@ -118,9 +130,15 @@ class Int8Layer(nn.Module):
             qmin, qmax = activation_qrange(self.activation_bits)
             x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, qmin, qmax)
         if self.kind == "linear":
-            return F.linear(x, self.dequantized_weight(), self.bias)
-        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
-        return conv(x, self.dequantized_weight(), self.bias, **self.conv_args)
+            y = F.linear(x, self.dequantized_weight(), self.bias)
+        else:
+            conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+            y = conv(x, self.dequantized_weight(), self.bias, **self.conv_args)
+        if self.output_scale is not None and self.activation_bits is not None:
+            # As in QAT (``quantize_output``): a conv output that an int8 runtime keeps in int8.
+            qmin, qmax = activation_qrange(self.activation_bits)
+            y = torch.fake_quantize_per_tensor_affine(y, self.output_scale, self.output_zero_point, qmin, qmax)
+        return y
 
     def extra_repr(self) -> str:  # noqa: D102
         shape = "x".join(map(str, self.weight_int8.shape))
@@ -138,27 +156,63 @@ def _deployed_scale(module: _QATMixin, weight: torch.Tensor) -> torch.Tensor:
     return module.weight_scale
 
 
-def _to_int8_layer(module: _QATMixin) -> Int8Layer:
+def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None = None) -> Int8Layer:
     weight, bias = module.folded_weight_bias()
     # Codes are stored [out, in, ...]: a Conv1D ([in, out]) becomes a plain linear, one export path.
     weight = weight.detach().movedim(module.weight_axis, 0)
     codes, scale = quantize_weight(weight, module.weight_bits, _deployed_scale(module, weight))
-    act = None
+    if bn is not None:
+        codes, scale, bias = _fold_after_quantization(codes, scale, bias, bn)
+    act = out = None
     if module.activation_bits is not None and module.activation_observed:
         s, z = module.activation_qparams()
         act = (float(s), int(z))
+    if module.activation_bits is not None and module.quantize_output and module.output_observed:
+        s, z = activation_qparams(module.output_range[0], module.output_range[1], module.activation_bits)
+        out = (float(s), int(z))
     if module.weight_axis == 1:
         return Int8Layer(
-            "linear", codes, scale, bias, module.weight_bits, act, module.activation_bits, weight_layout="in_out"
+            "linear",
+            codes,
+            scale,
+            bias,
+            module.weight_bits,
+            act,
+            module.activation_bits,
+            weight_layout="in_out",
+            output_qparams=out,
         )
     if isinstance(module, nn.Linear):
-        return Int8Layer("linear", codes, scale, bias, module.weight_bits, act, module.activation_bits)
+        return Int8Layer(
+            "linear", codes, scale, bias, module.weight_bits, act, module.activation_bits, output_qparams=out
+        )
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     if module.padding_mode != "zeros":
         raise NotImplementedError(f"padding_mode={module.padding_mode!r} is not supported by the int8 conversion.")
     conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
     kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
-    return Int8Layer(kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args)
+    return Int8Layer(
+        kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args, output_qparams=out
+    )
+
+
+def _fold_after_quantization(
+    codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold an inference-mode BatchNorm into an already quantized conv, exactly.
+
+    The fake-quantized model computes ``f * (conv(x, codes * s) + b - mean) + beta`` per channel with
+    ``f = gamma / sqrt(var + eps)``: the codes stay, the scale becomes ``s * |f|`` (a negative ``f``
+    flips the codes' sign, exact in the symmetric range) and the bias ``beta + (b - mean) * f``.
+    """
+    assert bn.running_mean is not None and bn.running_var is not None
+    factor = batchnorm_factor(bn.running_var, bn.weight, bn.eps).detach().float()
+    sign = torch.where(factor < 0, -1, 1).to(torch.int8).reshape((-1,) + (1,) * (codes.dim() - 1))
+    codes = torch.where(factor.reshape(sign.shape) == 0, 0, codes * sign).to(torch.int8)
+    new_scale = (scale * factor.abs()).clamp_min(torch.finfo(torch.float32).eps)
+    beta = torch.zeros_like(factor) if bn.bias is None else bn.bias.detach().float()
+    bias = torch.zeros_like(factor) if bias is None else bias.detach().float()
+    return codes, new_scale, beta + (bias - bn.running_mean.float()) * factor
 
 
 @torch.no_grad()
@@ -166,8 +220,11 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
     """A deployable copy of a QAT-prepared ``model`` with int8 weights; ``model`` itself is unchanged.
 
     Every QAT layer becomes an :class:`Int8Layer` (int8 codes + per-channel scales, the observed input
-    quantization), a folded BatchNorm becomes ``nn.Identity``. The copy is in eval mode; its
-    ``state_dict`` holds int8 tensors, about 4x smaller on disk than fp32.
+    quantization), a folded BatchNorm becomes ``nn.Identity``. A BatchNorm that was not folded during
+    training but follows a quantized conv in the data flow (``prepare_(fold_bn=False)``) is folded here,
+    exactly (into the per-channel scales and the bias, see :func:`_fold_after_quantization`), so no
+    BatchNorm is left between int8 layers after export. The copy is in eval mode; its ``state_dict``
+    holds int8 tensors, about 4x smaller on disk than fp32.
 
     Raises:
         ValueError: if ``model`` has no QAT layer.
@@ -179,12 +236,21 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
             "this model has no QAT layer."
         )
     out = copy.deepcopy(model).eval()
-    for module in list(out.modules()):
+    convs = [n for n, m in qat_modules(out) if isinstance(m, nn.Conv1d | nn.Conv2d) and m.folded_bn is None]
+    named = dict(out.named_modules())
+    late_pairs = find_conv_bn_pairs(out, convs).pairs if convs else {}
+    late_bns = {named[bn_name]: conv_name for conv_name, bn_name in late_pairs.items()}
+    for module_name, module in list(out.named_modules()):
         for child_name, child in list(module.named_children()):
+            full = f"{module_name}.{child_name}" if module_name else child_name
             if isinstance(child, _QATMixin):
-                setattr(module, child_name, _to_int8_layer(child))
-            elif isinstance(child, FOLDED_BN_TYPES):
+                bn = named[late_pairs[full]] if full in late_pairs else None
+                setattr(module, child_name, _to_int8_layer(child, bn))  # type: ignore[arg-type]
+            elif isinstance(child, FOLDED_BN_TYPES) or child in late_bns:
                 setattr(module, child_name, nn.Identity())
+    for _, pool in qat_pools(out):
+        # Observed average pools stay, frozen: they quantize their input as in training and as onnxruntime.
+        pool.observer_enabled = False
     return out
 
 

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -50,18 +51,24 @@ _QAT_ATTRIBUTES = (
     "observer_enabled",
     "bn_frozen",
     "folded_bn",
+    "quantize_output",
 )
-_QAT_BUFFERS = ("weight_scale", "activation_range")
+_QAT_BUFFERS = ("weight_scale", "activation_range", "output_range")
+# Buffers added after checkpoints were first written: a checkpoint without them still loads strictly.
+_LATER_BUFFERS = ("output_range",)
 
 
 class _QATMixin:
     """Observer state and fake-quantization shared by :class:`QATLinear` and the QAT convolutions.
 
     Buffers (saved in the model's ``state_dict``, so a checkpoint restores them exactly):
-    ``weight_scale`` (per output channel) and ``activation_range`` (``[min, max]``, ``inf`` until the
-    first observation). Plain attributes set by :func:`prepare_` / the callback: ``weight_bits``,
+    ``weight_scale`` (per output channel), ``activation_range`` (input ``[min, max]``, ``inf`` until the
+    first observation) and ``output_range`` (the output's ``[min, max]``, observed and fake-quantized
+    only where ``quantize_output`` is set: convs whose output no quantized layer reads directly, e.g.
+    before a residual add or a Hardswish, which an int8 runtime runs in int8 only with a quantized
+    output). Plain attributes set by :func:`prepare_` / the callback: ``weight_bits``,
     ``activation_bits``, ``ema_decay``, ``fake_quant_enabled``, ``observer_enabled``, ``bn_frozen``,
-    ``folded_bn``.
+    ``folded_bn``, ``quantize_output``.
     """
 
     weight: nn.Parameter
@@ -81,6 +88,9 @@ class _QATMixin:
         self.register_buffer(  # type: ignore[attr-defined]
             "activation_range", torch.tensor([float("inf"), float("-inf")], device=device)
         )
+        self.register_buffer(  # type: ignore[attr-defined]
+            "output_range", torch.tensor([float("inf"), float("-inf")], device=device)
+        )
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits
         self.ema_decay = ema_decay
@@ -88,6 +98,7 @@ class _QATMixin:
         self.observer_enabled = True
         self.bn_frozen = False
         self.folded_bn: nn.modules.batchnorm._BatchNorm | None = None
+        self.quantize_output = False
         keep_own_forward(self)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ observers
@@ -109,6 +120,34 @@ class _QATMixin:
         """``(scale, zero_point)`` of the layer input from the observed range."""
         assert self.activation_bits is not None
         return activation_qparams(self.activation_range[0], self.activation_range[1], self.activation_bits)
+
+    @property
+    def output_observed(self) -> bool:
+        """Whether an output range has been observed yet."""
+        return bool(torch.isfinite(self.output_range).all())
+
+    def _quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        # Only convs whose output an int8 runtime must quantize (prepare_ decides from the data flow).
+        if not self.quantize_output or self.activation_bits is None or not self.fake_quant_enabled:
+            return y
+        if self.training and self.observer_enabled:
+            with torch.no_grad():
+                lo, hi = torch.aminmax(y.detach().float())
+                new = torch.stack([lo, hi])
+                if not self.output_observed:
+                    self.output_range.copy_(new)
+                else:
+                    self.output_range.lerp_(new, 1.0 - self.ema_decay)
+        if not self.output_observed:
+            return y
+        scale, zero_point = activation_qparams(self.output_range[0], self.output_range[1], self.activation_bits)
+        return fake_quantize_activation(y, scale, zero_point, self.activation_bits)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before output_range existed load strictly, with the range unobserved.
+        for key in _LATER_BUFFERS:
+            state_dict.setdefault(prefix + key, getattr(self, key).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is None or not self.fake_quant_enabled:
@@ -141,12 +180,14 @@ class _QATMixin:
         x = self._quantize_input(x)
         bn = self.folded_bn
         if bn is None:
-            return op(x, self._quantize_weight(self.weight), self.bias)
-        if self.bn_frozen or not self.training:
+            y = op(x, self._quantize_weight(self.weight), self.bias)
+        elif self.bn_frozen or not self.training:
             # Inference form: exactly the conv that conversion produces.
             weight, bias = self.folded_weight_bias()
-            return op(x, self._quantize_weight(weight), bias)
-        return self._forward_with_batch_statistics(x, op, bn)
+            y = op(x, self._quantize_weight(weight), bias)
+        else:
+            y = self._forward_with_batch_statistics(x, op, bn)
+        return self._quantize_output(y)
 
     def _forward_with_batch_statistics(
         self, x: torch.Tensor, op: Callable[..., torch.Tensor], bn: nn.modules.batchnorm._BatchNorm
@@ -213,6 +254,67 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return input
 
 
+class _PoolObserver:
+    """Input observer and fake-quantization of an average pool (the int8 runtime pools quantized values).
+
+    onnxruntime averages in int8 (``QLinearGlobalAveragePool``) only when the pool's input is quantized;
+    that input (after a residual add, a Hardswish) is read by no quantized layer, so nothing else
+    observes it. The pool fake-quantizes its input in training so the model learns what deployment does.
+    Buffer: ``activation_range``; attributes as :class:`_QATMixin`'s (no weights).
+    """
+
+    activation_range: torch.Tensor
+    training: bool
+
+    def _init_observer(self, activation_bits: int, ema_decay: float) -> None:
+        self.register_buffer(  # type: ignore[attr-defined]
+            "activation_range", torch.tensor([float("inf"), float("-inf")])
+        )
+        self.activation_bits = activation_bits
+        self.ema_decay = ema_decay
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+        self.bn_frozen = False
+
+    activation_observed = _QATMixin.activation_observed
+    activation_qparams = _QATMixin.activation_qparams
+    _observe_activation = _QATMixin._observe_activation
+    _quantize_input = _QATMixin._quantize_input
+
+
+class QATAdaptiveAvgPool2d(_PoolObserver, nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` with an observed, fake-quantized input."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return super().forward(self._quantize_input(input))
+
+
+class QATAvgPool2d(_PoolObserver, nn.AvgPool2d):
+    """``nn.AvgPool2d`` with an observed, fake-quantized input."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return super().forward(self._quantize_input(input))
+
+
+_POOL_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.AdaptiveAvgPool2d: QATAdaptiveAvgPool2d,
+    nn.AvgPool2d: QATAvgPool2d,
+}
+_POOL_ATTRIBUTES = ("activation_bits", "ema_decay", "fake_quant_enabled", "observer_enabled", "bn_frozen")
+
+
+def qat_pools(model: nn.Module) -> Iterator[tuple[str, _PoolObserver]]:
+    """``(name, module)`` of every observed average pool in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, _PoolObserver):
+            yield name, module
+
+
+def pool_names(model: nn.Module) -> list[str]:
+    """Names of the average pools :func:`prepare_` can observe (exact ``AdaptiveAvgPool2d`` / ``AvgPool2d``)."""
+    return [n for n, m in model.named_modules() if type(m) in _POOL_CLASS]
+
+
 _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QATLinear,
     nn.Conv1d: QATConv1d,
@@ -272,25 +374,16 @@ def qat_modules(model: nn.Module) -> Iterator[tuple[str, _QATMixin]]:
 
 
 def conv_bn_pairs(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
-    """Conv → BatchNorm pairs that can be folded: adjacent in an ``nn.Sequential``, channels matching.
+    """Conv → BatchNorm pairs that can be folded, found by the data flow (see :mod:`.conv_bn`).
 
-    Only ``nn.Sequential`` adjacency is trusted: there the conv's output feeds the BatchNorm and nothing
-    else. Pairs anywhere else in a custom ``forward`` are left unfolded (still quantized).
+    Example::
+
+        >>> conv_bn_pairs(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()), ["0"])
+        {'0': '1'}
     """
-    wanted = set(names)
-    pairs: dict[str, str] = {}
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        children = list(parent.named_children())
-        for (a_name, a), (b_name, b) in zip(children, children[1:], strict=False):
-            full_a = f"{parent_name}.{a_name}" if parent_name else a_name
-            full_b = f"{parent_name}.{b_name}" if parent_name else b_name
-            conv_ok = type(a) in (nn.Conv1d, nn.Conv2d, QATConv1d, QATConv2d) and full_a in wanted
-            bn_ok = type(b) in (nn.BatchNorm1d, nn.BatchNorm2d) and b.track_running_stats
-            if conv_ok and bn_ok and b.num_features == a.out_channels:
-                pairs[full_a] = full_b
-    return pairs
+    from lightning_compress.functional.conv_bn import find_conv_bn_pairs
+
+    return find_conv_bn_pairs(model, names).pairs
 
 
 def prepare_(
@@ -301,6 +394,7 @@ def prepare_(
     modules: Iterable[str] | None = None,
     fold_bn: bool = False,
     ema_decay: float = 0.99,
+    pools: Iterable[str] | None = None,
 ) -> None:
     """Swap ``model``'s Linear / Conv1d / Conv2d layers to their QAT classes, in place.
 
@@ -311,8 +405,13 @@ def prepare_(
         weight_bits: bits of every weight, or ``{module name: bits}`` for each layer in ``modules``.
         activation_bits: bits of each layer's input, or ``None`` for weight-only quantization.
         modules: names of the layers to quantize (all supported layers by default).
-        fold_bn: fold a BatchNorm that directly follows a conv in an ``nn.Sequential`` into it.
+        fold_bn: fold every BatchNorm that follows a quantized conv in the data flow into it (found by
+            tracing with ``torch.fx``; see :func:`~lightning_compress.functional.conv_bn.find_conv_bn_pairs`).
+            BatchNorms left unfolded are listed in a warning.
         ema_decay: weight of the old value in the EMA of activation min/max.
+        pools: names of ``nn.AdaptiveAvgPool2d`` / ``nn.AvgPool2d`` modules whose input is observed and
+            fake-quantized too, so an int8 runtime can average in int8 (:class:`QATAdaptiveAvgPool2d`);
+            by default all of them when ``activation_bits`` is set and ``modules`` is not given.
 
     Raises:
         TypeError: if a layer in ``modules`` is not of a quantizable type.
@@ -332,13 +431,57 @@ def prepare_(
             raise TypeError(f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}.")
         module.__class__ = cls
         module._init_qat(int(bits_of[name]), activation_bits, ema_decay)  # type: ignore[operator]
+    if pools is None:  # every pool when the whole model is quantized; a chosen subset of layers: none
+        pool_list = pool_names(model) if activation_bits is not None and modules is None else []
+    else:
+        pool_list = list(pools)
+    for name in pool_list:
+        pool = named[name]
+        if isinstance(pool, _PoolObserver):
+            pool.ema_decay = ema_decay
+            continue
+        if type(pool) not in _POOL_CLASS:
+            raise TypeError(f"pools: {name!r} is a {type(pool).__name__}, not an AdaptiveAvgPool2d / AvgPool2d.")
+        if activation_bits is None:
+            continue
+        pool.__class__ = _POOL_CLASS[type(pool)]
+        pool._init_observer(activation_bits, ema_decay)  # type: ignore[operator]
     if fold_bn:
-        for conv_name, bn_name in conv_bn_pairs(model, names).items():
+        from lightning_compress.functional.conv_bn import find_conv_bn_pairs
+
+        found = find_conv_bn_pairs(model, names)
+        if found.unfolded:
+            # Never silently: an unfolded BatchNorm costs accuracy parity and int8 speed after export.
+            warnings.warn(f"prepare_(fold_bn=True): {found.message()}", stacklevel=2)
+        for conv_name, bn_name in found.pairs.items():
             conv, bn = named[conv_name], named[bn_name]
             bn.__class__ = _FOLDED_BN_CLASS[type(bn)]
             # A plain attribute (object.__setattr__), not a submodule: the BatchNorm stays registered
             # only where it was, so state_dict keys do not change.
             object.__setattr__(conv, "folded_bn", bn)
+    if activation_bits is not None:
+        _mark_output_quantization(model)
+
+
+def _mark_output_quantization(model: nn.Module) -> None:
+    from lightning_compress.functional.conv_bn import convs_needing_output_quantization
+
+    layers = dict(qat_modules(model))
+    convs = [n for n, m in layers.items() if isinstance(m, nn.Conv1d | nn.Conv2d) and m.activation_bits]
+    if not convs:
+        return
+    quantizing = [n for n, m in layers.items() if m.activation_bits] + [n for n, _ in qat_pools(model)]
+    folded = [n for n, m in model.named_modules() if isinstance(m, FOLDED_BN_TYPES)]
+    needed = convs_needing_output_quantization(model, convs, quantizing, folded)
+    if needed is None:
+        warnings.warn(
+            "prepare_: torch.fx could not trace the model, so no conv output is quantized; after ONNX export, "
+            "onnxruntime runs convs whose output feeds a residual add or a non-ReLU activation in fp32.",
+            stacklevel=3,
+        )
+        needed = set()
+    for name in convs:
+        layers[name].quantize_output = name in needed
 
 
 def finalize_(model: nn.Module) -> None:
@@ -356,6 +499,11 @@ def finalize_(model: nn.Module) -> None:
             module.__class__ = type(module).__bases__[-1]  # (_QATMixin, the float class)
         elif isinstance(module, FOLDED_BN_TYPES):
             module.__class__ = type(module).__bases__[0]
+        elif isinstance(module, _PoolObserver):
+            del module.activation_range
+            for key in _POOL_ATTRIBUTES:
+                module.__dict__.pop(key, None)
+            module.__class__ = type(module).__bases__[-1]
 
 
 @torch.no_grad()
@@ -372,7 +520,7 @@ def calibrate_(model: nn.Module, batches: Iterable[Any], num_batches: int | None
             :class:`~lightning_compress.inputs.CapturedCall`.
         num_batches: stop after this many batches (all by default).
     """
-    layers = [m for _, m in qat_modules(model)]
+    layers: list[Any] = [m for _, m in qat_modules(model)] + [m for _, m in qat_pools(model)]
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     model.train()
     for bn in bns:

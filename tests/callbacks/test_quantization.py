@@ -60,6 +60,8 @@ class Recorder(pl.Callback):
         (dict(include="net.0"), TypeError, "HINT: write"),
         (dict(overrides={"net.0": 12}), ValueError, r"overrides\['net.0'\]"),
         (dict(name="a b"), ValueError, "name must be"),
+        (dict(target_cpu="avx512"), ValueError, r"target_cpu must be one of \['auto', 'vnni', 'avx2', 'arm64'\]"),
+        (dict(export_weight_dtype="int4"), ValueError, "export_weight_dtype must be one of"),
     ],
 )
 def test_bad_arguments_rejected_in_init(kwargs: dict, error: type, match: str) -> None:
@@ -190,9 +192,13 @@ class GatedMLP(TinyMLP):
 
 def test_keyword_input_model_trains_and_exports(tmp_path) -> None:
     model = GatedMLP()
-    qat = QuantizationAwareTraining(export_dir=str(tmp_path / "export"))
+    qat = QuantizationAwareTraining(export_dir=str(tmp_path / "export"), target_cpu="avx2")
     trainer(tmp_path, [qat], max_epochs=1, limit_val_batches=0).fit(model)
     assert is_qat(model.side) and model.side.activation_observed
+    section = qat.last_report.sections["quantization"]
+    # The report says which storage the export chose for the named CPU, and why.
+    assert section["onnx_target_cpu"] == "avx2" and "saturate" in section["onnx_storage_reason"]
+    assert section["onnx_weight_storage"] == "int8 for codes within ±64, else uint8"
     # The export at fit end rebuilds the captured call with its keyword input (it raised TypeError).
     assert sorted(os.listdir(tmp_path / "export")) == ["model_int8.onnx", "model_int8.pt"]
     ort = pytest.importorskip("onnxruntime")

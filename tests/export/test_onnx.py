@@ -56,14 +56,15 @@ def test_export_static_mlp_int8_kernels_and_bound(tmp_path) -> None:
     model.train()
     model(x)
     model.eval()
-    path = export_onnx(model, str(tmp_path / "int8.onnx"), x[:1])
+    # target_cpu="avx2": 8-bit codes become uint8 with zero point 128 (exact on every x86 CPU).
+    path = export_onnx(model, str(tmp_path / "int8.onnx"), x[:1], target_cpu="avx2")
     weights = [i for i in onnx.load(path).graph.initializer if len(i.dims) == 2]
-    # 8-bit codes become uint8 with zero point 128 (exact on AVX2-only CPUs).
     assert len(weights) == 3 and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
     assert os.path.getsize(fp32_path) / os.path.getsize(path) >= 3.3  # biases and scales stay fp32
     sess, ops = session(path)
     assert not any(op in ("Gemm", "FusedGemm", "MatMul") for op in ops), ops  # no fp32 matmul left
-    assert ops.count("QGemm") == 2 and "MatMulInteger" in ops, ops
+    # Two re-quantized QGemm, and the last layer as a QGemm with float output (no output scale).
+    assert ops.count("QGemm") == 3, ops
     got = sess.run(None, {"input": x.numpy()})[0]  # dynamic batch: traced with 1 row, run with 256
     int8 = convert_to_int8(model)
     with torch.no_grad():
@@ -140,17 +141,36 @@ def test_export_weight_storage(tmp_path) -> None:
     model.train()
     model(torch.randn(8, 16))
 
-    def dtypes(weight_dtype: str) -> list[int]:
-        path = export_onnx(model, str(tmp_path / "m.onnx"), torch.randn(1, 16), weight_dtype=weight_dtype)
-        graph = onnx.load(path).graph
-        return [i.data_type for i in graph.initializer if len(i.dims) == 2]
+    def dtypes(weight_dtype: str, target_cpu: str = "auto") -> tuple[list[int], dict[str, str]]:
+        path = export_onnx(
+            model, str(tmp_path / "m.onnx"), torch.randn(1, 16), weight_dtype=weight_dtype, target_cpu=target_cpu
+        )
+        saved = onnx.load(path)
+        metadata = {p.key.removeprefix("lightning_compress."): p.value for p in saved.metadata_props}
+        return [i.data_type for i in saved.graph.initializer if len(i.dims) == 2], metadata
 
     int8, uint8 = onnx.TensorProto.INT8, onnx.TensorProto.UINT8
-    assert dtypes("int8") == [int8, int8, int8]
-    assert dtypes("uint8") == [uint8, uint8, uint8]
-    assert sorted(dtypes("auto")) == sorted([int8, uint8, int8])  # 7-bit codes fit the fast signed kernels
-    with pytest.raises(ValueError, match="weight_dtype"):
-        export_onnx(model, str(tmp_path / "x.onnx"), torch.randn(1, 16), weight_dtype="int4")
+    assert dtypes("int8")[0] == [int8, int8, int8]
+    assert dtypes("uint8")[0] == [uint8, uint8, uint8]
+    # No VNNI: 7-bit codes fit the 16-bit sums of the signed kernels, 8-bit ones are stored uint8.
+    stored, metadata = dtypes("auto", "avx2")
+    assert sorted(stored) == sorted([int8, uint8, int8])
+    assert metadata["target_cpu"] == "avx2" and "saturate" in metadata["storage_reason"]
+    stored, metadata = dtypes("auto", "vnni")  # 32-bit accumulation: int8 everywhere
+    assert stored == [int8, int8, int8] and metadata["weight_storage"] == "int8"
+    # "auto" follows this machine's flags, read here independently of the library.
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("needs /proc/cpuinfo to check the automatic choice")
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    stored, metadata = dtypes("auto")
+    has_vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    assert metadata["target_cpu"] == ("vnni" if has_vnni else "avx2")
+    assert stored == [int8, int8, int8] if has_vnni else sorted(stored) == sorted([int8, uint8, int8])
+    for bad in ({"weight_dtype": "int4"}, {"target_cpu": "avx512"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            export_onnx(model, str(tmp_path / "x.onnx"), torch.randn(1, 16), **bad)
+        assert not (tmp_path / "x.onnx").exists()
 
 
 def test_conv1d_prepare_convert_export(tmp_path) -> None:

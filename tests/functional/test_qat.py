@@ -89,7 +89,8 @@ def test_prepare_finalize_round_trip() -> None:
     names = [n for n, _ in qat_modules(model)]
     assert names == ["0", "4", "7"]
     assert list(model.parameters()) == weights  # the same Parameter objects (optimizers, other callbacks)
-    assert set(model.state_dict()) == keys | {f"{n}.{b}" for n in names for b in ("weight_scale", "activation_range")}
+    buffers = ("weight_scale", "activation_range", "output_range")
+    assert set(model.state_dict()) == keys | {f"{n}.{b}" for n in names for b in buffers}
     assert isinstance(model[1], FoldedBatchNorm2d) and model[0].folded_bn is model[1]
     model.train()
     model(torch.randn(4, 1, 8, 8))

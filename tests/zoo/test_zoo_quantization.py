@@ -50,7 +50,11 @@ def batch_inputs(case: ZooCase) -> tuple[torch.Tensor, ...]:
 
 def fit(case: ZooCase, tmp_path: Any, **kwargs: Any) -> QuantizationAwareTraining:
     qat = QuantizationAwareTraining(**kwargs)
-    trainer(tmp_path, [qat], max_epochs=-1, max_steps=STEPS, limit_val_batches=0).fit(case.module, case.train_loader)
+    # MobileNetV3: its BatchNorm running statistics lag the weights for ~20 steps (see the zoo case), so
+    # after 6 steps the eval-mode activations lie outside the ranges observed in training, and its
+    # near-constant logits (spread ~0.03) make relative errors meaningless. Its own step count, then.
+    steps = case.max_steps if case.name == "mobilenet_v3" else STEPS
+    trainer(tmp_path, [qat], max_epochs=-1, max_steps=steps, limit_val_batches=0).fit(case.module, case.train_loader)
     return qat
 
 
