@@ -355,7 +355,7 @@ class TensorDecomposition(CompressionCallback):
         self._rows = rows
         self._applied = True
         done = sum(1 for r in rows if r["status"] == "decomposed")
-        estimated = "" if decisions.estimated_seconds is None else f", estimated {decisions.estimated_seconds:.0f} s"
+        estimated = "" if decisions.estimated_seconds is None else f", estimated {decisions.estimated_seconds:.1f} s"
         rank_zero_info(
             f"TensorDecomposition: decomposed {done} of {len(rows)} layers in "
             f"{time.perf_counter() - started:.1f} s{estimated} "

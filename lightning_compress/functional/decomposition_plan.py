@@ -217,7 +217,7 @@ def decide(
     else:
         plans = [dec.LayerPlan(method, ranks_for(layer, method, settings)) for _, layer, method, _ in work]
     items = list(zip(work, plans, strict=True))
-    estimates = _estimate(items, shapes, settings, log) if log is not None else {}
+    estimates = _estimate(items, len(candidates), shapes, settings, log) if log is not None else {}
     if log is not None:
         result.estimated_seconds = sum(estimates.values())
     started, done_estimate = time.perf_counter(), 0.0
@@ -235,7 +235,7 @@ def decide(
             log(
                 f"TensorDecomposition: [{len(result.seconds)}/{len(estimates)}] {name}: {row['method']} "
                 f"rank {row['ranks']}, {seconds:.1f} s (estimated {estimates[name]:.1f} s), error "
-                f"{row['error']:.3f}, {row['status']}; {elapsed:.0f} s elapsed, about {left:.0f} s left"
+                f"{row['error']:.3f}, {row['status']}; {_seconds(elapsed)} s elapsed, about {_seconds(left)} s left"
             )
     order = {name: i for i, (name, _) in enumerate(candidates)}
     result.rows.sort(key=lambda row: order[row["layer"]])
@@ -244,6 +244,7 @@ def decide(
 
 def _estimate(
     items: list[tuple[tuple[str, nn.Module, str, dec.Geometry], dec.LayerPlan | None]],
+    selected: int,
     shapes: Shapes,
     settings: PlanSettings,
     log: Callable[[str], None],
@@ -261,12 +262,16 @@ def _estimate(
     threads = settings.num_threads or torch.get_num_threads()
     listing = ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) or "none"
     log(
-        f"TensorDecomposition: factoring {len(estimates)} of {len(items)} layers ({listing}), CP on {threads} "
-        f"thread(s); estimated {sum(estimates.values()):.0f} s (FLOP counts at measured "
+        f"TensorDecomposition: factoring {len(estimates)} of {selected} layers ({listing}), CP on {threads} "
+        f"thread(s); estimated {_seconds(sum(estimates.values()))} s (FLOP counts at measured "
         f"{rates.gemm / 1e9:.1f} GFLOP/s matrix products, {rates.lapack / 1e9:.1f} GFLOP/s LAPACK"
         f"{'; latency measurement included' if settings.measure_latency else ''})."
     )
     return estimates
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def _mac_reduction(layer: nn.Module, plan: dec.LayerPlan, geometry: dec.Geometry) -> float:
