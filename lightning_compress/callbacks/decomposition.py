@@ -13,6 +13,7 @@ strict loading succeeds, and the optimizer is then created over the decomposed p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -90,9 +91,11 @@ class TensorDecomposition(CompressionCallback):
         n_iter_max: iteration cap of Tucker (HOOI) and CP (ALS); both start from an SVD.
         tol: relative-change tolerance that stops those iterations early.
         seed: seed of randomized SVD and CP initialisation.
-        num_threads: threads of CP's matrix products (``None``: ``torch.get_num_threads()`` when the
-            decomposition runs). SVD, Tucker-2, LAPACK solves and the latency measurements run on one
-            thread, which measured steadier on shared cores. The torch setting is restored afterwards.
+        num_threads: threads of CP's matrix products. ``None``: ``torch.get_num_threads()`` when the
+            decomposition runs, capped by the cores the load average leaves free (threads waiting on
+            each other measured 3x slower on busy shared cores; the cap is logged). SVD, Tucker-2,
+            LAPACK solves and the latency measurements run on one thread, which measured steadier on
+            shared cores. The torch setting is restored afterwards.
         name: distinguishes several instances (state key and ``compress/<name>/...``).
 
     Progress: before factoring, a rank-zero log line gives the number of layers and an estimate of the
@@ -332,10 +335,13 @@ class TensorDecomposition(CompressionCallback):
         if "flops" not in self._baseline and example is not None:
             self._baseline["flops"] = float(_model_flops(pl_module, example))
         decisions = planning.Decisions()
+        threads, why = dec.factorization_threads(self.num_threads)
+        if why is not None:
+            rank_zero_info(f"TensorDecomposition: CP on {why}.")
         if trainer.is_global_zero:
             # Rank zero decides (latency measurements differ between processes); every rank builds the
             # same chains from the broadcast plans.
-            decisions = self._decide(trainer, pl_module, candidates, example)
+            decisions = self._decide(trainer, pl_module, candidates, example, threads)
         plans, rows = trainer.strategy.broadcast((decisions.plans, decisions.rows), src=0)
         for layer_name, layer in candidates:
             if layer_name not in plans:
@@ -348,7 +354,7 @@ class TensorDecomposition(CompressionCallback):
                     n_iter_max=self.n_iter_max,
                     tol=self.tol,
                     seed=self.seed,
-                    num_threads=self.num_threads,
+                    num_threads=threads,
                 )
             dec.set_submodule_(pl_module, layer_name, chain)
             self._plans[layer_name] = plans[layer_name]
@@ -363,13 +369,18 @@ class TensorDecomposition(CompressionCallback):
         )
 
     def _decide(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, candidates: list[tuple[str, nn.Module]], example: Any
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        candidates: list[tuple[str, nn.Module]],
+        example: Any,
+        threads: int,
     ) -> planning.Decisions:
         shapes = planning.layer_shapes(pl_module, [m for _, m in candidates], example)
         return planning.decide(
             candidates,
             shapes,
-            self._settings,
+            dataclasses.replace(self._settings, num_threads=threads),
             model_params=_count_params(pl_module),
             model_flops=self._baseline.get("flops"),
             skip=planning.tied_weight_reasons(pl_module, candidates),

@@ -153,27 +153,46 @@ class Throughput:
 def estimate_seconds(
     layer: nn.Module,
     plan: dec.LayerPlan,
-    geometry: dec.Geometry,
     settings: PlanSettings,
     rates: Throughput,
     *,
-    timed: bool,
+    call_seconds: tuple[float, float] | None = None,
 ) -> float:
-    """Estimated wall time of factoring ``layer`` by ``plan`` (and, when ``timed``, measuring its latency).
+    """Estimated wall time of factoring ``layer`` by ``plan`` and, given ``call_seconds``, timing it.
 
-    From the FLOP counts of :func:`~lightning_compress.functional.decomposition.factorization_flops`
-    divided by measured rates: CP's matrix products run on the factorization threads, SVD / Tucker-2 and
-    all LAPACK calls on one. A latency measurement (:func:`measure_pair`) is 3 rounds of two timings of
-    at least 0.02 s each, plus a warm-up and a first call per timing.
+    The factorization: the FLOP counts of
+    :func:`~lightning_compress.functional.decomposition.factorization_flops` divided by measured rates
+    (CP's matrix products on the factorization threads; SVD / Tucker-2 and all LAPACK calls on one).
+    The latency measurement (:func:`measure_pair`): 3 rounds of two timings, each a warm-up call, a first
+    call and calls for at least 0.02 s, from ``call_seconds`` = seconds of one call of the layer and of
+    its chain at ``latency_batch``. Those are timed rather than counted: a conv's speed, and even more
+    a depthwise one's, is far from the matrix-product rate (a CP chain of a 7x7 stem conv measured ~20x
+    slower per FLOP).
     """
     gemm, lapack = dec.factorization_flops(layer, plan, settings.n_iter_max)
     seconds = gemm / (rates.gemm if plan.method == "cp" else rates.gemm_one) + lapack / rates.lapack
-    if timed:
-        scale = settings.latency_batch / max(geometry.n, 1)
-        for cost in (dec.macs_of(layer, None, geometry), dec.macs_of(layer, plan, geometry)):
-            call = 2.0 * cost * scale / rates.gemm_one
-            seconds += 3 * (max(0.02, call) + 2 * call)
+    for call in call_seconds or ():
+        seconds += 3 * (max(0.02, call) + 2 * call)
     return seconds
+
+
+def time_calls(layer: nn.Module, plan: dec.LayerPlan, sample: torch.Tensor, batch: int) -> tuple[float, float]:
+    """Seconds of one forward of ``layer`` and of an (untrained) chain of ``plan`` at ``batch``, on one thread.
+
+    Timed on ``sample`` (a smaller batch, after one warm-up call) and scaled linearly to ``batch``: about
+    a tenth of what :func:`measure_pair` will spend, for an estimate that is right where it matters
+    (large activations, where the measurement takes seconds).
+    """
+    chain = dec.build_chain(layer, plan)
+    scale = batch / sample.shape[0]
+    out = []
+    with dec.single_thread(), torch.no_grad():
+        for module in (layer, chain):
+            module(sample)
+            start = time.perf_counter()
+            module(sample)
+            out.append((time.perf_counter() - start) * scale)
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------- the decision
@@ -251,13 +270,16 @@ def _estimate(
 ) -> dict[str, float]:
     """Estimated seconds of every layer that will be factored; logs the total before any work starts."""
     rates = Throughput.measure(settings.num_threads)
-    estimates: dict[str, float] = {}
+    estimates: dict[str, float] = {}  # (taking the estimate costs ~0.1 s plus two forwards per timed layer)
     methods: dict[str, int] = {}
     for (name, layer, _, geometry), plan in items:
         if plan is None or _mac_reduction(layer, plan, geometry) < settings.min_reduction:
             continue  # kept dense without factoring
-        timed = settings.measure_latency and latency_input(layer, shapes.get(layer), 1) is not None
-        estimates[name] = estimate_seconds(layer, plan, geometry, settings, rates, timed=timed)
+        sample = latency_input(layer, shapes.get(layer), min(2, settings.latency_batch))
+        calls = None
+        if settings.measure_latency and sample is not None:
+            calls = time_calls(layer, plan, sample.to(layer.weight.device), settings.latency_batch)
+        estimates[name] = estimate_seconds(layer, plan, settings, rates, call_seconds=calls)
         methods[plan.method] = methods.get(plan.method, 0) + 1
     threads = settings.num_threads or torch.get_num_threads()
     listing = ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) or "none"

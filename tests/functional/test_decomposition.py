@@ -450,3 +450,27 @@ def test_factorization_cost_model_grows_with_the_work() -> None:
     assert per_sweep >= 4 * 128 * 128 * 9 * 64
     gemm, lapack = F.measure_throughput(1)
     assert gemm > 1e7 and lapack > 1e6  # FLOP/s of any CPU this runs on
+
+
+@pytest.mark.parametrize(
+    ("load", "requested", "expected"),
+    [(0.9, None, 2), (1.4, None, 2), (1.8, None, 1), (3.2, None, 1), (6.0, None, 1), (6.0, 2, 2), (0.5, 1, 1)],
+)
+def test_factorization_threads_leave_busy_cores_alone(
+    monkeypatch: pytest.MonkeyPatch, load: float, requested: int | None, expected: int
+) -> None:
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads, why = F.factorization_threads(requested)
+    finally:
+        torch.set_num_threads(before)
+    # Two cores, this process counted in the load: cores - (load - 1) are free, rounded to the nearest core.
+    assert threads == expected
+    assert (why is None) == (requested is not None or expected == 2)
+    if why is not None:
+        assert f"load average {load:.1f} on 2 cores" in why and "num_threads" in why
