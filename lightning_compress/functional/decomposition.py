@@ -261,7 +261,7 @@ def factorization_flops(layer: nn.Module, plan: LayerPlan, n_iter_max: int = 25)
 def measure_throughput(num_threads: int | None = None) -> tuple[float, float]:
     """Measured FLOP/s of this machine now: ``(float32 matrix product on num_threads threads, LAPACK SVD on one)``.
 
-    Best of three short runs each (about 0.1 s in all): the fastest run is the least disturbed by other
+    Best of five short runs each (about 0.1 s in all): the fastest run is the least disturbed by other
     processes, and :func:`factorization_flops` divided by these rates estimates a decomposition's time.
     """
     import time
@@ -272,7 +272,7 @@ def measure_throughput(num_threads: int | None = None) -> tuple[float, float]:
 
     def best(fn: Callable[[], object]) -> float:
         seconds = math.inf
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             fn()
             seconds = min(seconds, time.perf_counter() - start)
