@@ -92,7 +92,7 @@ class TensorDecomposition(CompressionCallback):
         tol: relative-change tolerance that stops those iterations early.
         seed: seed of randomized SVD and CP initialisation.
         num_threads: threads of CP's matrix products. ``None``: ``torch.get_num_threads()`` when the
-            decomposition runs, capped by the cores the load average leaves free (threads waiting on
+            decomposition runs, capped by the cores other processes leave free (threads waiting on
             each other measured 3x slower on busy shared cores; the cap is logged). SVD, Tucker-2,
             LAPACK solves and the latency measurements run on one thread, which measured steadier on
             shared cores. The torch setting is restored afterwards.

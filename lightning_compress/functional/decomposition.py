@@ -302,30 +302,49 @@ def factorization_threads(requested: int | None = None) -> tuple[int, str | None
     """Threads for CP's matrix products, and why fewer than ``torch.get_num_threads()`` when so.
 
     ``requested`` (an int) is used as given. ``None``: ``torch.get_num_threads()``, capped by the cores
-    that the 1-minute load average leaves free (counting this process as one of the loaded; rounded), at
-    least 1.
-    Threads that wait on each other lose badly when other processes hold the cores: measured on two
-    cores at a load average of 5, ten ALS sweeps of a 512x512x3x3 kernel at rank 572 took 1.8 s on one
-    thread and 6.2 s on two, and the CP of a whole ResNet-18-sized model 43 s vs 127 s.
+    that other processes leave free right now (:func:`_busy_elsewhere`; at least 1). Threads that wait
+    on each other lose badly when other processes hold the cores: measured on two cores at a load
+    average of 5, ten ALS sweeps of a 512x512x3x3 kernel at rank 572 took 1.8 s on one thread and
+    6.2 s on two, and the CP of a whole ResNet-18-sized model 43 s vs 127 s.
 
     Returns:
-        The thread count and, when the load capped it, a sentence saying so (for the progress log).
+        The thread count and, when other processes capped it, a sentence saying so (for the progress log).
     """
     wanted = torch.get_num_threads()
     if requested is not None:
         return int(requested), None
-    try:
-        load = os.getloadavg()[0]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    except OSError:  # no load average on this platform
+    busy = _busy_elsewhere()
+    if busy is None:
         return wanted, None
-    free = max(1, int(cores - max(load - 1.0, 0.0) + 0.5))  # rounded: a core 40% busy still counts as free
+    cores = os.cpu_count() or 1  # system-wide, like the counts of runnable threads
+    free = max(1, round(cores - busy))
     if free >= wanted:
         return wanted, None
     return free, (
-        f"{free} of {wanted} threads: load average {load:.1f} on {cores} cores leaves the others busy "
+        f"{free} of {wanted} threads: {busy:g} threads of other processes running on {cores} cores "
         "(pass num_threads to choose)"
     )
+
+
+def _busy_elsewhere() -> float | None:
+    """Threads of other processes running now: median of 10 reads of ``/proc/loadavg`` over ~0.1 s.
+
+    The 4th field counts the runnable threads of the whole system, this one included (subtracted).
+    The instantaneous count rather than the 1-minute load average, which still holds this process's
+    own training threads at fit end. ``None`` where ``/proc/loadavg`` does not exist (not Linux).
+    """
+    import statistics
+    import time
+
+    samples = []
+    try:
+        for _ in range(10):
+            with open("/proc/loadavg") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.01)
+    except (OSError, ValueError, IndexError):
+        return None
+    return float(statistics.median(samples))
 
 
 @contextlib.contextmanager

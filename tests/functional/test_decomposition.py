@@ -453,24 +453,29 @@ def test_factorization_cost_model_grows_with_the_work() -> None:
 
 
 @pytest.mark.parametrize(
-    ("load", "requested", "expected"),
-    [(0.9, None, 2), (1.4, None, 2), (1.8, None, 1), (3.2, None, 1), (6.0, None, 1), (6.0, 2, 2), (0.5, 1, 1)],
+    ("busy", "requested", "expected"),
+    [(0.0, None, 2), (0.4, None, 2), (1.0, None, 1), (5.0, None, 1), (5.0, 2, 2), (0.0, 1, 1), (None, None, 2)],
 )
 def test_factorization_threads_leave_busy_cores_alone(
-    monkeypatch: pytest.MonkeyPatch, load: float, requested: int | None, expected: int
+    monkeypatch: pytest.MonkeyPatch, busy: float | None, requested: int | None, expected: int
 ) -> None:
     import os
 
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(F, "_busy_elsewhere", lambda: busy)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         threads, why = F.factorization_threads(requested)
     finally:
         torch.set_num_threads(before)
-    # Two cores, this process counted in the load: cores - (load - 1) are free, rounded to the nearest core.
+    # Two cores, `busy` of them running other processes' threads: the rest (rounded, at least 1) are free.
     assert threads == expected
-    assert (why is None) == (requested is not None or expected == 2)
+    assert (why is None) == (expected == 2 or requested is not None)
     if why is not None:
-        assert f"load average {load:.1f} on 2 cores" in why and "num_threads" in why
+        assert f"{busy:g} threads of other processes running on 2 cores" in why and "num_threads" in why
+
+
+def test_busy_elsewhere_reads_a_count() -> None:
+    busy = F._busy_elsewhere()
+    assert busy is None or busy >= 0
