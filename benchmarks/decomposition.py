@@ -7,12 +7,13 @@ Everything is measured in this one process, side by side:
    params, FLOPs and measured CPU latency dense vs decomposed. Baseline: the same conv replaced by a
    CP chain from a naive per-layer tensorly ``parafac`` call (library defaults).
 2. ResNet-18-sized network built in code (random weights, architecture only): wall time of the whole
-   decomposition by the callback, params/FLOPs, measured whole-model latency; and per-layer wall time
-   of a naive ``parafac`` (defaults: ``tol=1e-8``, ``n_iter_max=100``) vs our CP and Tucker-2.
+   decomposition by the callback (Tucker-2/SVD and CP) next to the estimate it logged before starting,
+   params/FLOPs, measured whole-model latency, per-layer rows of the CP run; and per-kernel wall time
+   and error of the previous CP (tensorly ``parafac``, same settings) vs ``cp_als`` and Tucker-2.
 
 Run::
 
-    PYTHONPATH=$PWD python benchmarks/decomposition.py [--quick]
+    PYTHONPATH=$PWD python benchmarks/decomposition.py [--quick] [--threads N] [--resnet-only]
 """
 
 from __future__ import annotations
@@ -155,13 +156,6 @@ def digits(epochs: int, finetune: int) -> None:
     for label, kwargs in settings.items():
         model = copy.deepcopy(dense)
         probe = AccuracyRightAfter(data)
-
-        class Timed(TensorDecomposition):
-            def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-                start = time.perf_counter()
-                super()._apply(trainer, pl_module)
-                self.seconds = time.perf_counter() - start
-
         # The 10-way classifier stays dense: a rank-2 bottleneck in front of 10 classes costs ~40 points.
         kwargs = {"exclude": ["classifier"], **kwargs}
         callback = Timed(apply_at=0, measure_latency=True, latency_batch=256, **kwargs)
@@ -252,8 +246,32 @@ class ResNet18(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def resnet(quick: bool) -> None:
-    threads = 1
+class Timed(TensorDecomposition):
+    """Records the wall time of the whole decomposition, its estimate, and per-layer seconds."""
+
+    seconds = 0.0
+    estimate: float | None = None
+    layer_seconds: dict[str, float] = {}
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = time.perf_counter()
+        super()._apply(trainer, pl_module)
+        self.seconds = time.perf_counter() - start
+
+    def _decide(self, *args: Any) -> Any:
+        decisions = super()._decide(*args)
+        self.estimate, self.layer_seconds = decisions.estimated_seconds, dict(decisions.seconds)
+        return decisions
+
+
+def previous_cp(w: torch.Tensor, rank: int) -> torch.Tensor:
+    """The CP that ``decompose`` ran before ``cp_als``: tensorly ``parafac`` with the same settings."""
+    with tl.backend_context("pytorch"):
+        cp = parafac(w, rank=rank, init="svd", svd=D.gram_svd, n_iter_max=25, tol=1e-4, random_state=0)
+        return tl.cp_to_tensor(cp)
+
+
+def resnet(quick: bool, threads: int) -> None:
     torch.set_num_threads(threads)
     print(f"\n## ResNet-18-sized network (random weights, {threads} torch threads)\n")
     pl.seed_everything(0, verbose=False)
@@ -261,51 +279,71 @@ def resnet(quick: bool) -> None:
     x = torch.zeros(1, 3, 224, 224)
     data = DataLoader(TensorDataset(torch.randn(2, 3, 224, 224), torch.randint(0, 1000, (2,))), batch_size=2)
     print(
-        "| setting | decomposition wall time s | layers decomposed | params | FLOPs | FLOPs ratio "
+        "| setting | decomposition wall time s | estimated s | layers decomposed | params | FLOPs | FLOPs ratio "
         "| latency dense ms | latency ms | speedup |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for label, kwargs in {
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    settings: dict[str, dict[str, Any]] = {
         "Tucker-2/SVD rank=0.25, no per-layer timing": dict(rank=0.25, measure_latency=False),
-        "Tucker-2/SVD rank=0.25, per-layer timing + skip slower": dict(
-            rank=0.25, measure_latency=True, latency_batch=1
+        "CP rank=0.25 (convs), per-layer timing + skip slower": dict(
+            method="cp", types=["Conv2d"], rank=0.25, measure_latency=True
         ),
-    }.items():
+    }
+    if not quick:
+        settings["Tucker-2/SVD rank=0.25, per-layer timing + skip slower"] = dict(
+            rank=0.25, measure_latency=True, latency_batch=1
+        )
+    cp_rows: list[dict[str, Any]] = []
+    for label, kwargs in settings.items():
         model = copy.deepcopy(dense)
-
-        class Timed(TensorDecomposition):
-            def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-                start = time.perf_counter()
-                super()._apply(trainer, pl_module)
-                self.seconds = time.perf_counter() - start
-
         callback = Timed(**kwargs)
         quiet_trainer(max_steps=1, callbacks=[callback], limit_val_batches=0).fit(model, data)
         t_dense, t_dec = paired_latency(dense, model, x, rounds=1 if quick else 3)
         done = sum(r["status"] == "decomposed" for r in callback.rows)
+        estimate = "–" if callback.estimate is None else f"{callback.estimate:.0f}"
         print(
-            f"| {label} | {callback.seconds:.1f} | {done} of {len(callback.rows)} | {params(model)} "
+            f"| {label} | {callback.seconds:.1f} | {estimate} | {done} of {len(callback.rows)} | {params(model)} "
             f"| {flops(model, x)} | {flops(dense, x) / flops(model, x):.2f}x | {t_dense * 1e3:.1f} "
             f"| {t_dec * 1e3:.1f} | {t_dense / t_dec:.2f}x |"
         )
+        if label.startswith("CP"):
+            cp_rows = [dict(r, seconds=callback.layer_seconds.get(r["layer"])) for r in callback.rows]
     print(f"\n(dense: {params(dense)} params, {flops(dense, x)} FLOPs at 1x3x224x224)\n")
+    print("Per-layer rows of the CP run (seconds: factorization + latency measurement):\n")
+    print("| layer | shape | rank | seconds | rel. error | latency before ms | latency after ms | status |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in cp_rows:
+        sec = "–" if r["seconds"] is None else f"{r['seconds']:.2f}"
+        print(
+            f"| {r['layer']} | {r['shape']} | {r['ranks']} | {sec} | {r['error']} | {r['latency_ms_before']} "
+            f"| {r['latency_ms_after']} | {r['status']} |"
+        )
 
-    # Naive per-layer parafac vs ours, one kernel each.
+    # One kernel at a time: the previous CP (tensorly parafac) vs cp_als, same settings, and Tucker-2.
     print(
-        "| layer | rank | naive parafac (defaults) s | naive rel. error | our CP s | our CP rel. error "
-        "| our Tucker-2 (same params) s | Tucker-2 rel. error |"
+        "\n| layer | CP rank | previous CP s | previous rel. error | cp_als s | cp_als rel. error | speed-up "
+        "| Tucker-2 (same params) s | Tucker-2 rel. error |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    cases = [("layers.2.conv2 (128x128x3x3)", dense.layers[2].conv2, 64)]
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    cases = [
+        ("layers.2.conv2 (128x128x3x3)", dense.layers[2].conv2, 64),
+        ("layers.2.conv2 (128x128x3x3)", dense.layers[2].conv2, 140),
+        ("layers.4.conv2 (256x256x3x3)", dense.layers[4].conv2, 64),
+    ]
     if not quick:
-        cases.append(("layers.4.conv2 (256x256x3x3)", dense.layers[4].conv2, 64))
+        cases += [
+            ("layers.4.conv2 (256x256x3x3)", dense.layers[4].conv2, 284),
+            ("layers.6.conv2 (512x512x3x3)", dense.layers[6].conv2, 572),
+        ]
     for label, conv, rank in cases:
         w = conv.weight.detach()
-        start = time.perf_counter()
-        with tl.backend_context("pytorch"):
-            cp = parafac(w, rank=rank)
-            naive_err = float(torch.linalg.norm(w - tl.cp_to_tensor(cp)) / torch.linalg.norm(w))
-        naive_s = time.perf_counter() - start
+        if rank <= 284:  # the previous implementation takes minutes beyond this
+            start = time.perf_counter()
+            old_err = float(torch.linalg.norm(w - previous_cp(w, rank)) / torch.linalg.norm(w))
+            old = f"{time.perf_counter() - start:.2f} | {old_err:.5f}"
+            old_s = time.perf_counter() - start
+        else:
+            old, old_s = "not run | –", None
         start = time.perf_counter()
         _, cp_err = D.decompose(conv, D.LayerPlan("cp", (rank,)))
         cp_s = time.perf_counter() - start
@@ -314,8 +352,9 @@ def resnet(quick: bool) -> None:
         start = time.perf_counter()
         _, tk_err = D.decompose(conv, tucker)
         tk_s = time.perf_counter() - start
+        speedup = "–" if old_s is None else f"{old_s / cp_s:.1f}x"
         print(
-            f"| {label} | {rank} | {naive_s:.2f} | {naive_err:.4f} | {cp_s:.2f} | {cp_err:.4f} "
+            f"| {label} | {rank} | {old} | {cp_s:.2f} | {cp_err:.5f} | {speedup} "
             f"| {tk_s:.2f} ({'x'.join(map(str, tucker.ranks))}) | {tk_err:.4f} |"
         )
 
@@ -323,10 +362,13 @@ def resnet(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the ResNet part (default 1)")
+    parser.add_argument("--resnet-only", action="store_true", help="skip the digits CNN part")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, tensorly {tl.__version__}, pytorch-lightning {pl.__version__}")
-    digits(epochs=3 if args.quick else 10, finetune=1 if args.quick else 4)
-    resnet(args.quick)
+    if not args.resnet_only:
+        digits(epochs=3 if args.quick else 10, finetune=1 if args.quick else 4)
+    resnet(args.quick, args.threads)
 
 
 if __name__ == "__main__":

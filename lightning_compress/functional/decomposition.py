@@ -9,7 +9,7 @@ Each decomposed layer becomes a plain ``nn.Sequential`` that any runtime execute
 - ``"tucker2"``: Tucker-2 over the channel modes (Kim et al. 2016), ``1x1 (I->r_in) -> kxk core
   (r_in->r_out) -> 1x1 (r_out->O)``.
 - ``"cp"``: CP / PARAFAC (Lebedev et al. 2015), ``1x1 (I->R) -> kx1 depthwise -> 1xk depthwise
-  -> 1x1 (R->O)``.
+  -> 1x1 (R->O)``, by alternating least squares written for conv kernels (:func:`cp_als`).
 
 Stride, padding (numbers, ``"same"``/``"valid"``), padding mode, dilation and bias carry over
 exactly; only ``groups == 1`` layers are decomposable. Ranks come from a fixed rank, a parameter
@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -205,20 +205,159 @@ def macs_of(layer: nn.Module, plan: LayerPlan | None, geometry: Geometry) -> int
     return r * i * g.n * g.h_in * g.w_in + r * kh * g.n * g.h_out * g.w_in + r * (kw + o) * out_px
 
 
+# tensorly's HOOI (Tucker-2) stops on `tol` well before `n_iter_max`: 8-13 sweeps measured on random
+# 64..512-channel 3x3 kernels at rank=0.25 with tol=1e-4. CP-ALS on conv kernels at these ranks runs to
+# n_iter_max (its error still falls by more than 1e-4 per sweep), so it is counted in full.
+_TYPICAL_HOOI_SWEEPS = 10
+
+
+def _svd_flops(rows: int, cols: int) -> float:
+    # LAPACK thin SVD with vectors, m = the shorter side: ~4 m^2 n + 8 m^3 (Golub & Van Loan).
+    m, n = min(rows, cols), max(rows, cols)
+    return 4.0 * m * m * n + 8.0 * m**3
+
+
+def factorization_flops(layer: nn.Module, plan: LayerPlan, n_iter_max: int = 25) -> tuple[float, float]:
+    """Estimated floating-point operations of :func:`decompose`: ``(matrix products, LAPACK)``.
+
+    A cost model, not a measurement: matrix products (GEMM, float64 ones counted twice) and LAPACK
+    factorizations / solves are returned apart because they run at very different speeds (and thread
+    counts) on a CPU. CP counts all ``n_iter_max`` ALS sweeps, Tucker-2 a typical number of HOOI
+    sweeps (it usually stops on ``tol`` earlier). Used to estimate the wall time before starting.
+    """
+    o, i, kh, kw = _dims(layer)
+    numel = float(o * i * kh * kw)
+    if plan.method == "svd":
+        (r,) = plan.ranks
+        if o * i > _EXACT_SVD_MAX_NUMEL and r * 4 <= min(o, i):
+            return 2.0 * numel * (r + 10) * 6, _svd_flops(max(o, i), r + 10)  # randomized: 6 passes
+        return 2.0 * numel * r, _svd_flops(o, i)
+    if plan.method == "tucker2":
+        r_out, r_in = plan.ranks
+        k2 = kh * kw
+        init_gemm = 2.0 * numel * (o + i) * 2 + 2.0 * numel * (r_out + r_in) * 2  # float64 Grams and V
+        init_lapack = 9.0 * (o**3 + i**3)  # eigh
+        sweeps = min(n_iter_max, _TYPICAL_HOOI_SWEEPS)
+        sweep_gemm = 2.0 * numel * (2 * r_in + r_out) + 2.0 * r_in * o * k2 * r_out
+        sweep_lapack = _svd_flops(o, r_in * k2) + _svd_flops(i, r_out * k2)
+        return init_gemm + sweeps * sweep_gemm, init_lapack + sweeps * sweep_lapack
+    (r,) = plan.ranks
+    dims = (o, i, kh, kw)
+    init_gemm = init_lapack = 0.0
+    for d in dims:
+        rest = numel / d
+        if d <= rest:
+            init_gemm += 2.0 * d * d * rest * 2
+            init_lapack += 9.0 * d**3
+        else:
+            init_lapack += _svd_flops(d, int(rest))
+    # Per sweep: the two large products (2 * numel * r each), the mode-by-mode contractions of the second
+    # one, the Gram matrices; LAPACK: one float64 solve of an r x r system per mode.
+    sweep_gemm = 4.0 * numel * r + 6.0 * r * numel / o + 2.0 * r * r * sum(dims)
+    sweep_lapack = len(dims) * (2.0 / 3.0 * r**3 + 2.0 * r * r * sum(dims) / len(dims)) * 2
+    return init_gemm + n_iter_max * sweep_gemm + 2.0 * numel * r, init_lapack + n_iter_max * sweep_lapack
+
+
+def measure_throughput(num_threads: int | None = None) -> tuple[float, float]:
+    """Measured FLOP/s of this machine now: ``(float32 matrix product on num_threads threads, LAPACK SVD on one)``.
+
+    Best of five short runs each (about 0.1 s in all): the fastest run is the least disturbed by other
+    processes, and :func:`factorization_flops` divided by these rates estimates a decomposition's time.
+    """
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 2304, generator=g), torch.randn(2304, 256, generator=g)
+    wide = torch.randn(192, 576, generator=g)
+
+    def best(fn: Callable[[], object]) -> float:
+        seconds = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            seconds = min(seconds, time.perf_counter() - start)
+        return max(seconds, 1e-9)
+
+    with torch.no_grad():
+        with threads(num_threads):
+            gemm = 2.0 * 256 * 2304 * 256 / best(lambda: a @ b)
+        with single_thread():
+            lapack = _svd_flops(192, 576) / best(lambda: torch.linalg.svd(wide, full_matrices=False))
+    return gemm, lapack
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """Run torch ops on ``count`` threads (``None``: leave the setting alone), restoring the setting after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def factorization_threads(requested: int | None = None) -> tuple[int, str | None]:
+    """Threads for CP's matrix products, and why fewer than ``torch.get_num_threads()`` when so.
+
+    ``requested`` (an int) is used as given. ``None``: ``torch.get_num_threads()``, capped by the cores
+    that other processes leave free right now (:func:`_busy_elsewhere`; at least 1). Threads that wait
+    on each other lose badly when other processes hold the cores: measured on two cores at a load
+    average of 5, ten ALS sweeps of a 512x512x3x3 kernel at rank 572 took 1.8 s on one thread and
+    6.2 s on two, and the CP of a whole ResNet-18-sized model 43 s vs 127 s.
+
+    Returns:
+        The thread count and, when other processes capped it, a sentence saying so (for the progress log).
+    """
+    wanted = torch.get_num_threads()
+    if requested is not None:
+        return int(requested), None
+    busy = _busy_elsewhere()
+    if busy is None:
+        return wanted, None
+    cores = os.cpu_count() or 1  # system-wide, like the counts of runnable threads
+    free = max(1, round(cores - busy))
+    if free >= wanted:
+        return wanted, None
+    return free, (
+        f"{free} of {wanted} threads: {busy:g} threads of other processes running on {cores} cores "
+        "(pass num_threads to choose)"
+    )
+
+
+def _busy_elsewhere() -> float | None:
+    """Threads of other processes running now: median of 10 reads of ``/proc/loadavg`` over ~0.1 s.
+
+    The 4th field counts the runnable threads of the whole system, this one included (subtracted).
+    The instantaneous count rather than the 1-minute load average, which still holds this process's
+    own training threads at fit end. ``None`` where ``/proc/loadavg`` does not exist (not Linux).
+    """
+    import statistics
+    import time
+
+    samples = []
+    try:
+        for _ in range(10):
+            with open("/proc/loadavg") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.01)
+    except (OSError, ValueError, IndexError):
+        return None
+    return float(statistics.median(samples))
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run LAPACK work on one thread, restoring the setting after.
 
-    The factorizations here are many small SVD / eigh calls: measured on two cores, threaded LAPACK
-    was ~2x slower than one thread when idle and up to 100x slower when other processes share the
-    cores (OpenMP workers spin-waiting), while one thread is steady.
+    The factorizations here are many small SVD / eigh / solve calls: measured on two cores, threaded
+    LAPACK was ~2x slower than one thread when idle and up to 100x slower when other processes share
+    the cores (OpenMP workers spin-waiting; a 572x572 solve: 0.023 s on one thread, 0.11 s on two),
+    while one thread is steady. Matrix products (GEMM) do gain from threads and run outside this.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- spectra and ranks
@@ -270,14 +409,18 @@ def gram_svd(
     ``partial_tucker`` / ``parafac`` as ``svd=``: their SVD initialisation and every HOOI step take
     the leading left singular vectors of wide unfoldings, where this is 10-30x faster than LAPACK's
     SVD. ``U`` is always orthonormal (eigenvectors); rows of ``V`` for zero singular values are ~0.
+    The Gram product runs on the caller's threads, the LAPACK calls on one (:func:`single_thread`).
     """
     rows, cols = matrix.shape
     n = min(rows, cols) if n_eigenvecs is None else min(int(n_eigenvecs), rows, cols)
     if rows > cols:  # tall: LAPACK is fast here
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        with single_thread():
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :n], s[:n], vh[:n]
     m = matrix.double()
-    values, vectors = torch.linalg.eigh(m @ m.T)
+    gram = m @ m.T  # a matrix product: runs on the caller's threads
+    with single_thread():
+        values, vectors = torch.linalg.eigh(gram)
     s = values.flip(0)[:n].clamp_min(0.0).sqrt()
     u = vectors.flip(1)[:, :n]
     v = (u.T @ m) / torch.where(s > 0, s, torch.ones_like(s))[:, None]
@@ -476,6 +619,147 @@ def allocate_budget(
     return plans_at(lo)[0]
 
 
+# ---------------------------------------------------------------------------- CP by alternating least squares
+def khatri_rao(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Column-wise Kronecker product, rows in the row-major order of ``tensor.reshape(d0, -1)``.
+
+    Row ``(i, j, ...)`` of the result is ``matrices[0][i] * matrices[1][j] * ...`` (element-wise over the
+    rank), so ``tensor.reshape(d0, -1) @ khatri_rao([B, C, D])`` is the mode-0 MTTKRP of a 4-way tensor.
+    """
+    out = matrices[0]
+    for m in matrices[1:]:
+        out = (out[:, None, :] * m[None, :, :]).reshape(-1, out.shape[1])
+    return out
+
+
+def cp_als(
+    tensor: torch.Tensor, rank: int, *, n_iter_max: int = 25, tol: float = 1e-4, seed: int = 0
+) -> tuple[list[torch.Tensor], list[float]]:
+    """CP decomposition ``tensor ~ sum_r F0[:, r] o F1[:, r] o ...`` by alternating least squares.
+
+    The same iteration as tensorly's ``parafac(tensor, rank, init="svd", tol=tol)`` (unit weights, modes
+    updated in order, stop when the relative error changes by less than ``tol``) and the same
+    initialisation (leading left singular vectors of each unfolding, the first scaled by the singular
+    values, missing columns drawn uniformly from ``numpy.random.RandomState(seed)``), so it reaches the
+    same factors and error; what differs is the cost of one iteration. tensorly forms the Khatri-Rao
+    product of all other factors for every mode; for a conv kernel ``O x I x kh x kw`` that matrix has
+    ``O*I*kw`` rows for a spatial mode (450M entries for a 512x512x3x3 kernel at rank 572). Here each
+    iteration makes two large matrix products, ``W_(0) @ khatri_rao(F1, F2, ...)`` for the first mode and
+    ``F0^T @ W_(0)``, whose result is contracted mode by mode (with each factor right after its update)
+    for every other mode: ``2 * numel * rank`` multiply-adds per product instead of one per mode over an
+    exploded matrix. The error comes from the Gram matrices and the last MTTKRP (no reconstruction).
+
+    Matrix products run on the current torch threads; the small LAPACK solves of the normal equations
+    (``rank x rank``, in float64) run on one thread (:func:`single_thread`).
+
+    Args:
+        tensor: a real tensor with at least 3 modes (float32 or float64).
+        rank: number of rank-one terms.
+        n_iter_max: most ALS sweeps.
+        tol: stop when the relative error changes by less than this between two sweeps.
+        seed: seed of the random columns of the initialisation.
+
+    Returns:
+        The factors (``tensor.shape[m] x rank`` each; the scale is carried by the factors, all weights
+        are 1) and the relative error ``||T - T_hat|| / ||T||`` after every sweep.
+
+    Raises:
+        FloatingPointError: if the iteration produced non-finite factors.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> a, b, c = (torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (6, 5, 4))
+        >>> t = torch.einsum("ir,jr,kr->ijk", a, b, c)
+        >>> factors, errors = cp_als(t, 2, n_iter_max=200, tol=1e-12)
+        >>> errors[-1] < 1e-6
+        True
+    """
+    import numpy as np
+
+    if tensor.dim() < 3:
+        raise ValueError(f"cp_als needs a tensor with at least 3 modes, got shape {tuple(tensor.shape)}.")
+    dims = tuple(int(d) for d in tensor.shape)
+    n_modes = len(dims)
+    rng = np.random.RandomState(seed)
+    factors = []
+    for mode in range(n_modes):
+        u, s = _left_singular(torch.movedim(tensor, mode, 0).reshape(dims[mode], -1), rank)
+        if mode == 0:
+            u = u * s[None, :]  # carry the tensor's scale, as tensorly does without normalisation
+        if u.shape[1] < rank:  # a mode shorter than the rank: fill with random columns (tensorly's draw)
+            fill = rng.random_sample((dims[mode], rank - u.shape[1]))
+            u = torch.cat([u, torch.as_tensor(fill, dtype=tensor.dtype, device=tensor.device)], dim=1)
+        factors.append(u)
+    w0 = tensor.reshape(dims[0], -1)
+    norm2 = float(tensor.double().pow(2).sum())
+    grams = [(f.T @ f).double() for f in factors]
+
+    def hadamard_except(skip: int) -> torch.Tensor:
+        out = torch.ones_like(grams[0])
+        for j, g in enumerate(grams):
+            if j != skip:
+                out = out * g
+        return out
+
+    errors: list[float] = []
+    for _ in range(n_iter_max):
+        # First mode: the one product with the unfolded tensor and all other factors.
+        mttkrp = w0 @ khatri_rao(factors[1:])
+        factors[0] = _solve_normal_equations(hadamard_except(0), mttkrp)
+        grams[0] = (factors[0].T @ factors[0]).double()
+        # Every other mode from one contraction with the new first factor: (rank, d1, d2, ...).
+        t = (factors[0].T @ w0).reshape(rank, *dims[1:])
+        for k in range(1, n_modes):
+            mttkrp = t
+            for j in range(n_modes - 1, k, -1):  # contract the trailing modes with their current factors
+                mttkrp = (mttkrp * factors[j].T.reshape(rank, *([1] * (mttkrp.dim() - 2)), dims[j])).sum(-1)
+            mttkrp = mttkrp.T  # (d_k, rank)
+            factors[k] = _solve_normal_equations(hadamard_except(k), mttkrp)
+            grams[k] = (factors[k].T @ factors[k]).double()
+            if k < n_modes - 1:  # fold the updated factor in for the modes after it
+                t = (t * factors[k].T.reshape(rank, dims[k], *([1] * (t.dim() - 2)))).sum(1)
+        # ||T - T_hat||^2 = ||T||^2 + ||T_hat||^2 - 2 <T, T_hat>; <T, T_hat> from the last mode's MTTKRP.
+        norm_hat2 = float(hadamard_except(-1).sum())
+        inner = float((mttkrp.double() * factors[-1].double()).sum())
+        errors.append(math.sqrt(abs(norm2 + norm_hat2 - 2 * inner) / max(norm2, 1e-300)))
+        if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
+            break
+    if not all(bool(torch.isfinite(f).all()) for f in factors):
+        raise FloatingPointError(
+            f"CP-ALS at rank {rank} on a tensor of shape {dims} produced non-finite factors. HINT: a lower rank, "
+            "or method='tucker2'."
+        )
+    return factors, errors
+
+
+def _left_singular(matrix: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading ``min(n, rows, cols)`` left singular vectors and values (see :func:`gram_svd`; no ``V``)."""
+    rows, cols = matrix.shape
+    n = min(n, rows, cols)
+    if rows > cols:
+        with single_thread():
+            u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :n], s[:n]
+    m = matrix.double()
+    gram = m @ m.T
+    with single_thread():
+        values, vectors = torch.linalg.eigh(gram)
+    s = values.flip(0)[:n].clamp_min(0.0).sqrt()
+    return vectors.flip(1)[:, :n].to(matrix.dtype), s.to(matrix.dtype)
+
+
+def _solve_normal_equations(gram: torch.Tensor, mttkrp: torch.Tensor) -> torch.Tensor:
+    """``mttkrp @ gram^-1`` (``gram`` symmetric, float64), by a pseudo-inverse when it is singular."""
+    rhs = mttkrp.T.double()
+    with single_thread():
+        solution, info = torch.linalg.solve_ex(gram, rhs)
+        if int(info) != 0 or not bool(torch.isfinite(solution).all()):
+            # Singular normal equations (a zero or rank-deficient factor): least-squares solution.
+            solution = torch.linalg.pinv(gram, hermitian=True) @ rhs
+    return solution.T.to(mttkrp.dtype)
+
+
 # ---------------------------------------------------------------------------- building chains
 def _padding_pair(padding: str | tuple[int, ...]) -> tuple[str | tuple[int, int], str | tuple[int, int]]:
     if isinstance(padding, str):
@@ -605,7 +889,6 @@ def plan_from_state_dict(layer: nn.Module, state_dict: Mapping[str, torch.Tensor
     )
 
 
-@single_thread()
 def decompose(
     layer: nn.Module,
     plan: LayerPlan,
@@ -613,63 +896,74 @@ def decompose(
     n_iter_max: int = 25,
     tol: float = 1e-4,
     seed: int = 0,
+    num_threads: int | None = None,
 ) -> tuple[nn.Sequential, float]:
     """Decompose ``layer`` according to ``plan``; return the chain and the relative weight error.
 
     The error is ``||W - W_hat||_F / ||W||_F`` of the reconstructed kernel. ``n_iter_max`` and ``tol``
     bound the Tucker (HOOI) and CP (ALS) iterations: both start from an SVD initialisation, so a few
     iterations suffice (tensorly's CP default ``tol=1e-8`` rarely stops early).
-    """
-    import tensorly as tl
-    from tensorly.decomposition import parafac, partial_tucker
 
+    Threads: CP (:func:`cp_als`) runs its matrix products on ``num_threads`` threads (``None``: the current
+    ``torch.get_num_threads()``) and its LAPACK solves on one. SVD and Tucker-2 are made of LAPACK
+    factorizations (tensorly's HOOI calls LAPACK's SVD) and run on one thread (:func:`single_thread`).
+    The torch thread setting is restored afterwards.
+    """
     chain = build_chain(layer, plan)
     w = _weight(layer)
-    o, i = w.shape[0], w.shape[1]
     with torch.no_grad():
-        if plan.method == "svd":
+        if plan.method == "cp":
             (r,) = plan.ranks
-            u, s, vh = _truncated_svd(w.reshape(o, i), r, seed)
-            root = s.sqrt()
-            first, second = root[:, None] * vh, u * root[None, :]  # split sqrt(s) for balanced factors
-            approx = second @ first
-            chain[0].weight.copy_(first.reshape(chain[0].weight.shape))
-            chain[1].weight.copy_(second.reshape(chain[1].weight.shape))
-        elif plan.method == "tucker2":
-            with tl.backend_context("pytorch"):
-                # modes=[0, 1]: only the channel modes are reduced; the spatial modes stay whole.
-                (core, (u_out, u_in)), _ = partial_tucker(
-                    w,
-                    rank=list(plan.ranks),
-                    modes=[0, 1],
-                    init="svd",
-                    svd=gram_svd,
-                    n_iter_max=n_iter_max,
-                    tol=tol,
-                    random_state=seed,
-                )
-                approx = tl.tenalg.multi_mode_dot(core, [u_out, u_in], modes=[0, 1])
-            chain[0].weight.copy_(u_in.T[:, :, None, None])
-            chain[1].weight.copy_(core)
-            chain[2].weight.copy_(u_out[:, :, None, None])
-        else:
-            (r,) = plan.ranks
-            with tl.backend_context("pytorch"), warnings.catch_warnings():
-                # SVD initialisation of the small spatial modes asks for more vectors than they have;
-                # tensorly fills the rest randomly and says so.
-                warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-                cp = parafac(w, rank=r, init="svd", svd=gram_svd, n_iter_max=n_iter_max, tol=tol, random_state=seed)
-                approx = tl.cp_to_tensor(cp)
-            a, b, c, d = cp.factors
+            with threads(num_threads):
+                (a, b, c, d), _ = cp_als(w, r, n_iter_max=n_iter_max, tol=tol, seed=seed)
+                approx = a @ khatri_rao([b, c, d]).T
             chain[0].weight.copy_(b.T[:, :, None, None])
             chain[1].weight.copy_(c.T[:, None, :, None])
             chain[2].weight.copy_(d.T[:, None, None, :])
-            chain[3].weight.copy_((a * cp.weights[None, :])[:, :, None, None])
+            chain[3].weight.copy_(a[:, :, None, None])
+        else:
+            with single_thread():
+                approx = _decompose_lapack(w, plan, chain, n_iter_max=n_iter_max, tol=tol, seed=seed)
         if getattr(layer, "bias", None) is not None:
             chain[-1].bias.copy_(layer.bias.detach())
         error = float(torch.linalg.norm(w - approx.reshape(w.shape)) / torch.linalg.norm(w).clamp_min(1e-12))
     chain.train(layer.training)
     return chain, error
+
+
+def _decompose_lapack(
+    w: torch.Tensor, plan: LayerPlan, chain: nn.Sequential, *, n_iter_max: int, tol: float, seed: int
+) -> torch.Tensor:
+    """SVD / Tucker-2 factors of ``w`` copied into ``chain``; returns the reconstructed weight."""
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker
+
+    o, i = w.shape[0], w.shape[1]
+    if plan.method == "svd":
+        (r,) = plan.ranks
+        u, s, vh = _truncated_svd(w.reshape(o, i), r, seed)
+        root = s.sqrt()
+        first, second = root[:, None] * vh, u * root[None, :]  # split sqrt(s) for balanced factors
+        chain[0].weight.copy_(first.reshape(chain[0].weight.shape))
+        chain[1].weight.copy_(second.reshape(chain[1].weight.shape))
+        return second @ first
+    with tl.backend_context("pytorch"):
+        # modes=[0, 1]: only the channel modes are reduced; the spatial modes stay whole.
+        (core, (u_out, u_in)), _ = partial_tucker(
+            w,
+            rank=list(plan.ranks),
+            modes=[0, 1],
+            init="svd",
+            svd=gram_svd,
+            n_iter_max=n_iter_max,
+            tol=tol,
+            random_state=seed,
+        )
+        approx = tl.tenalg.multi_mode_dot(core, [u_out, u_in], modes=[0, 1])
+    chain[0].weight.copy_(u_in.T[:, :, None, None])
+    chain[1].weight.copy_(core)
+    chain[2].weight.copy_(u_out[:, :, None, None])
+    return approx
 
 
 def _truncated_svd(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

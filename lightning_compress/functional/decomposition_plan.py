@@ -22,7 +22,8 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +53,7 @@ class PlanSettings:
     n_iter_max: int = 25
     tol: float = 1e-4
     seed: int = 0
+    num_threads: int | None = None
 
 
 @dataclass
@@ -62,11 +64,17 @@ class Decisions:
         plans: layer name -> plan, for the layers to replace.
         rows: one report row per candidate layer, in candidate order, with its status.
         chains: layer name -> the chain already computed for it (reused instead of factoring twice).
+        seconds: layer name -> wall time of its factorization (and latency measurement), for every
+            layer that was factored.
+        estimated_seconds: the estimate of the whole loop made before it started (``None`` when no
+            ``log`` was given).
     """
 
     plans: dict[str, dec.LayerPlan] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     chains: dict[str, nn.Sequential] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    estimated_seconds: float | None = None
 
 
 # ---------------------------------------------------------------------------- ranks
@@ -125,6 +133,68 @@ def measure_pair(layer: nn.Module, chain: nn.Module, sample: torch.Tensor) -> tu
     return before, after
 
 
+# ---------------------------------------------------------------------------- time estimate
+@dataclass(frozen=True)
+class Throughput:
+    """Measured FLOP/s: matrix products on the factorization threads and on one thread, LAPACK on one."""
+
+    gemm: float
+    gemm_one: float
+    lapack: float
+
+    @classmethod
+    def measure(cls, num_threads: int | None) -> Throughput:
+        """Time short matrix products and an SVD now (:func:`.decomposition.measure_throughput`)."""
+        gemm, lapack = dec.measure_throughput(num_threads)
+        gemm_one = gemm if (num_threads or torch.get_num_threads()) == 1 else dec.measure_throughput(1)[0]
+        return cls(gemm=gemm, gemm_one=gemm_one, lapack=lapack)
+
+
+def estimate_seconds(
+    layer: nn.Module,
+    plan: dec.LayerPlan,
+    settings: PlanSettings,
+    rates: Throughput,
+    *,
+    call_seconds: tuple[float, float] | None = None,
+) -> float:
+    """Estimated wall time of factoring ``layer`` by ``plan`` and, given ``call_seconds``, timing it.
+
+    The factorization: the FLOP counts of
+    :func:`~lightning_compress.functional.decomposition.factorization_flops` divided by measured rates
+    (CP's matrix products on the factorization threads; SVD / Tucker-2 and all LAPACK calls on one).
+    The latency measurement (:func:`measure_pair`): 3 rounds of two timings, each a warm-up call, a first
+    call and calls for at least 0.02 s, from ``call_seconds`` = seconds of one call of the layer and of
+    its chain at ``latency_batch``. Those are timed rather than counted: a conv's speed, and even more
+    a depthwise one's, is far from the matrix-product rate (a CP chain of a 7x7 stem conv measured ~20x
+    slower per FLOP).
+    """
+    gemm, lapack = dec.factorization_flops(layer, plan, settings.n_iter_max)
+    seconds = gemm / (rates.gemm if plan.method == "cp" else rates.gemm_one) + lapack / rates.lapack
+    for call in call_seconds or ():
+        seconds += 3 * (max(0.02, call) + 2 * call)
+    return seconds
+
+
+def time_calls(layer: nn.Module, plan: dec.LayerPlan, sample: torch.Tensor, batch: int) -> tuple[float, float]:
+    """Seconds of one forward of ``layer`` and of an (untrained) chain of ``plan`` at ``batch``, on one thread.
+
+    Timed on ``sample`` (a smaller batch, after one warm-up call) and scaled linearly to ``batch``: about
+    a tenth of what :func:`measure_pair` will spend, for an estimate that is right where it matters
+    (large activations, where the measurement takes seconds).
+    """
+    chain = dec.build_chain(layer, plan)
+    scale = batch / sample.shape[0]
+    out = []
+    with dec.single_thread(), torch.no_grad():
+        for module in (layer, chain):
+            module(sample)
+            start = time.perf_counter()
+            module(sample)
+            out.append((time.perf_counter() - start) * scale)
+    return out[0], out[1]
+
+
 # ---------------------------------------------------------------------------- the decision
 def decide(
     candidates: list[tuple[str, nn.Module]],
@@ -134,7 +204,7 @@ def decide(
     model_params: int,
     model_flops: float | None = None,
     skip: dict[str, str] | None = None,
-    progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+    log: Callable[[str], None] | None = None,
 ) -> Decisions:
     """Plan every candidate layer: skip what cannot or should not be decomposed, factor the rest.
 
@@ -142,11 +212,14 @@ def decide(
         candidates: ``(name, layer)`` pairs selected by the caller.
         shapes: input/output shapes of the layers in one forward (:func:`layer_shapes`); without them
             FLOPs count one sample and latency is measured on a Linear only.
-        settings: ranks, thresholds and latency options.
+        settings: ranks, thresholds, latency and thread options.
         model_params: parameters of the whole model (the ``budget`` over params is a share of this).
         model_flops: FLOPs of one forward of the whole model (``budget_metric="flops"``).
         skip: layer name -> reason to keep it dense that only the model knows (:func:`tied_weight_reasons`).
-        progress: wraps the loop over layers (e.g. a progress bar).
+        log: receives progress lines: before the first factorization, the number of layers to factor
+            and an estimate of the total time (:func:`estimate_seconds`, from FLOP counts and rates
+            measured on the spot); after each factored layer, its name, method, ranks, seconds, error,
+            status and the time left.
     """
     result = Decisions()
     work: list[tuple[str, nn.Module, str, dec.Geometry]] = []
@@ -162,11 +235,69 @@ def decide(
         plans = budget_plans(layers, settings, model_params=model_params, model_flops=model_flops)
     else:
         plans = [dec.LayerPlan(method, ranks_for(layer, method, settings)) for _, layer, method, _ in work]
-    for (name, layer, _, geometry), plan in progress(list(zip(work, plans, strict=True))):
-        _decide_layer(result, name, layer, plan, geometry, shapes.get(layer), settings)
+    items = list(zip(work, plans, strict=True))
+    estimates = _estimate(items, len(candidates), shapes, settings, log) if log is not None else {}
+    if log is not None:
+        result.estimated_seconds = sum(estimates.values())
+    started, done_estimate = time.perf_counter(), 0.0
+    for (name, layer, _, geometry), plan in items:
+        begin = time.perf_counter()
+        factored = _decide_layer(result, name, layer, plan, geometry, shapes.get(layer), settings)
+        if not factored:
+            continue
+        result.seconds[name] = seconds = time.perf_counter() - begin
+        if log is not None:
+            done_estimate += estimates[name]
+            elapsed = time.perf_counter() - started
+            left = (sum(estimates.values()) - done_estimate) * elapsed / max(done_estimate, 1e-9)
+            row = result.rows[-1]
+            log(
+                f"TensorDecomposition: [{len(result.seconds)}/{len(estimates)}] {name}: {row['method']} "
+                f"rank {row['ranks']}, {seconds:.1f} s (estimated {estimates[name]:.1f} s), error "
+                f"{row['error']:.3f}, {row['status']}; {_seconds(elapsed)} s elapsed, about {_seconds(left)} s left"
+            )
     order = {name: i for i, (name, _) in enumerate(candidates)}
     result.rows.sort(key=lambda row: order[row["layer"]])
     return result
+
+
+def _estimate(
+    items: list[tuple[tuple[str, nn.Module, str, dec.Geometry], dec.LayerPlan | None]],
+    selected: int,
+    shapes: Shapes,
+    settings: PlanSettings,
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """Estimated seconds of every layer that will be factored; logs the total before any work starts."""
+    rates = Throughput.measure(settings.num_threads)
+    estimates: dict[str, float] = {}  # (taking the estimate costs ~0.1 s plus two forwards per timed layer)
+    methods: dict[str, int] = {}
+    for (name, layer, _, geometry), plan in items:
+        if plan is None or _mac_reduction(layer, plan, geometry) < settings.min_reduction:
+            continue  # kept dense without factoring
+        sample = latency_input(layer, shapes.get(layer), min(2, settings.latency_batch))
+        calls = None
+        if settings.measure_latency and sample is not None:
+            calls = time_calls(layer, plan, sample.to(layer.weight.device), settings.latency_batch)
+        estimates[name] = estimate_seconds(layer, plan, settings, rates, call_seconds=calls)
+        methods[plan.method] = methods.get(plan.method, 0) + 1
+    threads = settings.num_threads or torch.get_num_threads()
+    listing = ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) or "none"
+    log(
+        f"TensorDecomposition: factoring {len(estimates)} of {selected} layers ({listing}), CP on {threads} "
+        f"thread(s); estimated {_seconds(sum(estimates.values()))} s (FLOP counts at measured "
+        f"{rates.gemm / 1e9:.1f} GFLOP/s matrix products, {rates.lapack / 1e9:.1f} GFLOP/s LAPACK"
+        f"{'; latency measurement included' if settings.measure_latency else ''})."
+    )
+    return estimates
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def _mac_reduction(layer: nn.Module, plan: dec.LayerPlan, geometry: dec.Geometry) -> float:
+    return dec.macs_of(layer, None, geometry) / max(dec.macs_of(layer, plan, geometry), 1)
 
 
 def _decide_layer(
@@ -177,19 +308,26 @@ def _decide_layer(
     geometry: dec.Geometry,
     shape: tuple[tuple[int, ...], tuple[int, ...]] | None,
     settings: PlanSettings,
-) -> None:
-    """Add ``layer``'s row (and, when it is replaced, its plan and chain) to ``result``."""
+) -> bool:
+    """Add ``layer``'s row (and, when it is replaced, its plan and chain) to ``result``; ``True`` if factored."""
     floor = f"min_reduction {settings.min_reduction:g}x"
     if plan is None:
         status = f"skipped: MAC reduction < {floor} at the rank the budget allows"
         result.rows.append(report_row(name, layer, None, geometry, status=status))
-        return
-    reduction = dec.macs_of(layer, None, geometry) / max(dec.macs_of(layer, plan, geometry), 1)
+        return False
+    reduction = _mac_reduction(layer, plan, geometry)
     if reduction < settings.min_reduction:
         status = f"skipped: MAC reduction {reduction:.2f}x < {floor}"
         result.rows.append(report_row(name, layer, plan, geometry, status=status))
-        return
-    chain, error = dec.decompose(layer, plan, n_iter_max=settings.n_iter_max, tol=settings.tol, seed=settings.seed)
+        return False
+    chain, error = dec.decompose(
+        layer,
+        plan,
+        n_iter_max=settings.n_iter_max,
+        tol=settings.tol,
+        seed=settings.seed,
+        num_threads=settings.num_threads,
+    )
     row = report_row(name, layer, plan, geometry, status="decomposed", error=error)
     sample = latency_input(layer, shape, settings.latency_batch)
     if settings.measure_latency and sample is not None:
@@ -202,6 +340,7 @@ def _decide_layer(
     if row["status"] == "decomposed":
         result.plans[name] = plan
         result.chains[name] = chain
+    return True
 
 
 # ---------------------------------------------------------------------------- shapes and rows

@@ -68,6 +68,8 @@ BAD_INIT = [
     (dict(n_iter_max=0), "n_iter_max"),
     (dict(tol=0), "tol must be"),
     (dict(latency_batch=0), "latency_batch"),
+    (dict(num_threads=0), "num_threads must be None"),
+    (dict(num_threads=2.0), "num_threads must be None"),
     (dict(include=["re:("]), "invalid regular expression"),
 ]
 
@@ -357,3 +359,39 @@ def test_failure_in_setup_leaves_no_hook_on_the_model(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="rank=10000 is larger than"):
         trainer.fit(model, DataLoader(random_classification(), batch_size=16))
     assert len(model._load_state_dict_pre_hooks) == 0
+
+
+def test_progress_estimate_comes_before_the_first_layer_then_one_line_per_layer(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    # Lightning stops its logger's propagation when the root logger has no handler; caplog listens at the root.
+    monkeypatch.setattr(logging.getLogger("pytorch_lightning"), "propagate", True)
+    messages_when_factoring: list[list[str]] = []
+    decompose = F.decompose
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        messages_when_factoring.append([r.getMessage() for r in caplog.records])
+        return decompose(*args, **kwargs)
+
+    monkeypatch.setattr(F, "decompose", spy)
+    callback = TensorDecomposition(method="cp", rank=0.3, types=["Conv2d"], num_threads=1, **QUIET)
+    before = torch.get_num_threads()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [callback], max_steps=1).fit(TinyCNN(scheduler=False))
+    assert torch.get_num_threads() == before
+    # Two 3x3 convs are factored (the grouped one is skipped without factoring).
+    assert len(messages_when_factoring) == 2
+    estimate = [m for m in messages_when_factoring[0] if "estimated" in m]
+    assert len(estimate) == 1, "the estimate must be out before the first layer is factored"
+    assert re.search(r"factoring 2 of 3 layers \(cp: 2\), CP on 1 thread\(s\); estimated [\d.]+ s", estimate[0])
+    lines = [r.getMessage() for r in caplog.records if re.search(r"\[\d/2\]", r.getMessage())]
+    assert [line.split("]")[0].rsplit("[", 1)[1] for line in lines] == ["1/2", "2/2"]
+    rows = {r["layer"]: r for r in callback.rows}
+    for line, name in zip(lines, ["features.0", "features.2"], strict=True):
+        pattern = rf"{name}: cp rank {rows[name]['ranks']}, \d+\.\d s \(estimated \d+\.\d s\), error \d\.\d{{3}}"
+        assert re.search(pattern, line), line
+        assert "decomposed" in line and "s left" in line
+    final = [r.getMessage() for r in caplog.records if "layers in" in r.getMessage()]
+    assert len(final) == 1 and ", estimated " in final[0]

@@ -326,3 +326,156 @@ def test_check_layers_refuses_a_pruning_mask_without_zeros_and_a_few_zeros() -> 
         model[2].weight[0, :1] = 0.0  # 1 of 32 weights (3%) exactly zero
     with pytest.raises(ValueError, match=r"'2': 3% of its weights are exactly zero"):
         planning.check_layers(model, [("2", model[2])])
+
+
+# ---------------------------------------------------------------------------- CP by alternating least squares
+def _planted_cp(shape: tuple[int, ...], rank: int, noise: float, seed: int) -> tuple[torch.Tensor, float]:
+    """A sum of ``rank`` random rank-one terms plus Gaussian noise; returns it and ||noise|| / ||tensor||."""
+    g = torch.Generator().manual_seed(seed)
+    factors = [torch.randn(d, rank, generator=g, dtype=torch.float64) for d in shape]
+    letters = "abcdefgh"[: len(shape)]
+    signal = torch.einsum(",".join(f"{c}r" for c in letters) + "->" + letters, *factors)
+    e = torch.randn(shape, generator=g, dtype=torch.float64)
+    e = e * (noise * signal.norm() / e.norm())
+    tensor = signal + e
+    return tensor, float(e.norm() / tensor.norm())
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((12, 10, 3, 3), 5), ((9, 8, 7), 4), ((16, 6, 3, 5), 6)])
+def test_cp_als_reaches_the_noise_level_of_a_planted_low_rank_tensor(shape: tuple[int, ...], rank: int) -> None:
+    tensor, noise = _planted_cp(shape, rank, noise=1e-3, seed=0)
+    factors, errors = F.cp_als(tensor, rank, n_iter_max=500, tol=1e-12, seed=0)
+    # The planted rank-R tensor is itself a candidate at distance ||noise||, so the best CP of rank R has
+    # relative error <= noise; ALS from the SVD start must get within a small factor of it.
+    assert [tuple(f.shape) for f in factors] == [(d, rank) for d in shape]
+    letters = "abcdefgh"[: len(shape)]
+    approx = torch.einsum(",".join(f"{c}r" for c in letters) + "->" + letters, *factors)
+    error = float((tensor - approx).norm() / tensor.norm())
+    assert error <= 1.5 * noise
+    assert errors[-1] == pytest.approx(error, rel=1e-6, abs=1e-9)  # the tracked error is the true one
+
+
+def test_cp_decompose_of_a_planted_kernel_reports_its_true_error() -> None:
+    kernel, noise = _planted_cp((12, 10, 3, 3), 5, noise=1e-3, seed=1)
+    conv = _conv(10, 12, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+    chain, error = F.decompose(conv, F.LayerPlan("cp", (5,)), n_iter_max=500, tol=1e-12)
+    assert error <= 1.5 * noise
+    # The chain computes the conv with the reconstructed kernel: its output is as close as the kernel is.
+    x = torch.randn(2, 10, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((chain(x) - conv(x)).norm() / conv(x).norm()) <= 3 * noise
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((16, 12, 3, 3), 10), ((20, 6, 3, 3), 30), ((8, 7, 5), 6)])
+def test_cp_als_follows_tensorly_parafac_iterate_for_iterate(shape: tuple[int, ...], rank: int) -> None:
+    # Reference: tensorly's own parafac with the same initialisation and stopping rule (what decompose used
+    # before); rank 30 > 20 and > 6 exercises the random columns of the initialisation.
+    from tensorly.decomposition import parafac
+
+    g = torch.Generator().manual_seed(3)
+    tensor = torch.randn(shape, generator=g, dtype=torch.float64)
+    factors, errors = F.cp_als(tensor, rank, n_iter_max=15, tol=1e-6, seed=4)
+    with tl.backend_context("pytorch"):
+        cp, reference = parafac(
+            tensor, rank, init="svd", svd=F.gram_svd, n_iter_max=15, tol=1e-6, random_state=4, return_errors=True
+        )
+        expected = tl.cp_to_tensor(cp)
+    assert len(errors) == len(reference)
+    torch.testing.assert_close(torch.tensor(errors), torch.tensor([float(e) for e in reference]), rtol=1e-6, atol=1e-9)
+    with tl.backend_context("pytorch"):
+        ours = tl.cp_to_tensor((torch.ones(rank, dtype=torch.float64), factors))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * float(tensor.abs().max()))
+
+
+def test_cp_is_deterministic_given_the_seed() -> None:
+    conv = _conv(8, 12, 3)  # rank 20 > 3: the spatial factors start with random columns
+    plan = F.LayerPlan("cp", (20,))
+    first, error_1 = F.decompose(conv, plan, seed=7)
+    second, error_2 = F.decompose(conv, plan, seed=7)
+    third, _ = F.decompose(conv, plan, seed=8)
+    assert error_1 == error_2
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[1].weight, third[1].weight)
+
+
+@pytest.mark.parametrize(("outside", "inside"), [(2, 1), (1, 2), (2, None)])
+def test_cp_runs_products_on_num_threads_and_lapack_on_one(
+    monkeypatch: pytest.MonkeyPatch, outside: int, inside: int | None
+) -> None:
+    seen: dict[str, set[int]] = {"products": set(), "lapack": set()}
+    khatri_rao, solve_ex = F.khatri_rao, torch.linalg.solve_ex
+
+    def spy_products(*args: object) -> torch.Tensor:
+        seen["products"].add(torch.get_num_threads())
+        return khatri_rao(*args)
+
+    def spy_lapack(*args: object, **kwargs: object) -> object:
+        seen["lapack"].add(torch.get_num_threads())
+        return solve_ex(*args, **kwargs)
+
+    monkeypatch.setattr(F, "khatri_rao", spy_products)
+    monkeypatch.setattr(torch.linalg, "solve_ex", spy_lapack)
+    before = torch.get_num_threads()
+    torch.set_num_threads(outside)
+    try:
+        F.decompose(_conv(6, 10, 3), F.LayerPlan("cp", (8,)), n_iter_max=3, num_threads=inside)
+        assert torch.get_num_threads() == outside  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"products": {inside or outside}, "lapack": {1}}
+
+
+def test_cp_refuses_a_matrix_and_survives_a_zero_kernel() -> None:
+    with pytest.raises(ValueError, match="at least 3 modes"):
+        F.cp_als(torch.randn(4, 5), 2)
+    conv = _conv(4, 6, 3)
+    with torch.no_grad():
+        conv.weight.zero_()
+    # Singular normal equations: solved by the pseudo-inverse, so the factors stay finite (and the
+    # chain computes zero), rather than a LAPACK failure or NaN weights.
+    chain, _ = F.decompose(conv, F.LayerPlan("cp", (3,)), n_iter_max=3)
+    assert all(torch.isfinite(m.weight).all() for m in chain)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(chain(x), conv(x))
+
+
+def test_factorization_cost_model_grows_with_the_work() -> None:
+    small, large = _conv(64, 64, 3), _conv(128, 128, 3)
+    cp = [F.factorization_flops(c, F.LayerPlan("cp", (r,)), 25) for c, r in ((small, 32), (large, 32), (large, 64))]
+    assert cp[0][0] < cp[1][0] < cp[2][0] and cp[0][1] < cp[2][1]
+    # CP counts every sweep: the two large products alone are 4 * numel * rank FLOPs per sweep.
+    per_sweep = F.factorization_flops(large, F.LayerPlan("cp", (64,)), 26)[0] - cp[2][0]
+    assert per_sweep >= 4 * 128 * 128 * 9 * 64
+    gemm, lapack = F.measure_throughput(1)
+    assert gemm > 1e7 and lapack > 1e6  # FLOP/s of any CPU this runs on
+
+
+@pytest.mark.parametrize(
+    ("busy", "requested", "expected"),
+    [(0.0, None, 2), (0.4, None, 2), (1.0, None, 1), (5.0, None, 1), (5.0, 2, 2), (0.0, 1, 1), (None, None, 2)],
+)
+def test_factorization_threads_leave_busy_cores_alone(
+    monkeypatch: pytest.MonkeyPatch, busy: float | None, requested: int | None, expected: int
+) -> None:
+    import os
+
+    monkeypatch.setattr(F, "_busy_elsewhere", lambda: busy)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads, why = F.factorization_threads(requested)
+    finally:
+        torch.set_num_threads(before)
+    # Two cores, `busy` of them running other processes' threads: the rest (rounded, at least 1) are free.
+    assert threads == expected
+    assert (why is None) == (expected == 2 or requested is not None)
+    if why is not None:
+        assert f"{busy:g} threads of other processes running on 2 cores" in why and "num_threads" in why
+
+
+def test_busy_elsewhere_reads_a_count() -> None:
+    busy = F._busy_elsewhere()
+    assert busy is None or busy >= 0
