@@ -29,7 +29,12 @@ from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.export.cpu import TARGET_CPUS, WEIGHT_DTYPES, weight_storage
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
-from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
+from lightning_compress.functional.int8 import (
+    convert_to_int8,
+    int8_layers,
+    matmul_nbits_problem,
+    quantized_size_bytes,
+)
 from lightning_compress.functional.qat import (
     OPTIONAL_TYPES,
     QUANTIZABLE_TYPES,
@@ -83,7 +88,9 @@ class QuantizationAwareTraining(CompressionCallback):
             features (torchao's int4 weight-only layout, e.g. 32/64/128 with ``weight_bits=4``) for Linear
             and ``Conv1D`` layers; must divide the input size of every selected layer (checked in ``setup``,
             convs are refused). ``None`` (default): one scale per output channel. Group-wise layers convert
-            with :func:`~lightning_compress.convert_to_int8`; their ONNX export is not supported yet.
+            with :func:`~lightning_compress.convert_to_int8` and export to ONNX as onnxruntime's ``MatMulNBits``
+            (4-bit weights, ``group_size`` a power of two >= 16, ``activation_bits=None``); the ONNX export
+            refuses other group-wise configurations.
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
             ``model_int8.onnx`` there.
@@ -376,10 +383,12 @@ class QuantizationAwareTraining(CompressionCallback):
         path = os.path.join(self.export_dir, "model_int8.pt")
         torch.save(int8, path)
         self.exported["torch"] = path
-        if self.group_size is not None:
+        problems = {n: p for n, m in int8_layers(int8).items() if (p := matmul_nbits_problem(m)) and m.group_size}
+        if problems:
             rank_zero_warn(
-                "QuantizationAwareTraining: ONNX export of group-wise weight scales is not supported yet; "
-                f"only {path} (the PyTorch int8 model) was written."
+                "QuantizationAwareTraining: group-wise layers export to ONNX only as onnxruntime's MatMulNBits "
+                f"(4-bit, group_size a power of two >= 16, activation_bits=None); not for {problems}. Only "
+                f"{path} (the PyTorch int8 model) was written."
             )
             return
         sample = example_input(pl_module, [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)])

@@ -49,6 +49,91 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
 
 
+def pack_nbits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``[..., k]`` packed as onnxruntime's ``MatMulNBits`` stores them.
+
+    Unsigned with zero point ``2^(bits-1)``, ``8 / bits`` codes per byte along the last dim, the first in
+    the low bits.
+
+    Example::
+
+        >>> pack_nbits(torch.tensor([[-7, 7, 0, 1]], dtype=torch.int8), 4).tolist()  # 1 | 15 << 4, 8 | 9 << 4
+        [[241, 152]]
+    """
+    per_byte = 8 // bits
+    unsigned = codes.to(torch.int32) + 2 ** (bits - 1)
+    if unsigned.shape[-1] % per_byte:  # pad with the zero point (code 0)
+        pad = per_byte - unsigned.shape[-1] % per_byte
+        unsigned = torch.cat([unsigned, unsigned.new_full((*unsigned.shape[:-1], pad), 2 ** (bits - 1))], -1)
+    unsigned = unsigned.reshape(*unsigned.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    return (unsigned << shifts).sum(-1).to(torch.uint8)
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """``x @ (codes * scale).T`` with group-wise scales; exports as onnxruntime's ``com.microsoft::MatMulNBits``."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        packed: torch.Tensor,
+        zero_points: torch.Tensor,
+        bits: int,
+        group_size: int,
+    ) -> torch.Tensor:
+        return F.linear(x, dequantize_weight_grouped(codes, scale))
+
+    @staticmethod
+    def symbolic(  # noqa: D102
+        g: Any, x: Any, codes: Any, scale: Any, packed: Any, zero_points: Any, bits: int, group_size: int
+    ) -> Any:
+        out_features, in_features = codes.type().sizes()
+        y = g.op(
+            "com.microsoft::MatMulNBits",
+            x,
+            packed,
+            scale,
+            zero_points,
+            K_i=in_features,
+            N_i=out_features,
+            bits_i=bits,
+            block_size_i=group_size,
+        )
+        x_sizes = x.type().varyingSizes()
+        if x_sizes is not None:  # the exporter cannot infer a custom op's output shape: [..., N]
+            y.setType(x.type().with_sizes([*x_sizes[:-1], out_features]))
+        return y
+
+
+def matmul_nbits_problem(layer: Int8Layer) -> str | None:
+    """Why a group-wise :class:`Int8Layer` cannot export as ``MatMulNBits``, or ``None`` when it can."""
+    if layer.weight_bits != 4:
+        return f"weight_bits={layer.weight_bits} (4 only)"
+    g = layer.group_size
+    if g is None or g < 16 or g & (g - 1):
+        return f"group_size={g} (a power of two >= 16)"
+    if layer.activation_bits is not None:
+        return "quantized input (weight-only only)"
+    return None
+
+
+def prepare_matmul_nbits_(layer: Int8Layer) -> None:
+    """Attach the packed codes and zero points ``MatMulNBits`` reads (buffers, so they export as initializers).
+
+    Only for the export: :func:`~lightning_compress.export.onnx.export_onnx` calls it on its own copy.
+    """
+    assert layer.group_size is not None
+    out_features, in_features = layer.weight_int8.shape
+    blocks = in_features // layer.group_size
+    packed = pack_nbits(layer.weight_int8, layer.weight_bits).reshape(out_features, blocks, -1)
+    zero_points = pack_nbits(torch.zeros(out_features, blocks, dtype=torch.int8), layer.weight_bits)
+    layer.register_buffer("nbits_packed", packed, persistent=False)
+    layer.register_buffer("nbits_zero_points", zero_points, persistent=False)
+
+
 class Int8Layer(nn.Module):
     """A quantized Linear / Conv1d / Conv2d as deployed: int8 weight codes + fp32 per-channel scales.
 
@@ -137,7 +222,19 @@ class Int8Layer(nn.Module):
         if self.activation_bits is not None:
             qmin, qmax = activation_qrange(self.activation_bits)
             x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, qmin, qmax)
-        if self.kind == "linear":
+        if self.kind == "linear" and getattr(self, "nbits_packed", None) is not None:
+            y = _MatMulNBits.apply(
+                x,
+                self.weight_int8,
+                self.weight_scale,
+                self.nbits_packed,
+                self.nbits_zero_points,
+                self.weight_bits,
+                self.group_size,
+            )
+            if self.bias is not None:
+                y = y + self.bias
+        elif self.kind == "linear":
             y = F.linear(x, self.dequantized_weight(), self.bias)
         else:
             conv = F.conv1d if self.kind == "conv1d" else F.conv2d

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import QuantizationAwareTraining, convert_to_int8, export_onnx
+from lightning_compress import QuantizationAwareTraining, convert_to_int8
 from lightning_compress.functional.int8 import Int8Embedding, Int8Layer
 from tests.helpers import TinyMLP, trainer
 
@@ -39,9 +40,12 @@ def test_group_size_not_dividing_a_layer_refused_in_setup(tmp_path) -> None:
     assert t.global_step == 0 and type(model.net[0]) is nn.Linear
 
 
-def test_grouped_fit_metrics_convert_and_onnx_refusal(tmp_path) -> None:
+def test_grouped_fit_metrics_convert_and_export(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
     model = TinyMLP(features=16, hidden=32)
-    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=None, group_size=16)
+    out = tmp_path / "export"
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=None, group_size=16, export_dir=str(out))
     t = trainer(tmp_path, [qat], max_steps=4)
     t.fit(model)
     assert tuple(model.net[0].weight_scale.shape) == (32, 1)
@@ -58,10 +62,21 @@ def test_grouped_fit_metrics_convert_and_onnx_refusal(tmp_path) -> None:
     model.eval()
     with torch.no_grad():
         assert torch.equal(int8(x), model(x))
-    path = tmp_path / "m.onnx"
-    with pytest.raises(ValueError, match="group-wise weight scales yet"):
-        export_onnx(int8, str(path), x)
-    assert not path.exists()
+    # export_dir: the PyTorch int8 model and the MatMulNBits ONNX model, which runs in onnxruntime.
+    assert (out / "model_int8.pt").exists()
+    graph = onnx.load(str(out / "model_int8.onnx")).graph
+    assert [n.op_type for n in graph.node].count("MatMulNBits") == 3
+    session = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], int8(x).numpy(), atol=1e-5)
+
+
+def test_grouped_export_dir_warns_for_unsupported_onnx(tmp_path) -> None:
+    out = tmp_path / "export"
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, group_size=16, export_dir=str(out))
+    with pytest.warns(UserWarning, match="MatMulNBits.*quantized input"):
+        trainer(tmp_path, [qat], max_steps=2).fit(TinyMLP(features=16, hidden=32))
+    assert sorted(p.name for p in out.iterdir()) == ["model_int8.pt"]
 
 
 class TokenClassifier(pl.LightningModule):
