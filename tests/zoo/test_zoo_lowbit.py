@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from lightning_compress import QuantizationAwareTraining, convert_to_int8
+from lightning_compress import QuantizationAwareTraining, convert_to_int8, export_onnx
 from lightning_compress.functional.int8 import Int8Embedding, int8_layers
 from lightning_compress.functional.qat import qat_modules
 from lightning_compress.inputs import as_call, run
@@ -46,6 +47,19 @@ def test_group_wise_4bit_on_hf_models(name: str, tmp_path: Any) -> None:
         assert tuple(c_fc.weight.shape) == (32, 64) and tuple(c_fc.weight_scale.shape) == (64, 2)
     compare(case)
     assert all(m.group_size == 16 for m in int8_layers(convert_to_int8(case.module)).values())
+
+
+def test_group_wise_gpt2_runs_in_onnxruntime(tmp_path: Any) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    case, _ = fit("hf_gpt2", tmp_path, weight_bits=4, activation_bits=None, group_size=16, exclude=["model.lm_head"])
+    int8 = convert_to_int8(case.module.eval())
+    path = export_onnx(int8, str(tmp_path / "gpt2.onnx"), case.example_input)
+    assert [n.op_type for n in onnx.load(path).graph.node].count("MatMulNBits") == 8  # every Conv1D
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": case.example_input.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, int8(case.example_input).numpy(), atol=1e-5, rtol=1e-4)
 
 
 def test_bert_word_embeddings_quantized(tmp_path: Any) -> None:
