@@ -130,3 +130,26 @@ def test_embedding_qat_fit_convert(tmp_path) -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(int8(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_group_wise_and_embedding_scales_strictly(tmp_path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def qat() -> QuantizationAwareTraining:
+        return QuantizationAwareTraining(
+            weight_bits=4, activation_bits=None, group_size=8, types=["Embedding", "Linear"]
+        )
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [qat(), ckpt_cb], max_steps=3, enable_checkpointing=True).fit(TokenClassifier())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert tuple(saved["head.weight_scale"].shape) == (2, 2) and tuple(saved["emb.weight_scale"].shape) == (20,)
+    resumed = TokenClassifier()
+    t = trainer(tmp_path, [qat()], max_steps=4)
+    t.fit(resumed, ckpt_path=str(path))
+    assert t.global_step == 4 and tuple(resumed.head.weight_scale.shape) == (2, 2)
+    # Another group size gives scales of another shape: strict loading refuses the checkpoint.
+    other = QuantizationAwareTraining(weight_bits=4, activation_bits=None, group_size=16, types=["Embedding", "Linear"])
+    with pytest.raises(RuntimeError, match="weight_scale"):
+        trainer(tmp_path, [other], max_steps=5).fit(TokenClassifier(), ckpt_path=str(path))
