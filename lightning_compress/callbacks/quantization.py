@@ -29,8 +29,22 @@ from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.export.cpu import TARGET_CPUS, WEIGHT_DTYPES, weight_storage
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.fake_quant import SUPPORTED_ACTIVATION_BITS, SUPPORTED_WEIGHT_BITS
-from lightning_compress.functional.int8 import convert_to_int8, quantized_size_bytes
-from lightning_compress.functional.qat import QUANTIZABLE_TYPES, is_qat, pool_names, prepare_, qat_class, qat_pools
+from lightning_compress.functional.int8 import (
+    convert_to_int8,
+    int8_layers,
+    matmul_nbits_problem,
+    quantized_size_bytes,
+)
+from lightning_compress.functional.qat import (
+    OPTIONAL_TYPES,
+    QUANTIZABLE_TYPES,
+    check_group_size_,
+    is_qat,
+    pool_names,
+    prepare_,
+    qat_class,
+    qat_pools,
+)
 from lightning_compress.inputs import to_device
 from lightning_compress.targets import matches, select_modules, tied_parameters, validate_patterns
 
@@ -67,7 +81,16 @@ class QuantizationAwareTraining(CompressionCallback):
         overrides: ``{pattern: weight_bits}`` for layers that need other bits (e.g. ``{"classifier": 8}``).
         include: module name patterns (glob or ``re:``) to quantize; all supported layers by default.
         exclude: module name patterns to keep in fp32.
-        types: layer class names to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv1D``.
+        types: layer class names to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv1D`` (the
+            default) and ``Embedding`` (only when named here: weight-only, one scale per row; a tied
+            embedding such as GPT-2's is refused).
+        group_size: one weight scale per output channel *and* per group of ``group_size`` consecutive input
+            features (torchao's int4 weight-only layout, e.g. 32/64/128 with ``weight_bits=4``) for Linear
+            and ``Conv1D`` layers; must divide the input size of every selected layer (checked in ``setup``,
+            convs are refused). ``None`` (default): one scale per output channel. Group-wise layers convert
+            with :func:`~lightning_compress.convert_to_int8` and export to ONNX as onnxruntime's ``MatMulNBits``
+            (4-bit weights, ``group_size`` a power of two >= 16, ``activation_bits=None``); the ONNX export
+            refuses other group-wise configurations.
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
             ``model_int8.onnx`` there.
@@ -110,6 +133,7 @@ class QuantizationAwareTraining(CompressionCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         types: Sequence[str] | None = None,
+        group_size: int | None = None,
         export_dir: str | None = None,
         target_cpu: str = "auto",
         export_weight_dtype: str = "auto",
@@ -142,12 +166,20 @@ class QuantizationAwareTraining(CompressionCallback):
         self.include = validate_patterns("include", include)
         self.exclude = validate_patterns("exclude", exclude)
         self.types = validate_patterns("types", types) or list(QUANTIZABLE_TYPES)
-        unsupported = [t for t in self.types if t not in QUANTIZABLE_TYPES]
+        unsupported = [t for t in self.types if t not in QUANTIZABLE_TYPES + OPTIONAL_TYPES]
         if unsupported:
             raise ValueError(
-                f"types must be among {list(QUANTIZABLE_TYPES)}, got {unsupported}. "
-                "HINT: other layers (Conv3d, Embedding, attention's in_proj_weight) stay in fp32."
+                f"types must be among {list(QUANTIZABLE_TYPES + OPTIONAL_TYPES)}, got {unsupported}. "
+                "HINT: other layers (Conv3d, attention's in_proj_weight) stay in fp32."
             )
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
+            raise ValueError(
+                f"group_size must be a positive integer or None, got {group_size!r}. "
+                "HINT: input features per scale, e.g. 32, 64 or 128."
+            )
+        self.group_size = group_size
         self.export_dir = export_dir
         self.target_cpu = check_choice("target_cpu", target_cpu, TARGET_CPUS)
         self.export_weight_dtype = check_choice("export_weight_dtype", export_weight_dtype, WEIGHT_DTYPES)
@@ -173,6 +205,7 @@ class QuantizationAwareTraining(CompressionCallback):
             if not any(matches(n, [pattern]) for n in names):
                 raise ValueError(f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}.")
         bits = {n: next((b for p, b in self.overrides.items() if matches(n, [p])), self.weight_bits) for n in names}
+        check_group_size_(dict(pl_module.named_modules()), names, self.group_size)
         prepare_(
             pl_module,
             weight_bits=bits,
@@ -182,6 +215,7 @@ class QuantizationAwareTraining(CompressionCallback):
             ema_decay=self.ema_decay,
             # Average pools are observed so an int8 runtime can pool in int8; `exclude` keeps one float.
             pools=[n for n in pool_names(pl_module) if not (self.exclude and matches(n, self.exclude))],
+            group_size=self.group_size,
         )
         modules = dict(pl_module.named_modules())
         self._layers = {n: modules[n] for n in names}
@@ -199,10 +233,15 @@ class QuantizationAwareTraining(CompressionCallback):
         # Observed ranges and scales are buffers of the swapped layers: they travel in the model's own
         # state_dict. The phase follows from trainer.global_step. This records the configuration, so a
         # resume with different bits fails loudly instead of mixing scales.
-        return {"layer_bits": {n: m.weight_bits for n, m in self._layers.items()}}
+        return {"layer_bits": {n: m.weight_bits for n, m in self._layers.items()}, "group_size": self.group_size}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("group_size", self.group_size) != self.group_size:
+            raise ValueError(
+                f"The checkpoint was trained with group_size={state_dict['group_size']}, this callback uses "
+                f"group_size={self.group_size}. HINT: resume with the same group_size."
+            )
         saved = state_dict.get("layer_bits", {})
         current = {n: m.weight_bits for n, m in self._layers.items()}
         if saved and saved != current:
@@ -258,8 +297,8 @@ class QuantizationAwareTraining(CompressionCallback):
         unsupported = [f"{n} ({type(m).__name__})" for n, m in selected if qat_class(m) is None and not is_qat(m)]
         if unsupported:
             raise ValueError(
-                f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face "
-                "Conv1D are swapped. HINT: exclude these modules."
+                f"Cannot quantize {unsupported}: only plain nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding and "
+                "Hugging Face Conv1D are swapped. HINT: exclude these modules."
             )
         names = [n for n, _ in selected]
         # Ties to an unselected module were refused by select_modules; this catches ties inside the selection.
@@ -274,8 +313,8 @@ class QuantizationAwareTraining(CompressionCallback):
             )
         self._fp32_layers = {n: "read directly by nn.MultiheadAttention" for n in skipped}
         for n, m in pl_module.named_modules():
-            if isinstance(m, torch.nn.Embedding):
-                self._fp32_layers[n] = "Embedding: not quantized"
+            if isinstance(m, torch.nn.Embedding) and n not in names:
+                self._fp32_layers[n] = "Embedding: not quantized (add 'Embedding' to types)"
         return names
 
     # ---------------------------------------------------------------- phases
@@ -328,6 +367,7 @@ class QuantizationAwareTraining(CompressionCallback):
             "start_step": self.start_step,
             "freeze_observers_step": self.freeze_observers_step,
             "freeze_bn_step": self.freeze_bn_step,
+            "group_size": self.group_size if self.group_size is not None else "- (per output channel)",
             "onnx_weight_storage": storage.summary,
             "onnx_target_cpu": storage.target,
             "onnx_storage_reason": storage.reason,
@@ -343,6 +383,14 @@ class QuantizationAwareTraining(CompressionCallback):
         path = os.path.join(self.export_dir, "model_int8.pt")
         torch.save(int8, path)
         self.exported["torch"] = path
+        problems = {n: p for n, m in int8_layers(int8).items() if (p := matmul_nbits_problem(m)) and m.group_size}
+        if problems:
+            rank_zero_warn(
+                "QuantizationAwareTraining: group-wise layers export to ONNX only as onnxruntime's MatMulNBits "
+                f"(4-bit, group_size a power of two >= 16, activation_bits=None); not for {problems}. Only "
+                f"{path} (the PyTorch int8 model) was written."
+            )
+            return
         sample = example_input(pl_module, [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)])
         if sample is None:
             rank_zero_info(

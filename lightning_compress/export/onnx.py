@@ -8,6 +8,7 @@ works without it).
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -17,7 +18,13 @@ import torch
 from torch import nn
 
 from lightning_compress.export.cpu import WEIGHT_DTYPES, WeightStorage, weight_storage
-from lightning_compress.functional.int8 import convert_to_int8, int8_layers
+from lightning_compress.functional.int8 import (
+    convert_to_int8,
+    int8_embeddings,
+    int8_layers,
+    matmul_nbits_problem,
+    prepare_matmul_nbits_,
+)
 from lightning_compress.inputs import CapturedCall, as_call, run
 
 __all__ = ["WEIGHT_DTYPES", "export_onnx"]
@@ -77,8 +84,9 @@ def export_onnx(
         ``path``.
 
     Raises:
-        ValueError: if ``example_input`` is missing, ``weight_dtype`` / ``target_cpu`` unknown or the
-            model was not prepared for quantization. Nothing is written then, and a failed export never
+        ValueError: if ``example_input`` is missing, ``weight_dtype`` / ``target_cpu`` unknown, the
+            model was not prepared for quantization or has group-wise weight scales (not supported yet).
+            Nothing is written then, and a failed export never
             leaves a partial file at ``path`` (it is written to a temporary file, then renamed).
     """
     import onnx  # the [onnx] extra
@@ -89,8 +97,21 @@ def export_onnx(
             "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
             "HINT: one real batch, e.g. next(iter(dataloader))[0][:1]."
         )
-    if not int8_layers(model):
+    if not int8_layers(model) and not int8_embeddings(model):
         model = convert_to_int8(model)
+    grouped = {n: m for n, m in int8_layers(model).items() if m.group_size is not None}
+    problems = {n: p for n, m in grouped.items() if (p := matmul_nbits_problem(m)) is not None}
+    if problems:
+        raise ValueError(
+            f"export_onnx supports group-wise weight scales only as onnxruntime's MatMulNBits (4-bit weights, "
+            f"group_size a power of two >= 16, no input quantization); not supported yet for {problems}. "
+            "Nothing was written. HINT: use the PyTorch model from convert_to_int8 (torch.save), or train "
+            "with group_size=None (one scale per output channel) for an int8 ONNX export."
+        )
+    if grouped:
+        model = copy.deepcopy(model)  # the packed weights are for the export only
+        for name in grouped:
+            prepare_matmul_nbits_(model.get_submodule(name))
     model = model.eval()
     call = as_call(example_input)
     try:

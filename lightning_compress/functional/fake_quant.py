@@ -151,3 +151,78 @@ def fold_batchnorm(
     bias = torch.zeros_like(running_mean) if bias is None else bias
     factor = batchnorm_factor(running_var, gamma, eps)
     return weight * factor.reshape(_channel_shape(weight.dim(), 0)), beta + (bias - running_mean) * factor
+
+
+def _check_group_size(weight: torch.Tensor, group_size: int, axis: int) -> int:
+    """Input features per output channel; ``group_size`` must divide them."""
+    if weight.dim() != 2:
+        raise ValueError(f"group-wise scales need a 2-d (Linear) weight, got shape {tuple(weight.shape)}.")
+    in_features = weight.shape[1 - axis]
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the {in_features} input features.")
+    return in_features
+
+
+def _grouped(weight: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
+    """``weight`` as ``[out, in / group_size, group_size]`` (output channels along ``axis``)."""
+    _check_group_size(weight, group_size, axis)
+    w = weight.movedim(axis, 0)
+    return w.reshape(w.shape[0], -1, group_size)
+
+
+def group_weight_scale(weight: torch.Tensor, bits: int, group_size: int, axis: int = 0) -> torch.Tensor:
+    """Group-wise symmetric scales ``max|w| / qmax``, one per output channel and group of input features.
+
+    The groups are ``group_size`` consecutive input features (torchao's int4 weight-only layout): the
+    result has shape ``[out, in / group_size]``. ``axis`` is the output-channel dim of the 2-d weight
+    (1 for Hugging Face's ``Conv1D``).
+
+    Example::
+
+        >>> group_weight_scale(torch.tensor([[7.0, -1.0, 0.5, 0.0]]), 4, group_size=2)
+        tensor([[1.0000, 0.0714]])
+    """
+    amax = _grouped(weight.detach(), group_size, axis).abs().amax(-1)
+    return (amax / weight_qrange(bits)[1]).clamp_min(_EPS)
+
+
+def fake_quantize_weight_grouped(
+    weight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int, axis: int = 0
+) -> torch.Tensor:
+    """Group-wise symmetric fake-quantization (straight-through gradient); ``scale`` is ``[out, in / g]``."""
+    qmin, qmax = weight_qrange(bits)
+    grouped = _grouped(weight, group_size, axis)
+    flat = grouped.reshape(-1, group_size)  # one "channel" per group
+    zero = torch.zeros(flat.shape[0], dtype=torch.int32, device=weight.device)
+    fq = torch.fake_quantize_per_channel_affine(flat, scale.reshape(-1).float(), zero, 0, qmin, qmax)
+    return fq.reshape(grouped.shape[0], -1).movedim(0, axis)
+
+
+def quantize_weight_grouped(
+    weight: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (``int8`` storage, ``[out, in]``) and ``[out, in / g]`` scales of a ``[out, in]`` weight.
+
+    Example::
+
+        >>> q, s = quantize_weight_grouped(torch.tensor([[7.0, -1.0, 0.5, 0.0]]), 4, group_size=2)
+        >>> q
+        tensor([[ 7, -1,  7,  0]], dtype=torch.int8)
+    """
+    scale = group_weight_scale(weight, bits, group_size) if scale is None else scale
+    qmin, qmax = weight_qrange(bits)
+    grouped = _grouped(weight.detach(), group_size, 0)
+    codes = torch.round(grouped / scale.unsqueeze(-1)).clamp(qmin, qmax).to(torch.int8)
+    return codes.reshape(weight.shape), scale.detach().float().clone()
+
+
+def dequantize_weight_grouped(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``codes * scale`` with one scale per output channel and group of input features (``[out, in]``).
+
+    Example::
+
+        >>> dequantize_weight_grouped(torch.tensor([[2, -1, 4, 1]], dtype=torch.int8), torch.tensor([[0.5, 0.25]]))
+        tensor([[ 1.0000, -0.5000,  1.0000,  0.2500]])
+    """
+    out, groups = scale.shape
+    return (codes.float().reshape(out, groups, -1) * scale.unsqueeze(-1)).reshape(codes.shape)

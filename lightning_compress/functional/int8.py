@@ -28,7 +28,10 @@ from lightning_compress.functional.fake_quant import (
     activation_qrange,
     batchnorm_factor,
     dequantize_weight,
+    dequantize_weight_grouped,
+    group_weight_scale,
     quantize_weight,
+    quantize_weight_grouped,
     weight_scale,
 )
 from lightning_compress.functional.qat import FOLDED_BN_TYPES, _QATMixin, keep_own_forward, qat_modules, qat_pools
@@ -46,6 +49,91 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
 
 
+def pack_nbits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``[..., k]`` packed as onnxruntime's ``MatMulNBits`` stores them.
+
+    Unsigned with zero point ``2^(bits-1)``, ``8 / bits`` codes per byte along the last dim, the first in
+    the low bits.
+
+    Example::
+
+        >>> pack_nbits(torch.tensor([[-7, 7, 0, 1]], dtype=torch.int8), 4).tolist()  # 1 | 15 << 4, 8 | 9 << 4
+        [[241, 152]]
+    """
+    per_byte = 8 // bits
+    unsigned = codes.to(torch.int32) + 2 ** (bits - 1)
+    if unsigned.shape[-1] % per_byte:  # pad with the zero point (code 0)
+        pad = per_byte - unsigned.shape[-1] % per_byte
+        unsigned = torch.cat([unsigned, unsigned.new_full((*unsigned.shape[:-1], pad), 2 ** (bits - 1))], -1)
+    unsigned = unsigned.reshape(*unsigned.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    return (unsigned << shifts).sum(-1).to(torch.uint8)
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """``x @ (codes * scale).T`` with group-wise scales; exports as onnxruntime's ``com.microsoft::MatMulNBits``."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        packed: torch.Tensor,
+        zero_points: torch.Tensor,
+        bits: int,
+        group_size: int,
+    ) -> torch.Tensor:
+        return F.linear(x, dequantize_weight_grouped(codes, scale))
+
+    @staticmethod
+    def symbolic(  # noqa: D102
+        g: Any, x: Any, codes: Any, scale: Any, packed: Any, zero_points: Any, bits: int, group_size: int
+    ) -> Any:
+        out_features, in_features = codes.type().sizes()
+        y = g.op(
+            "com.microsoft::MatMulNBits",
+            x,
+            packed,
+            scale,
+            zero_points,
+            K_i=in_features,
+            N_i=out_features,
+            bits_i=bits,
+            block_size_i=group_size,
+        )
+        x_sizes = x.type().varyingSizes()
+        if x_sizes is not None:  # the exporter cannot infer a custom op's output shape: [..., N]
+            y.setType(x.type().with_sizes([*x_sizes[:-1], out_features]))
+        return y
+
+
+def matmul_nbits_problem(layer: Int8Layer) -> str | None:
+    """Why a group-wise :class:`Int8Layer` cannot export as ``MatMulNBits``, or ``None`` when it can."""
+    if layer.weight_bits != 4:
+        return f"weight_bits={layer.weight_bits} (4 only)"
+    g = layer.group_size
+    if g is None or g < 16 or g & (g - 1):
+        return f"group_size={g} (a power of two >= 16)"
+    if layer.activation_bits is not None:
+        return "quantized input (weight-only only)"
+    return None
+
+
+def prepare_matmul_nbits_(layer: Int8Layer) -> None:
+    """Attach the packed codes and zero points ``MatMulNBits`` reads (buffers, so they export as initializers).
+
+    Only for the export: :func:`~lightning_compress.export.onnx.export_onnx` calls it on its own copy.
+    """
+    assert layer.group_size is not None
+    out_features, in_features = layer.weight_int8.shape
+    blocks = in_features // layer.group_size
+    packed = pack_nbits(layer.weight_int8, layer.weight_bits).reshape(out_features, blocks, -1)
+    zero_points = pack_nbits(torch.zeros(out_features, blocks, dtype=torch.int8), layer.weight_bits)
+    layer.register_buffer("nbits_packed", packed, persistent=False)
+    layer.register_buffer("nbits_zero_points", zero_points, persistent=False)
+
+
 class Int8Layer(nn.Module):
     """A quantized Linear / Conv1d / Conv2d as deployed: int8 weight codes + fp32 per-channel scales.
 
@@ -59,8 +147,8 @@ class Int8Layer(nn.Module):
     onnxruntime runs int8 kernels.
 
     Buffers: ``weight_int8`` (int8 codes ``[out, in, ...]``, 4-bit codes are stored one per byte),
-    ``weight_scale``, ``bias`` (fp32 or absent), ``input_scale`` / ``input_zero_point`` when activations
-    are quantized.
+    ``weight_scale`` (``[out]``, or ``[out, in / group_size]`` with group-wise scales), ``bias`` (fp32 or
+    absent), ``input_scale`` / ``input_zero_point`` when activations are quantized.
 
     Modules that read their children's weights directly (``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer``'s fast path) find ``weight`` (the dequantized values, in the layout of
@@ -80,9 +168,12 @@ class Int8Layer(nn.Module):
         conv_args: dict[str, Any] | None = None,
         weight_layout: str = "out_in",
         output_qparams: tuple[float, int] | None = None,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
+        # Set for group-wise scales (``weight_scale`` is ``[out, in / group_size]``, linear layers only).
+        self.group_size = group_size
         self.weight_layout = weight_layout
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits if activation_qparams is not None else None
@@ -122,6 +213,8 @@ class Int8Layer(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as fp32 values (``codes * scale``)."""
+        if self.group_size is not None:
+            return dequantize_weight_grouped(self.weight_int8, self.weight_scale)
         zero_point = torch.zeros(self.weight_scale.shape, dtype=torch.int8, device=self.weight_scale.device)
         return _DequantizeWeight.apply(self.weight_int8, self.weight_scale, zero_point)
 
@@ -129,7 +222,19 @@ class Int8Layer(nn.Module):
         if self.activation_bits is not None:
             qmin, qmax = activation_qrange(self.activation_bits)
             x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, qmin, qmax)
-        if self.kind == "linear":
+        if self.kind == "linear" and getattr(self, "nbits_packed", None) is not None:
+            y = _MatMulNBits.apply(
+                x,
+                self.weight_int8,
+                self.weight_scale,
+                self.nbits_packed,
+                self.nbits_zero_points,
+                self.weight_bits,
+                self.group_size,
+            )
+            if self.bias is not None:
+                y = y + self.bias
+        elif self.kind == "linear":
             y = F.linear(x, self.dequantized_weight(), self.bias)
         else:
             conv = F.conv1d if self.kind == "conv1d" else F.conv2d
@@ -143,7 +248,50 @@ class Int8Layer(nn.Module):
     def extra_repr(self) -> str:  # noqa: D102
         shape = "x".join(map(str, self.weight_int8.shape))
         bits = f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
-        return f"{self.kind}, weight={shape}, {bits}"
+        groups = f", group_size={self.group_size}" if self.group_size is not None else ""
+        return f"{self.kind}, weight={shape}, {bits}{groups}"
+
+
+class Int8Embedding(nn.Module):
+    """A quantized ``nn.Embedding`` as deployed: int8 codes ``[num_embeddings, dim]`` + one fp32 scale per row.
+
+    A lookup gathers the codes and scales of the looked-up rows only and dequantizes those
+    (``codes[idx] * scale[idx]``): the full fp32 table is never built. ``weight`` (the whole dequantized
+    table) exists for code that reads it.
+
+    Example::
+
+        >>> emb = Int8Embedding(torch.tensor([[2, -1], [4, 0]], dtype=torch.int8), torch.tensor([0.5, 0.25]), 8)
+        >>> emb(torch.tensor([1, 0]))
+        tensor([[ 1.0000,  0.0000],
+                [ 1.0000, -0.5000]])
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, weight_bits: int) -> None:
+        super().__init__()
+        self.weight_bits = weight_bits
+        self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", scale.float().contiguous())
+
+    @property
+    def num_embeddings(self) -> int:  # noqa: D102
+        return int(self.weight_int8.shape[0])
+
+    @property
+    def embedding_dim(self) -> int:  # noqa: D102
+        return int(self.weight_int8.shape[1])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole dequantized table (for code that reads ``.weight``)."""
+        return dequantize_weight(self.weight_int8, self.weight_scale)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        codes = F.embedding(input, self.weight_int8)
+        return codes.float() * F.embedding(input, self.weight_scale.unsqueeze(1))
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight_bits={self.weight_bits}"
 
 
 def _deployed_scale(module: _QATMixin, weight: torch.Tensor) -> torch.Tensor:
@@ -152,14 +300,25 @@ def _deployed_scale(module: _QATMixin, weight: torch.Tensor) -> torch.Tensor:
     # QAT never started (start_step not reached) or was disabled gets the scale of its final weight.
     never_observed = not bool((module.weight_scale != 1).any())
     if not module.fake_quant_enabled or never_observed:
+        if module.group_size is not None:
+            return group_weight_scale(weight, module.weight_bits, module.group_size)
         return weight_scale(weight, module.weight_bits)
     return module.weight_scale
 
 
-def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None = None) -> Int8Layer:
+def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None = None) -> nn.Module:
+    if isinstance(module, nn.Embedding):  # no bias, no BatchNorm: one scale per row
+        table = module.weight.detach()
+        codes, scale = quantize_weight(table, module.weight_bits, _deployed_scale(module, table))
+        return Int8Embedding(codes, scale, module.weight_bits)
     weight, bias = module.folded_weight_bias()
     # Codes are stored [out, in, ...]: a Conv1D ([in, out]) becomes a plain linear, one export path.
     weight = weight.detach().movedim(module.weight_axis, 0)
+    if module.group_size is not None:
+        codes, scale = quantize_weight_grouped(
+            weight, module.weight_bits, module.group_size, _deployed_scale(module, weight)
+        )
+        return _grouped_layer(module, codes, scale, bias)
     codes, scale = quantize_weight(weight, module.weight_bits, _deployed_scale(module, weight))
     if bn is not None:
         codes, scale, bias = _fold_after_quantization(codes, scale, bias, bn)
@@ -193,6 +352,25 @@ def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None
     kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
     return Int8Layer(
         kind, codes, scale, bias, module.weight_bits, act, module.activation_bits, conv_args, output_qparams=out
+    )
+
+
+def _grouped_layer(module: _QATMixin, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Int8Layer:
+    """The :class:`Int8Layer` of a group-wise Linear / ``Conv1D`` (no BatchNorm, no output quantization)."""
+    act = None
+    if module.activation_bits is not None and module.activation_observed:
+        s, z = module.activation_qparams()
+        act = (float(s), int(z))
+    return Int8Layer(
+        "linear",
+        codes,
+        scale,
+        bias,
+        module.weight_bits,
+        act,
+        module.activation_bits,
+        weight_layout="in_out" if module.weight_axis == 1 else "out_in",
+        group_size=module.group_size,
     )
 
 
@@ -254,6 +432,11 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
     return out
 
 
+def int8_embeddings(model: nn.Module) -> dict[str, Int8Embedding]:
+    """The :class:`Int8Embedding` modules of a converted model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Int8Embedding)}
+
+
 def int8_layers(model: nn.Module) -> dict[str, Int8Layer]:
     """The :class:`Int8Layer` modules of a converted model, by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Int8Layer)}
@@ -262,15 +445,16 @@ def int8_layers(model: nn.Module) -> dict[str, Int8Layer]:
 def quantized_size_bytes(model: nn.Module) -> tuple[int, int, float]:
     """``(fp32 bytes, effective bytes, mean weight bits)`` of a QAT-prepared model's parameters.
 
-    Effective bytes count each quantized weight at its bit width plus one fp32 scale per channel,
-    everything else (biases, normalisation, unquantized layers) at 32 bits.
+    Effective bytes count each quantized weight at its bit width plus one fp32 scale per channel (per
+    group with group-wise scales, per row for embeddings), everything else (biases, normalisation,
+    unquantized layers) at 32 bits.
     """
     dense = sum(p.numel() * 4 for p in model.parameters())
     effective = dense
     bits_total = numel_total = 0
     for _, m in qat_modules(model):
         n = m.weight.numel()
-        effective += -n * 4 + (n * m.weight_bits + 7) // 8 + m.weight.shape[m.weight_axis] * 4
+        effective += -n * 4 + (n * m.weight_bits + 7) // 8 + m.weight_scale.numel() * 4
         bits_total += n * m.weight_bits
         numel_total += n
     return dense, effective, (bits_total / numel_total if numel_total else 32.0)

@@ -34,13 +34,20 @@ from lightning_compress.functional.fake_quant import (
     batchnorm_factor,
     fake_quantize_activation,
     fake_quantize_weight,
+    fake_quantize_weight_grouped,
     fold_batchnorm,
+    group_weight_scale,
     weight_scale,
 )
 from lightning_compress.inputs import CapturedCall, as_call, run
 
-# Class names accepted by ``types``; "Conv1D" is Hugging Face's transposed Linear (GPT-2).
+# Class names quantized by default; "Conv1D" is Hugging Face's transposed Linear (GPT-2).
 QUANTIZABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv1D")
+# Quantized only when asked for by name (weight-only, per row): not a default, so existing configurations
+# keep their float embeddings.
+OPTIONAL_TYPES: tuple[str, ...] = ("Embedding",)
+# Types whose weight can have group-wise scales (2-d weights with an input dimension).
+GROUPABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1D")
 
 # Plain attributes (not buffers) that prepare_ sets on a swapped layer and finalize_ removes.
 _QAT_ATTRIBUTES = (
@@ -52,6 +59,7 @@ _QAT_ATTRIBUTES = (
     "bn_frozen",
     "folded_bn",
     "quantize_output",
+    "group_size",
 )
 _QAT_BUFFERS = ("weight_scale", "activation_range", "output_range")
 # Buffers added after checkpoints were first written: a checkpoint without them still loads strictly.
@@ -78,11 +86,21 @@ class _QATMixin:
     training: bool
     # Dim of the weight that indexes output channels (1 for Hugging Face's Conv1D, stored [in, out]).
     weight_axis: int = 0
+    # Input features per weight scale (group-wise scales, shape [out, in / group_size]); None: per channel.
+    group_size: int | None = None
 
-    def _init_qat(self, weight_bits: int, activation_bits: int | None, ema_decay: float) -> None:
+    def _init_qat(
+        self, weight_bits: int, activation_bits: int | None, ema_decay: float, group_size: int | None = None
+    ) -> None:
         out_channels = self.weight.shape[self.weight_axis]
         device = self.weight.device
-        self.register_buffer("weight_scale", torch.ones(out_channels, device=device))  # type: ignore[attr-defined]
+        if group_size is not None:
+            in_features = self.weight.shape[1 - self.weight_axis]
+            scale_shape: tuple[int, ...] = (out_channels, in_features // group_size)
+        else:
+            scale_shape = (out_channels,)
+        self.group_size = group_size
+        self.register_buffer("weight_scale", torch.ones(scale_shape, device=device))  # type: ignore[attr-defined]
         # The activation range exists even for weight-only layers, so the state_dict's keys do not depend
         # on the bit configuration and checkpoints load strictly across it.
         self.register_buffer(  # type: ignore[attr-defined]
@@ -162,6 +180,15 @@ class _QATMixin:
     def _quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return weight
+        if self.group_size is not None:
+            if self.training and self.observer_enabled:
+                with torch.no_grad():
+                    self.weight_scale.copy_(
+                        group_weight_scale(weight, self.weight_bits, self.group_size, self.weight_axis)
+                    )
+            return fake_quantize_weight_grouped(
+                weight, self.weight_scale, self.weight_bits, self.group_size, self.weight_axis
+            )
         if self.training and self.observer_enabled:
             with torch.no_grad():
                 self.weight_scale.copy_(weight_scale(weight, self.weight_bits, self.weight_axis))
@@ -235,6 +262,18 @@ class QATConv2d(_QATMixin, nn.Conv2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self._qat_forward(input, self._conv_forward)
+
+
+class QATEmbedding(_QATMixin, nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized weight: weight-only, one symmetric scale per row (token).
+
+    The input holds indices, so ``activation_bits`` is always ``None``. ``max_norm`` (which rewrites the
+    weight in place at each lookup) is refused by :func:`prepare_`.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        weight = self._quantize_weight(self.weight)
+        return F.embedding(input, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
 
 
 class FoldedBatchNorm1d(nn.BatchNorm1d):
@@ -319,6 +358,7 @@ _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QATLinear,
     nn.Conv1d: QATConv1d,
     nn.Conv2d: QATConv2d,
+    nn.Embedding: QATEmbedding,
 }
 _FOLDED_BN_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: FoldedBatchNorm1d,
@@ -395,6 +435,7 @@ def prepare_(
     fold_bn: bool = False,
     ema_decay: float = 0.99,
     pools: Iterable[str] | None = None,
+    group_size: int | None = None,
 ) -> None:
     """Swap ``model``'s Linear / Conv1d / Conv2d layers to their QAT classes, in place.
 
@@ -412,25 +453,45 @@ def prepare_(
         pools: names of ``nn.AdaptiveAvgPool2d`` / ``nn.AvgPool2d`` modules whose input is observed and
             fake-quantized too, so an int8 runtime can average in int8 (:class:`QATAdaptiveAvgPool2d`);
             by default all of them when ``activation_bits`` is set and ``modules`` is not given.
+        group_size: one weight scale per output channel and group of ``group_size`` consecutive input
+            features (Linear and Hugging Face ``Conv1D`` only; must divide their input size) instead of one
+            per output channel. Embeddings keep one scale per row.
 
     Raises:
         TypeError: if a layer in ``modules`` is not of a quantizable type.
+        ValueError: if ``group_size`` is given for a conv or does not divide a layer's input size, or an
+            embedding uses ``max_norm``. Nothing is swapped then.
     """
     named = dict(model.named_modules())
-    names = [n for n, m in named.items() if n and qat_class(m)] if modules is None else list(modules)
+    if modules is None:  # embeddings only by name: quantizing them is not a default
+        names = [n for n, m in named.items() if n and qat_class(m) and not isinstance(m, nn.Embedding)]
+    else:
+        names = list(modules)
+    for name in names:
+        if qat_class(named[name]) is None and not isinstance(named[name], _QATMixin):
+            raise TypeError(
+                f"{name!r} is a {type(named[name]).__name__}; "
+                f"quantizable: {sorted(QUANTIZABLE_TYPES + OPTIONAL_TYPES)}."
+            )
+    check_group_size_(named, names, group_size)
     bits_of = weight_bits if isinstance(weight_bits, Mapping) else dict.fromkeys(names, weight_bits)
     for name in names:
         module = named[name]
+        embedding = isinstance(module, nn.Embedding)
+        layer_activation_bits = None if embedding else activation_bits
+        layer_group_size = None if embedding else group_size
         if isinstance(module, _QATMixin):
             # Already prepared (a repeated fit): keep the observed state, take the new configuration.
-            module.weight_bits, module.activation_bits = int(bits_of[name]), activation_bits
+            if module.group_size != layer_group_size:
+                raise ValueError(
+                    f"{name!r} was prepared with group_size={module.group_size}, got {layer_group_size}: the "
+                    "weight scales have another shape. HINT: finalize_ the model first."
+                )
+            module.weight_bits, module.activation_bits = int(bits_of[name]), layer_activation_bits
             module.ema_decay = ema_decay
             continue
-        cls = qat_class(module)
-        if cls is None:
-            raise TypeError(f"{name!r} is a {type(module).__name__}; quantizable: {sorted(QUANTIZABLE_TYPES)}.")
-        module.__class__ = cls
-        module._init_qat(int(bits_of[name]), activation_bits, ema_decay)  # type: ignore[operator]
+        module.__class__ = qat_class(module)  # type: ignore[assignment]
+        module._init_qat(int(bits_of[name]), layer_activation_bits, ema_decay, layer_group_size)  # type: ignore[operator]
     if pools is None:  # every pool when the whole model is quantized; a chosen subset of layers: none
         pool_list = pool_names(model) if activation_bits is not None and modules is None else []
     else:
@@ -463,6 +524,31 @@ def prepare_(
         _mark_output_quantization(model)
 
 
+def check_group_size_(named: Mapping[str, nn.Module], names: Iterable[str], group_size: int | None) -> None:
+    """Refuse layers that ``group_size`` cannot apply to, and embeddings with ``max_norm``, naming them.
+
+    Raises:
+        ValueError: listing every offending layer.
+    """
+    problems = []
+    for name in names:
+        module = named[name]
+        if isinstance(module, nn.Embedding):
+            if module.max_norm is not None:
+                problems.append(f"{name} (Embedding with max_norm, which rewrites the weight at each lookup)")
+            continue
+        if group_size is None:
+            continue
+        axis = getattr(module, "weight_axis", 1 if type(module).__name__ == "Conv1D" else 0)
+        if isinstance(module, nn.Conv1d | nn.Conv2d):
+            problems.append(f"{name} ({type(module).__name__}: group-wise scales are for Linear / Conv1D only)")
+        elif module.weight.shape[1 - axis] % group_size:
+            problems.append(f"{name} ({module.weight.shape[1 - axis]} input features)")
+    if problems:
+        hint = f"group_size={group_size} must divide the input size of every layer; " if group_size else ""
+        raise ValueError(f"Cannot quantize {problems}. HINT: {hint}exclude these layers or choose another group_size.")
+
+
 def _mark_output_quantization(model: nn.Module) -> None:
     from lightning_compress.functional.conv_bn import convs_needing_output_quantization
 
@@ -485,7 +571,7 @@ def _mark_output_quantization(model: nn.Module) -> None:
 
 
 def finalize_(model: nn.Module) -> None:
-    """Inverse of :func:`prepare_`: plain ``nn.Linear`` / ``nn.Conv*`` / ``nn.BatchNorm*`` again.
+    """Inverse of :func:`prepare_`: plain ``nn.Linear`` / ``nn.Conv*`` / ``nn.Embedding`` / ``nn.BatchNorm*``.
 
     Weights keep their float values (not fake-quantized), observer buffers are dropped.
     """
