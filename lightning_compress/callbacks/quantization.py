@@ -39,6 +39,7 @@ from lightning_compress.functional.qat import (
     OPTIONAL_TYPES,
     QUANTIZABLE_TYPES,
     check_group_size_,
+    finalize_,
     is_qat,
     pool_names,
     prepare_,
@@ -185,6 +186,8 @@ class QuantizationAwareTraining(CompressionCallback):
         self.export_weight_dtype = check_choice("export_weight_dtype", export_weight_dtype, WEIGHT_DTYPES)
 
         self._layers: dict[str, Any] = {}
+        # Swapped by this fit's setup and no step run yet: a failure before step 1 gives the model back as it was.
+        self._undo_on_failure = False
         self._pools: dict[str, Any] = {}
         self._fp32_layers: dict[str, str] = {}
         self._phase: tuple[bool, bool, bool] | None = None
@@ -206,6 +209,7 @@ class QuantizationAwareTraining(CompressionCallback):
                 raise ValueError(f"overrides pattern {pattern!r} matches no quantized layer. Quantized: {names}.")
         bits = {n: next((b for p, b in self.overrides.items() if matches(n, [p])), self.weight_bits) for n in names}
         check_group_size_(dict(pl_module.named_modules()), names, self.group_size)
+        self._undo_on_failure = not any(is_qat(m) for m in pl_module.modules())
         prepare_(
             pl_module,
             weight_bits=bits,
@@ -268,7 +272,16 @@ class QuantizationAwareTraining(CompressionCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._undo_on_failure = False
         _sync_observers(self._layers, self._pools)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._undo_on_failure:
+            # Refused before any step (e.g. by another callback's setup): the user's own layers, not QAT ones.
+            finalize_(pl_module)
+            self._layers, self._pools, self._undo_on_failure = {}, {}, False
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
