@@ -403,16 +403,31 @@ class GradualPruning(CompressionCallback):
     # ---------------------------------------------------------------- masks
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
+        scores = self._scores(step)
+        masks = self._new_masks(trainer, scores, step)
+        del scores  # one float per weight: free before the new float masks are kept
+        # Sharded, each weight lives on one rank and the selection is an exact collective: nothing to agree on.
+        self._masks = masks if self._group is not None else _broadcast_masks(trainer, masks)
+        self._taylor = {}
+        self._last_update_step = step
+        self._apply_masks(trainer, zero_optimizer_state=True)
+        if step >= self._window[1] and self._rewind:
+            self._rewind_weights(trainer)
+        self._refresh_metrics(step)
+        self._warn_if_short(step)
+
+    def _scores(self, step: int) -> dict[str, torch.Tensor]:
+        """Every pruned tensor's element scores, output channels first (HF Conv1D is stored [in, out]).
+
+        Sharded, they are this rank's rows; the random criterion draws the full tensor and slices it.
+        """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        group = self._group
         norms: dict[str, torch.Tensor] = {}
         if self._input_norms is not None:
             self._input_norms.all_reduce_()  # every rank scores on the inputs all ranks saw
             norms = self._input_norms.norms()
             self._input_norms.reset()
-        # Scores and masks go to the functional layer with output channels first (HF Conv1D is [in, out]);
-        # sharded, they are this rank's rows and the functional layer runs collectives over `group`.
-        scores = {
+        return {
             t.name: t.out_first(
                 F.element_scores(
                     D.local(t.parameter),
@@ -427,16 +442,13 @@ class GradualPruning(CompressionCallback):
             )
             for t in self._targets
         }
-        current = {t.name: t.out_first(self._masks[t.name]) for t in self._targets if t.name in self._masks}
-        targets = self.target_at(step)
-        overridden = {
-            t.name
-            for t in self._targets
-            if any(matches(t.name, [p]) or matches(t.module_name, [p]) for p in self.overrides)
-        }
+
+    def _new_masks(self, trainer: pl.Trainer, scores: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """The masks for ``step`` in each parameter's own layout (collectives over the shard group if sharded)."""
+        group = self._group
         if self._coupled is not None:
             # Channels are chosen per coupled group; overrides match a group's root layer.
-            plain = {t.name: t.out_first(s) for t, s in zip(self._targets, scores.values(), strict=True)}
+            plain = {t.name: t.out_first(scores[t.name]) for t in self._targets}
             level = {g.name: self._group_target(g.name, step) for g in self._coupled.groups}
             scope = "layer" if self.scope == "layer" or self.overrides else "global"
             masks = self._coupled.masks(
@@ -448,29 +460,26 @@ class GradualPruning(CompressionCallback):
                 self.norm,
                 multiple=self.channel_multiple,
             )
-            masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
-        elif self.scope == "global":
+            return {t.name: masks[t.name].contiguous() for t in self._targets}
+        current = {t.name: t.out_first(self._masks[t.name]) for t in self._targets if t.name in self._masks}
+        targets = self.target_at(step)
+        if self.scope == "global":
+            overridden = {
+                t.name
+                for t in self._targets
+                if any(matches(t.name, [p]) or matches(t.module_name, [p]) for p in self.overrides)
+            }
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
             masks = F.global_masks(shared, current, level, self.structure, self.norm, group=group) if shared else {}
-            masks.update(
-                F.layer_masks(
-                    {k: scores[k] for k in overridden}, current, targets, self.structure, self.norm, group=group
-                )
-            )
+            alone = {k: scores[k] for k in overridden}
+            masks.update(F.layer_masks(alone, current, targets, self.structure, self.norm, group=group))
         else:
             masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group)
-        if self._coupled is None:
-            masks = {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
-        del scores, current  # one float per weight: free before the new float masks are built
-        # Sharded, each weight lives on one rank and the selection is an exact collective: nothing to agree on.
-        self._masks = masks if group is not None else _broadcast_masks(trainer, masks)
-        self._taylor = {}
-        self._last_update_step = step
-        self._apply_masks(trainer, zero_optimizer_state=True)
-        if step >= self._window[1] and self._rewind:
-            self._rewind_weights(trainer)
-        self._refresh_metrics(step)
+        return {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
+
+    def _warn_if_short(self, step: int) -> None:
+        """After the schedule's end: say so when the one-group floor kept the target from being reached."""
         reached = self._metrics["channel_sparsity" if self._coupled is not None else "sparsity"]
         shortfall = self._metrics["target_sparsity"] - reached
         if step >= self._window[1] and shortfall > 0.01 and (self._coupled is not None or self._floor_reached()):
