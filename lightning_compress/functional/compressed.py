@@ -250,19 +250,7 @@ def save_compressed(
     if os.path.isdir(path):
         raise IsADirectoryError(f"path {path!r} is a directory; give a file name inside it.")
 
-    # Unique tensors in first-seen order; tied ones are stored once and listed under every name.
-    tensors: dict[int, torch.Tensor] = {}
-    names: dict[int, list[tuple[str, bool]]] = {}
-    for qualified, _, _, is_param, t in _tensor_slots(model):
-        if t.is_meta:
-            raise ValueError(f"model holds a meta tensor ({qualified!r}) without data: nothing to save.")
-        if t.layout != torch.strided or t.is_quantized:
-            raise ValueError(
-                f"model tensor {qualified!r} has layout {t.layout} / dtype {t.dtype}: only dense tensors are "
-                "supported. HINT: use lightning_compress.convert_to_int8 for int8 models."
-            )
-        tensors.setdefault(id(t), t)
-        names.setdefault(id(t), []).append((qualified, is_param))
+    tensors, names = _unique_tensors(model)
     if not tensors:
         raise ValueError(f"model ({type(model).__name__}) has no parameters or buffers: there is nothing to compress.")
 
@@ -296,13 +284,35 @@ def save_compressed(
     header_bytes = _compress(json.dumps(header, separators=(",", ":")).encode(), codec)
     body = _compress(b"".join(blobs), codec)
 
+    header_line = MAGIC + struct.pack("<4sI", codec.encode().ljust(4, b"\0"), len(header_bytes))
+    _write_atomically(path, directory, [header_line, header_bytes, body])
+    return os.path.getsize(path)
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[int, torch.Tensor], dict[int, list[tuple[str, bool]]]]:
+    """Unique tensors in first-seen order, and every ``(name, is_parameter)`` of each: tied ones are stored once."""
+    tensors: dict[int, torch.Tensor] = {}
+    names: dict[int, list[tuple[str, bool]]] = {}
+    for qualified, _, _, is_param, t in _tensor_slots(model):
+        if t.is_meta:
+            raise ValueError(f"model holds a meta tensor ({qualified!r}) without data: nothing to save.")
+        if t.layout != torch.strided or t.is_quantized:
+            raise ValueError(
+                f"model tensor {qualified!r} has layout {t.layout} / dtype {t.dtype}: only dense tensors are "
+                "supported. HINT: use lightning_compress.convert_to_int8 for int8 models."
+            )
+        tensors.setdefault(id(t), t)
+        names.setdefault(id(t), []).append((qualified, is_param))
+    return tensors, names
+
+
+def _write_atomically(path: str, directory: str, parts: list[bytes]) -> None:
+    """Write ``parts`` to a temporary file next to ``path`` and rename it into place: never a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC)
-            fh.write(struct.pack("<4sI", codec.encode().ljust(4, b"\0"), len(header_bytes)))
-            fh.write(header_bytes)
-            fh.write(body)
+            for part in parts:
+                fh.write(part)
         # mkstemp creates the file private (0600); give it the permissions open() would have.
         umask = os.umask(0)
         os.umask(umask)
@@ -312,7 +322,6 @@ def save_compressed(
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    return os.path.getsize(path)
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
