@@ -67,3 +67,10 @@ def test_packed_tensors_keep_their_dtype() -> None:
         assert isinstance(packed["w"], dict)
         back = unpack_state_dict(packed)["w"]
         assert back.dtype == dtype and torch.equal(back, w)
+
+
+def test_exactly_ten_percent_zeros_pass_a_tenth() -> None:
+    w = torch.arange(1.0, 11.0)
+    w[3] = 0.0  # 1 of 10
+    assert isinstance(pack_state_dict({"w": w}, min_sparsity=0.1)["w"], dict)
+    assert not isinstance(pack_state_dict({"w": w}, min_sparsity=0.11)["w"], dict)
