@@ -139,8 +139,8 @@ class Int8Layer(nn.Module):
 
     In PyTorch the weights are *stored* in int8 and dequantized (``codes * scale``) at each call, then the
     fp32 kernel runs: the gain is size (``state_dict`` ~4x smaller), not speed. PyTorch's int8 CPU paths
-    were not used on purpose: ``torch._weight_int8pack_mm`` measured ~30x slower than the fp32 matmul on
-    an AVX2 CPU (64x1024 @ 1024x1024), and the fbgemm ``quantized`` ops need quantized tensors, which
+    are not used: ``torch._weight_int8pack_mm`` was slower than the fp32 matmul in a one-off check (no
+    script in ``benchmarks/`` repeats it), and the fbgemm ``quantized`` ops need quantized tensors, which
     torch 2.13 deprecates. With ``activation_bits`` the input is quantize-dequantized with the scale
     observed in training, so outputs match the fake-quantized model. Exported to ONNX
     (:func:`~lightning_compress.export.onnx.export_onnx`) the weights stay int8 initializers and
