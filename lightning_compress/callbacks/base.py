@@ -63,8 +63,7 @@ class CompressionCallback(Callback):
     ) -> None:
         """Log ``metrics`` through Lightning from a hook that allows ``pl_module.log``.
 
-        ``pl_module.log`` costs a fraction of a millisecond per key, which is several percent of a small
-        model's step. With ``changed=False`` (the values are the ones logged last time) the call is skipped
+        ``pl_module.log`` has a per-key cost that matters next to a small model's step. With ``changed=False`` (the values are the ones logged last time) the call is skipped
         unless Lightning writes to its loggers at this step: ``trainer.callback_metrics`` keeps the last
         logged value for ``ModelCheckpoint`` / ``EarlyStopping``, and loggers see every value they would
         have recorded anyway.

@@ -507,8 +507,8 @@ class GradualPruning(CompressionCallback):
     def _apply_masks(self, trainer: pl.Trainer, zero_optimizer_state: bool = False) -> None:
         """Zero the pruned weights (at an update, also their optimizer state); refresh the per-step lists."""
         # Per optimizer: (parameter, mask in the parameter's dtype) pairs, so the two per-step hooks do one
-        # multiply per tensor. Measured on CPU: a float multiply is ~5x faster than multiplying by a bool
-        # mask (converted at every call) and ~14x faster than masked_fill_.
+        # multiply per tensor: a bool mask would be converted at every call, and masked_fill_ is slower
+        # still (a one-off check; benchmarks/pruning_vs_modelpruning.py measures the callback's whole cost).
         self._hot = {}  # drop the previous float masks first: at most one set of them is alive
         dense = {t.name: self._masks[t.name].to(t.parameter.dtype) for t in self._targets if t.name in self._masks}
         self._hot = {
