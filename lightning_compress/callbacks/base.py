@@ -63,10 +63,10 @@ class CompressionCallback(Callback):
     ) -> None:
         """Log ``metrics`` through Lightning from a hook that allows ``pl_module.log``.
 
-        ``pl_module.log`` has a per-key cost that matters next to a small model's step. With ``changed=False`` (the values are the ones logged last time) the call is skipped
-        unless Lightning writes to its loggers at this step: ``trainer.callback_metrics`` keeps the last
-        logged value for ``ModelCheckpoint`` / ``EarlyStopping``, and loggers see every value they would
-        have recorded anyway.
+        ``pl_module.log`` has a per-key cost that matters next to a small model's step. With
+        ``changed=False`` (the values are the ones logged last time) the call is skipped unless Lightning
+        writes to its loggers at this step: ``trainer.callback_metrics`` keeps the last logged value for
+        ``ModelCheckpoint`` / ``EarlyStopping``, and loggers see every value they would have recorded anyway.
         """
         if not changed and not loggers_write_now(pl_module.trainer):
             return
