@@ -291,13 +291,9 @@ class CompressionReporter(CompressionCallback):
     def _latency(
         self, pl_module: pl.LightningModule, int8: nn.Module | None, sample: Any, artifacts: list[tuple[str, str]]
     ) -> dict[str, Any]:
-        if sample is None:
-            return {"note": "not measured: no example input known (set example_input_array on the LightningModule)"}
-        if isinstance(sample, CapturedCall):
-            sample = sample.kwargs if not sample.args else sample.args if not sample.kwargs else None
-            if sample is None:
-                return {"note": "not measured: the model takes positional and keyword inputs together"}
-        sample = _to_cpu(sample)
+        sample, why_not = _latency_input(sample)
+        if why_not is not None:
+            return {"note": why_not}
         threads = self.latency_threads or torch.get_num_threads()
         batch = self.latency_batch
         rank_zero_info(f"CompressionReporter: measuring latency (batch {batch}, {threads} threads) ...")
@@ -341,12 +337,7 @@ class CompressionReporter(CompressionCallback):
             timed = L.compare_ms(
                 {k: fn for k, (_, fn) in runners.items()}, threads=threads, repeats=self.latency_repeats
             )
-        rows = [
-            {"model": k, "runtime": runtime, "median_ms": round(timed[k], 4)} for k, (runtime, _) in runners.items()
-        ]
-        base = next((r["median_ms"] for r in rows if r["model"] == "original (fp32)"), None)
-        for r in rows:
-            r["speedup_vs_original_pytorch"] = round(base / r["median_ms"], 3) if base else "-"
+        rows = _latency_rows({k: runtime for k, (runtime, _) in runners.items()}, timed)
         return {
             "batch": batch,
             "threads": threads,
@@ -386,6 +377,26 @@ class CompressionReporter(CompressionCallback):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _latency_input(sample: Any) -> tuple[Any, str | None]:
+    """The example input on CPU, or why latency cannot be measured with it."""
+    if sample is None:
+        return None, "not measured: no example input known (set example_input_array on the LightningModule)"
+    if isinstance(sample, CapturedCall):
+        sample = sample.kwargs if not sample.args else sample.args if not sample.kwargs else None
+        if sample is None:
+            return None, "not measured: the model takes positional and keyword inputs together"
+    return _to_cpu(sample), None
+
+
+def _latency_rows(runtimes: Mapping[str, str], timed: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One row per timed model with its speed-up over the original model in PyTorch (``-`` without it)."""
+    rows = [{"model": k, "runtime": runtime, "median_ms": round(timed[k], 4)} for k, runtime in runtimes.items()]
+    base = next((r["median_ms"] for r in rows if r["model"] == "original (fp32)"), None)
+    for r in rows:
+        r["speedup_vs_original_pytorch"] = round(base / r["median_ms"], 3) if base else "-"
+    return rows
+
+
 def cpu_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every tensor on CPU and no hooks (they belong to the running fit)."""
     memo: dict[int, Any] = {}
