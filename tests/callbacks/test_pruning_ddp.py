@@ -40,3 +40,30 @@ def test_make_permanent_false_is_refused_under_ddp_spawn_before_any_step(tmp_pat
     t = trainer(tmp_path, [pruning, NeverTrains()], strategy="ddp_spawn", devices=1, max_epochs=1)
     with pytest.raises(Exception, match=r"make_permanent=False cannot be used with a spawn strategy \(ddp_spawn\)"):
         t.fit(TinyMLP())
+
+
+WANDA = os.path.join(os.path.dirname(__file__), "..", "scripts", "ddp_wanda.py")
+
+
+@pytest.mark.xdist_group("ddp")
+def test_wanda_scores_use_the_inputs_of_every_rank(tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, WANDA, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(r0["initial"], r1["initial"])
+
+    def mask_from(inputs: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch.cat(inputs).double().pow(2).sum(dim=0).sqrt()
+        scores = r0["initial"].double().abs() * norms[None, :]
+        keep = torch.ones(scores.numel(), dtype=torch.bool)
+        keep[scores.flatten().argsort(stable=True)[: scores.numel() // 2]] = False
+        return keep
+
+    expected = mask_from(r0["inputs"] + r1["inputs"])  # the all-reduced statistics
+    for r in (r0, r1):
+        assert torch.equal(r["final"].flatten() != 0, expected)
+    # The two ranks saw different data: one rank's inputs alone would have chosen differently.
+    assert not torch.equal(mask_from(r0["inputs"]), expected)
