@@ -47,9 +47,8 @@ from lightning_compress._validation import check_choice, check_int, check_range
 from lightning_compress.evaluation import validation_metrics
 from lightning_compress.functional import pruning as P
 from lightning_compress.functional.fake_quant import fake_quantize_weight, weight_scale
+from lightning_compress.functional.qat import QUANTIZABLE_TYPES
 from lightning_compress.targets import DEFAULT_PRUNABLE_TYPES, ParameterTarget, select_parameters
-
-QUANTIZABLE = ("Linear", "Conv1d", "Conv2d", "Conv1D")
 
 
 @dataclass(frozen=True)
@@ -189,7 +188,9 @@ def sensitivity(
         targets += select_parameters(pl_module, include=include, exclude=exclude, types=DEFAULT_PRUNABLE_TYPES)
         for t in targets:
             P.check_fits(parsed, t.name, t.out_first(t.parameter).shape)
-    quantized = select_parameters(pl_module, include=include, exclude=exclude, types=QUANTIZABLE) if widths else []
+    quantized = (
+        select_parameters(pl_module, include=include, exclude=exclude, types=QUANTIZABLE_TYPES) if widths else []
+    )
     rows: list[SensitivityRow] = []
     with torch.no_grad():
         for t in targets:

@@ -7,6 +7,7 @@ import torch
 
 from lightning_compress import GradualPruning
 from tests.callbacks.test_pruning import NeverTrains
+from tests.callbacks.test_pruning_wanda import reference_mask
 from tests.helpers import TinyMLP, trainer
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ddp_pruning.py")
@@ -55,15 +56,8 @@ def test_wanda_scores_use_the_inputs_of_every_rank(tmp_path) -> None:
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(r0["initial"], r1["initial"])
 
-    def mask_from(inputs: list[torch.Tensor]) -> torch.Tensor:
-        norms = torch.cat(inputs).double().pow(2).sum(dim=0).sqrt()
-        scores = r0["initial"].double().abs() * norms[None, :]
-        keep = torch.ones(scores.numel(), dtype=torch.bool)
-        keep[scores.flatten().argsort(stable=True)[: scores.numel() // 2]] = False
-        return keep
-
-    expected = mask_from(r0["inputs"] + r1["inputs"])  # the all-reduced statistics
+    expected = reference_mask(r0["initial"], r0["inputs"] + r1["inputs"])  # the all-reduced statistics
     for r in (r0, r1):
         assert torch.equal(r["final"].flatten() != 0, expected)
     # The two ranks saw different data: one rank's inputs alone would have chosen differently.
-    assert not torch.equal(mask_from(r0["inputs"]), expected)
+    assert not torch.equal(reference_mask(r0["initial"], r0["inputs"]), expected)

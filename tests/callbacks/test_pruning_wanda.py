@@ -17,14 +17,13 @@ class FrozenMLP(TinyMLP):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_masks_equal_the_wanda_reference_on_the_inputs_seen_before_the_update(tmp_path) -> None:
+def one_update_setup() -> tuple[FrozenMLP, list[torch.Tensor], GradualPruning]:
+    """A frozen MLP recording net.0's training inputs, and Wanda pruning net.0 once, at step 3 (after steps 0-2)."""
     model = FrozenMLP()
     seen: list[torch.Tensor] = []
     model.net[0].register_forward_pre_hook(
         lambda m, args: seen.append(args[0].detach().clone()) if m.training else None
     )
-    weight = model.net[0].weight.detach().clone()
-    # One update, at step 3: before it, the training forwards of steps 0, 1 and 2.
     pruning = GradualPruning(
         0.5,
         criterion="wanda",
@@ -35,16 +34,27 @@ def test_masks_equal_the_wanda_reference_on_the_inputs_seen_before_the_update(tm
         scope="layer",
         update_every_n_steps=1,
     )
-    trainer(tmp_path, [pruning], max_epochs=-1, max_steps=4, limit_val_batches=0).fit(model)
-    inputs = torch.cat(seen[:3]).double()
-    norms = inputs.pow(2).sum(dim=0).sqrt()  # per input feature, over every sample of the 3 batches
+    return model, seen, pruning
+
+
+def reference_mask(weight: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Keep-mask (flattened) of 50% by |W| * ||x_j||_2 over ``inputs``, in float64, ties to the lower index."""
+    norms = torch.cat(inputs).double().pow(2).sum(dim=0).sqrt()  # per input feature, over every sample
     scores = weight.double().abs() * norms[None, :]
-    expected = torch.ones(scores.numel(), dtype=torch.bool)
-    expected[scores.flatten().argsort(stable=True)[: scores.numel() // 2]] = False
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[scores.flatten().argsort(stable=True)[: scores.numel() // 2]] = False
+    return keep
+
+
+def test_masks_equal_the_wanda_reference_on_the_inputs_seen_before_the_update(tmp_path) -> None:
+    model, seen, pruning = one_update_setup()
+    weight = model.net[0].weight.detach().clone()
+    trainer(tmp_path, [pruning], max_epochs=-1, max_steps=4, limit_val_batches=0).fit(model)
+    expected = reference_mask(weight, seen[:3])
     assert torch.equal(model.net[0].weight.detach().flatten() != 0, expected)
     # ... and not what magnitude alone would have chosen on these weights.
-    magnitude = torch.ones(scores.numel(), dtype=torch.bool)
-    magnitude[weight.abs().flatten().argsort(stable=True)[: scores.numel() // 2]] = False
+    magnitude = torch.ones(weight.numel(), dtype=torch.bool)
+    magnitude[weight.abs().flatten().argsort(stable=True)[: weight.numel() // 2]] = False
     assert not torch.equal(expected, magnitude)
 
 
