@@ -36,6 +36,7 @@ from lightning_compress.functional.int8 import (
     quantized_size_bytes,
 )
 from lightning_compress.functional.qat import (
+    ACTIVATION_GRANULARITIES,
     OPTIONAL_TYPES,
     QUANTIZABLE_TYPES,
     check_group_size_,
@@ -71,6 +72,11 @@ class QuantizationAwareTraining(CompressionCallback):
     Args:
         weight_bits: bits of the weights, 2 to 8 (8 default; 4 is common for weight compression).
         activation_bits: bits of each quantized layer's input (8), or ``None`` for weight-only.
+        activation_granularity: ``"tensor"`` (default): one input range per layer, observed in training
+            (static, what int8 conv runtimes need). ``"token"``: each row of a layer's input is quantized with
+            its own range at run time (dynamic per-token int8, as torchao's int8-dynamic-activation schemes;
+            Linear / ``Conv1D`` only, convs are refused in ``setup``). Exports as ``MatMulInteger`` (8-bit
+            weights) or ``MatMulNBits`` with int8 compute (4-bit group-wise weights).
         start_step: optimizer step at which fake-quantization starts (``trainer.global_step``).
         freeze_observers_step: step from which scales and ranges stop changing (``None``: never).
         freeze_bn_step: step from which folded BatchNorms use running statistics (``None``: never).
@@ -90,8 +96,8 @@ class QuantizationAwareTraining(CompressionCallback):
             and ``Conv1D`` layers; must divide the input size of every selected layer (checked in ``setup``,
             convs are refused). ``None`` (default): one scale per output channel. Group-wise layers convert
             with :func:`~lightning_compress.convert_to_int8` and export to ONNX as onnxruntime's ``MatMulNBits``
-            (4-bit weights, ``group_size`` a power of two >= 16, ``activation_bits=None``); the ONNX export
-            refuses other group-wise configurations.
+            (4-bit weights, ``group_size`` a power of two >= 16, weight-only or
+            ``activation_granularity="token"``); the ONNX export refuses other group-wise configurations.
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
             ``model_int8.onnx`` there.
@@ -125,6 +131,7 @@ class QuantizationAwareTraining(CompressionCallback):
         weight_bits: int = 8,
         activation_bits: int | None = 8,
         *,
+        activation_granularity: str = "tensor",
         start_step: int = 0,
         freeze_observers_step: int | None = None,
         freeze_bn_step: int | None = None,
@@ -145,6 +152,9 @@ class QuantizationAwareTraining(CompressionCallback):
         if activation_bits is not None:
             _check_bits("activation_bits", activation_bits, SUPPORTED_ACTIVATION_BITS)
         self.activation_bits = activation_bits
+        self.activation_granularity = check_choice(
+            "activation_granularity", activation_granularity, ACTIVATION_GRANULARITIES
+        )
         self.start_step = check_step("start_step", start_step, optional=True) or 0
         self.freeze_observers_step = check_step("freeze_observers_step", freeze_observers_step, optional=True)
         self.freeze_bn_step = check_step("freeze_bn_step", freeze_bn_step, optional=True)
@@ -218,8 +228,9 @@ class QuantizationAwareTraining(CompressionCallback):
             fold_bn=self.fold_bn,
             ema_decay=self.ema_decay,
             # Average pools are observed so an int8 runtime can pool in int8; `exclude` keeps one float.
-            pools=[n for n in pool_names(pl_module) if not (self.exclude and matches(n, self.exclude))],
+            pools=self._pools_to_observe(pl_module),
             group_size=self.group_size,
+            activation_granularity=self.activation_granularity,
         )
         modules = dict(pl_module.named_modules())
         self._layers = {n: modules[n] for n in names}
@@ -231,6 +242,12 @@ class QuantizationAwareTraining(CompressionCallback):
         self._phase = None
         self._set_phase(trainer.global_step)
         self._refresh_metrics(pl_module)
+
+    def _pools_to_observe(self, pl_module: pl.LightningModule) -> list[str]:
+        # Pools run in int8 only between statically quantized convs; per-token layers are Linear only.
+        if self.activation_granularity == "token":
+            return []
+        return [n for n in pool_names(pl_module) if not (self.exclude and matches(n, self.exclude))]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -375,6 +392,7 @@ class QuantizationAwareTraining(CompressionCallback):
         return {
             "weight_bits": self._metrics.get("weight_bits", float(self.weight_bits)),
             "activation_bits": self.activation_bits if self.activation_bits is not None else "none (weight-only)",
+            "activation_granularity": self.activation_granularity if self.activation_bits is not None else "-",
             "size_bytes": self._metrics.get("size_bytes"),
             "ratio": self._metrics.get("ratio"),
             "start_step": self.start_step,
@@ -400,7 +418,7 @@ class QuantizationAwareTraining(CompressionCallback):
         if problems:
             rank_zero_warn(
                 "QuantizationAwareTraining: group-wise layers export to ONNX only as onnxruntime's MatMulNBits "
-                f"(4-bit, group_size a power of two >= 16, activation_bits=None); not for {problems}. Only "
+                f"(4-bit, group_size a power of two >= 16, weight-only or per-token inputs); not for {problems}. Only "
                 f"{path} (the PyTorch int8 model) was written."
             )
             return
@@ -456,7 +474,11 @@ def _sync_observers(layers: dict[str, Any], pools: dict[str, Any] | None = None)
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    observing = [m for m in (*layers.values(), *(pools or {}).values()) if m.activation_bits is not None]
+    observing = [
+        m
+        for m in (*layers.values(), *(pools or {}).values())
+        if m.activation_bits is not None and getattr(m, "activation_granularity", "tensor") == "tensor"
+    ]
     ranges = [m.activation_range for m in observing if m.observer_enabled]
     ranges += [m.output_range for m in observing if m.observer_enabled and getattr(m, "quantize_output", False)]
     if not ranges:

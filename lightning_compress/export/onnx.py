@@ -24,6 +24,7 @@ from lightning_compress.functional.int8 import (
     int8_layers,
     matmul_nbits_problem,
     prepare_matmul_nbits_,
+    prepare_per_token_export_,
 )
 from lightning_compress.inputs import CapturedCall, as_call, run
 
@@ -104,14 +105,17 @@ def export_onnx(
     if problems:
         raise ValueError(
             f"export_onnx supports group-wise weight scales only as onnxruntime's MatMulNBits (4-bit weights, "
-            f"group_size a power of two >= 16, no input quantization); not supported yet for {problems}. "
+            f"group_size a power of two >= 16, weight-only or per-token inputs); not supported yet for {problems}. "
             "Nothing was written. HINT: use the PyTorch model from convert_to_int8 (torch.save), or train "
             "with group_size=None (one scale per output channel) for an int8 ONNX export."
         )
-    if grouped:
-        model = copy.deepcopy(model)  # the packed weights are for the export only
+    per_token = [n for n, m in int8_layers(model).items() if m.activation_granularity == "token" and n not in grouped]
+    if grouped or per_token:
+        model = copy.deepcopy(model)  # the packed weights and column sums are for the export only
         for name in grouped:
             prepare_matmul_nbits_(model.get_submodule(name))
+        for name in per_token:
+            prepare_per_token_export_(model.get_submodule(name))
     model = model.eval()
     call = as_call(example_input)
     try:
