@@ -435,7 +435,7 @@ def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None
     if module.activation_bits is not None and module.quantize_output and module.output_observed:
         s, z = activation_qparams(module.output_range[0], module.output_range[1], module.activation_bits)
         out = (float(s), int(z))
-    if module.weight_axis == 1:
+    if module.weight_axis == 1 or isinstance(module, nn.Linear):  # a Conv1D ([in, out]) is a Linear too
         return Int8Layer(
             "linear",
             codes,
@@ -444,19 +444,7 @@ def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None
             module.weight_bits,
             act,
             module.activation_bits,
-            weight_layout="in_out",
-            output_qparams=out,
-            activation_granularity=module.activation_granularity,
-        )
-    if isinstance(module, nn.Linear):
-        return Int8Layer(
-            "linear",
-            codes,
-            scale,
-            bias,
-            module.weight_bits,
-            act,
-            module.activation_bits,
+            weight_layout="in_out" if module.weight_axis == 1 else "out_in",
             output_qparams=out,
             activation_granularity=module.activation_granularity,
         )
