@@ -16,6 +16,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_compress._lightning_internals import rewrap_ddp, strategy_is
+from lightning_compress.functional import heads as H
 from lightning_compress.functional import shrink as S
 from lightning_compress.inputs import as_call
 from lightning_compress.targets import ParameterTarget
@@ -24,7 +25,8 @@ from lightning_compress.targets import ParameterTarget
 class CoupledChannels:
     """Channel groups of one model and what was done with them."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "channels") -> None:
+        self.kind = kind  # "channels" (traced groups) or "heads" (attention layouts)
         self.groups: list[S.ChannelGroup] = []
         self.kept_whole: dict[str, str] = {}
         self.shrunk = False
@@ -36,7 +38,7 @@ class CoupledChannels:
 
     # ---------------------------------------------------------------- setup
     def setup(self, pl_module: pl.LightningModule, selected: list[ParameterTarget]) -> list[ParameterTarget]:
-        """Trace the model, keep the groups whose producers are all ``selected``; return the parameters to mask.
+        """Find the groups whose layers are all ``selected``; return the parameters to mask.
 
         Raises (before any training step) when there is no example input, when the analysis cannot trace the
         model, or when no group can be cut.
@@ -44,32 +46,44 @@ class CoupledChannels:
         example = getattr(pl_module, "example_input_array", None)
         if example is None:
             raise ValueError(
-                f"GradualPruning(structure='channels', coupled=True / shrink=True) traces the model to find "
-                f"which channels are coupled, and {type(pl_module).__name__} has no `example_input_array`. "
-                "HINT: set `self.example_input_array = torch.zeros(<one batch of inputs>)` in __init__ "
-                "(a tuple for several inputs, a dict for keyword inputs)."
+                f"GradualPruning(structure='{self.kind}', coupled=True / shrink=True) runs the model to find which "
+                f"{self.kind} are coupled (and tries a removal), and {type(pl_module).__name__} has no "
+                "`example_input_array`. HINT: set `self.example_input_array = torch.zeros(<one batch of inputs>)` in "
+                "__init__ (a tuple for several inputs, a dict for keyword inputs)."
             )
         modules = {t.module_name for t in selected if t.param_name == "weight"}
-        try:
-            self.groups, self.kept_whole = S.channel_groups(pl_module, example, selected=modules)
-        except RuntimeError as err:
-            raise ValueError(
-                f"GradualPruning(structure='channels', coupled=True): {err}. HINT: prune this model with "
-                "coupled=False (per-layer channel zeros that cannot be removed), or structure='unstructured'."
-            ) from err
+        if self.kind == "heads":
+            self.groups, self.kept_whole = H.head_groups(pl_module, example, selected=modules)
+        else:
+            try:
+                self.groups, self.kept_whole = S.channel_groups(pl_module, example, selected=modules)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"GradualPruning(structure='channels', coupled=True): {err}. HINT: prune this model with "
+                    "coupled=False (per-layer channel zeros that cannot be removed), or structure='unstructured'."
+                ) from err
         if not self.groups:
-            reasons = "; ".join(f"{k}: {v}" for k, v in self.kept_whole.items()) or "no conv / linear layers"
-            raise ValueError(
-                f"GradualPruning(structure='channels', coupled=True): no channel group of "
-                f"{type(pl_module).__name__} can be cut. Groups kept whole: {reasons}. HINT: check include / "
-                "exclude, or use structure='unstructured'."
-            )
+            raise ValueError(self._nothing_to_cut(type(pl_module).__name__))
         names = S.coupled_parameters(pl_module, self.groups)
         modules_by_name = dict(pl_module.named_modules())
         return [
             ParameterTarget(module, attr, modules_by_name[module])
             for module, _, attr in (n.rpartition(".") for n in names)
         ]
+
+    def _nothing_to_cut(self, model: str) -> str:
+        reasons = "; ".join(f"{k}: {v}" for k, v in self.kept_whole.items())
+        if self.kind == "heads":
+            return (
+                f"GradualPruning(structure='heads'): no attention heads of {model} can be removed. "
+                f"{f'Attentions kept whole: {reasons}. ' if reasons else 'No attention module was found. '}"
+                f"Recognised layouts: {H.LAYOUTS}. HINT: structure='channels' for the FFN units, or 'unstructured'."
+            )
+        return (
+            f"GradualPruning(structure='channels', coupled=True): no channel group of {model} can be cut. "
+            f"Groups kept whole: {reasons or 'no conv / linear layers'}. HINT: check include / exclude, or use "
+            "structure='unstructured'."
+        )
 
     def register_resize_hook(self, pl_module: pl.LightningModule) -> None:
         """Before any ``load_state_dict`` of the module, resize its layers to the state dict's shapes.

@@ -217,7 +217,7 @@ class GradualPruning(CompressionCallback):
         self._metrics: dict[str, float] = {}
         self._model_id: int | None = None
         self._input_norms: InputNorms | None = None  # criterion="wanda": inputs seen since the last update
-        self._coupled = CoupledChannels() if self.coupled else None
+        self._coupled = CoupledChannels(self.structure.kind) if self.coupled else None
         self._coupled_targets: list[ParameterTarget] = []
         self._root_module: torch.nn.Module | None = None
         # FSDP2: the process group the pruned weights are row-sharded over (None: whole tensors here), and
@@ -251,7 +251,7 @@ class GradualPruning(CompressionCallback):
             _check_inputs_observable(pl_module, self._targets)
         if self._coupled is not None:
             if self._model_id != id(pl_module):
-                self._coupled = CoupledChannels()
+                self._coupled = CoupledChannels(self.structure.kind)
             if not self._coupled.shrunk:
                 # Groups are found on the full-size model; a shrunk one only finishes training (no more updates).
                 self._coupled_targets = self._coupled.setup(pl_module, self._targets)
@@ -788,13 +788,20 @@ def _check_shrink(
     check_step("shrink_at_step", shrink_at_step, optional=True)
     if shrink_at_step is not None and not shrink:
         raise ValueError(f"shrink_at_step={shrink_at_step} needs shrink=True.")
+    if structure.kind == "heads":
+        if coupled is False:
+            raise ValueError(
+                "structure='heads' always masks a head's q/k/v rows and output columns together; coupled=False "
+                "is not accepted. HINT: leave coupled unset."
+            )
+        coupled = True
     if coupled is None:
         coupled = shrink
-    if (coupled or shrink) and structure.kind != "channels":
+    if (coupled or shrink) and structure.kind not in ("channels", "heads"):
         raise ValueError(
-            f"{'shrink=True' if shrink else 'coupled=True'} needs structure='channels' (whole channels can be "
-            f"removed), got structure='{structure}': {structure.kind} zeros leave every channel in place. "
-            "HINT: structure='channels', or shrink=False to keep the zeros."
+            f"{'shrink=True' if shrink else 'coupled=True'} needs structure='channels' or 'heads' (whole channels "
+            f"or heads can be removed), got structure='{structure}': {structure.kind} zeros leave every channel "
+            "in place. HINT: structure='channels' / 'heads', or shrink=False to keep the zeros."
         )
     if shrink and not coupled:
         raise ValueError(
@@ -807,7 +814,7 @@ def _check_shrink(
             "left to reparametrise (its state_dict is already a plain, smaller model). HINT: drop "
             "make_permanent=False."
         )
-    if coupled and not torch_pruning_available():
+    if coupled and structure.kind == "channels" and not torch_pruning_available():
         raise ImportError(
             f"GradualPruning(structure='channels', {'shrink' if shrink else 'coupled'}=True) finds coupled "
             f"channels with torch-pruning, which is not installed. {INSTALL_HINT}"
