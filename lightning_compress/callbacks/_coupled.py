@@ -178,7 +178,7 @@ class CoupledChannels:
             rewrap_ddp(trainer.strategy)  # DDP's reducer holds buckets sized for the old parameters
         rank_zero_info(
             f"GradualPruning: removed {sum(self.removed.values())} of {sum(g.size for g in self.groups)} "
-            f"channels in {len(self.groups)} groups at step {trainer.global_step}: params "
+            f"{self.kind} in {len(self.groups)} groups at step {trainer.global_step}: params "
             f"{result.params_before} -> {result.params_after}, max output difference {self.max_abs_diff:.2e}."
         )
 
