@@ -88,9 +88,10 @@ class GradualPruning(CompressionCallback):
             (|w| times the L2 norm of its input feature over the training inputs seen since the last
             update, Sun et al. 2023; forward pre-hooks on the pruned layers, summed across DDP ranks;
             magnitude until inputs have been seen).
-        structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), an N:M
-            pattern such as ``"2:4"`` (along the input dimension), or ``"block:RxC"`` such as
-            ``"block:1x4"``.
+        structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), ``"heads"``
+            (whole attention heads: q/k/v rows and output-projection columns as one group, see
+            :mod:`lightning_compress.functional.heads`; always coupled), an N:M pattern such as ``"2:4"``
+            (along the input dimension), or ``"block:RxC"`` such as ``"block:1x4"``.
         scope: ``"global"`` ranks all selected weights together (layers end with different
             sparsities); ``"layer"`` gives every layer the same sparsity.
         norm: the ``n`` of the Ln norm that scores a group of weights (channels, blocks, N:M runs).
@@ -109,8 +110,9 @@ class GradualPruning(CompressionCallback):
             away. Default: ``shrink``. Needs ``example_input_array`` on the LightningModule and
             ``torch-pruning`` (``pip install lightning-compress[shrink]``). ``target_sparsity`` is then the
             share of the groups' channels removed. See :mod:`lightning_compress.functional.shrink`.
-        shrink: physically remove the pruned channels at fit end (or at ``shrink_at_step``): the model
-            becomes a plain smaller model with the masked model's outputs. Implies ``coupled``.
+        shrink: physically remove the pruned channels (or heads) at fit end (or at ``shrink_at_step``): the
+            model becomes a plain smaller model with the masked model's outputs (head counts rewritten).
+            Implies ``coupled``.
         shrink_at_step: remove them at this optimizer step instead (at or after the end of the schedule), so
             the rest of training runs on the smaller model; optimizer state is sliced along.
         channel_multiple: with coupled groups, keep a multiple of this many channels in each group (rounded
