@@ -13,9 +13,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_compress._lightning_internals import rewrap_ddp, strategy_is
+from lightning_compress.functional import ffn as FFN
 from lightning_compress.functional import heads as H
 from lightning_compress.functional import shrink as S
 from lightning_compress.inputs import as_call
@@ -55,13 +56,7 @@ class CoupledChannels:
         if self.kind == "heads":
             self.groups, self.kept_whole = H.head_groups(pl_module, example, selected=modules)
         else:
-            try:
-                self.groups, self.kept_whole = S.channel_groups(pl_module, example, selected=modules)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"GradualPruning(structure='channels', coupled=True): {err}. HINT: prune this model with "
-                    "coupled=False (per-layer channel zeros that cannot be removed), or structure='unstructured'."
-                ) from err
+            self.groups, self.kept_whole = _channel_groups(pl_module, example, modules)
         if not self.groups:
             raise ValueError(self._nothing_to_cut(type(pl_module).__name__))
         names = S.coupled_parameters(pl_module, self.groups)
@@ -215,6 +210,24 @@ class CoupledChannels:
         self.rows = list(state.get("rows", []))
         self.max_abs_diff = state.get("max_abs_diff")
         self.shrunk_at_step = state.get("shrunk_at_step")
+
+
+def _channel_groups(
+    pl_module: pl.LightningModule, example: Any, selected: set[str]
+) -> tuple[list[S.ChannelGroup], dict[str, str]]:
+    """Traced channel groups; where the trace fails, the FFN units of known transformer layouts instead."""
+    try:
+        return S.channel_groups(pl_module, example, selected=selected)
+    except RuntimeError as err:
+        groups, kept = FFN.ffn_groups(pl_module, example, selected=selected)
+        if not groups:
+            raise ValueError(
+                f"GradualPruning(structure='channels', coupled=True): {err}. HINT: prune this model with "
+                "coupled=False (per-layer channel zeros that cannot be removed), or structure='unstructured'."
+            ) from err
+        reason = f"{err}; only the FFN units of known layouts (GPT-2, Llama-style) are pruned"
+        rank_zero_warn(f"GradualPruning(structure='channels'): {reason}.")
+        return groups, {"": reason, **kept}
 
 
 def _outputs(model: torch.nn.Module, example: Any) -> list[torch.Tensor]:
