@@ -18,7 +18,8 @@ BasicBlocks, a MobileNetV3-style net, an MLP on the flattened 8x8 digits):
    nothing is removed.
 
 Printed: params, FLOPs (one image), bytes of the state dict, one-thread CPU latency at batch 1 and 32
-(best of rounds, ms), validation accuracy.
+(ms; each round every variant is timed in turn, best of 0.2 s per round, median of ``--rounds`` rounds),
+validation accuracy.
 
 ``--models bert``: a BERT-style encoder (Hugging Face ``BertForSequenceClassification``, random init) on a
 token task (is the majority of 32 tokens in the upper half of the vocabulary), dense vs
@@ -114,15 +115,12 @@ def fit(model: Classifier, train: DataLoader, val: DataLoader, epochs: int, call
     return float(trainer.callback_metrics["val_acc"])
 
 
-def measure(model: Classifier, size: int) -> dict[str, float]:
-    channels = 3 if size != 8 else 1
-    one, batch = torch.randn(1, channels, size, size), torch.randn(32, channels, size, size)
+def static(model: nn.Module, one: torch.Tensor) -> dict[str, float]:
+    """Params, FLOPs of one input, bytes of the state dict."""
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "flops": module_flops(model.eval(), one).get("", 0),
         "bytes": serialized_bytes(model.state_dict()),
-        "ms_b1": cpu_latency(model, one, min_run_time=0.5) * 1e3,
-        "ms_b32": cpu_latency(model, batch, min_run_time=1.0) * 1e3,
     }
 
 
@@ -131,7 +129,8 @@ def main() -> None:
     parser.add_argument("--pretrain", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--models", default="resnet,mobilenet,mlp")
+    parser.add_argument("--models", default="resnet,mobilenet,mlp,bert")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds (median reported)")
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     for name in args.models.split(","):
@@ -189,17 +188,17 @@ def main() -> None:
         rows["Lightning ModelPruning (ln_structured, zeros)"] = (fit(model, train, val, args.epochs, [anchor]), model)
         weights = [m.weight for m, _ in anchor._parameters_to_prune]
         zero_rows = sum(int((w.flatten(1).abs().sum(1) == 0).sum()) for w in weights)
-        print(f"ModelPruning: {zero_rows} of {sum(w.shape[0] for w in weights)} output rows of the pruned layers are zero")
-        print_table(f"{name} ({args.pretrain}+{args.epochs} epochs, ratio {args.ratio})", rows, lambda m: measure(m, size))
+        total_rows = sum(w.shape[0] for w in weights)
+        print(f"ModelPruning: {zero_rows} of {total_rows} output rows of the pruned layers are zero")
+        channels = 3 if size != 8 else 1
+        one, batch = torch.randn(1, channels, size, size), torch.randn(32, channels, size, size)
+        title = f"{name} ({args.pretrain}+{args.epochs} epochs, ratio {args.ratio})"
+        print_table(title, rows, lambda m, one=one: static(m, one), {"ms_b1": one, "ms_b32": batch}, rounds=args.rounds)
 
 
 def model_pruning(model: Classifier, head: str, ratio: float) -> ModelPruning:
     """Lightning's structured pruning anchor: ``ratio`` of every layer's output rows, once, after epoch 0."""
-    layers = [
-        (m, "weight")
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d | nn.Linear) and n != head
-    ]
+    layers = [(m, "weight") for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear) and n != head]
     return ModelPruning(
         pruning_fn="ln_structured",
         parameters_to_prune=layers,
@@ -212,15 +211,31 @@ def model_pruning(model: Classifier, head: str, ratio: float) -> ModelPruning:
     )
 
 
-def print_table(title: str, rows: dict, measure_fn, extra: dict | None = None) -> None:
+def interleaved_latency(models: list[nn.Module], inputs: dict[str, torch.Tensor], rounds: int) -> list[dict]:
+    """Median over ``rounds`` of each model's best-of-rounds latency (ms), the models taking turns in every round.
+
+    Other processes share the cores: measuring the variants one after the other lets a burst of load land on
+    one of them; interleaved, every variant sees the same load, and the median drops the outliers.
+    """
+    times = [{k: [] for k in inputs} for _ in models]
+    for _ in range(rounds):
+        for model, out in zip(models, times, strict=True):
+            for key, x in inputs.items():
+                out[key].append(cpu_latency(model, x, min_run_time=0.2) * 1e3)
+    return [{k: float(torch.tensor(v).median()) for k, v in t.items()} for t in times]
+
+
+def print_table(title: str, rows: dict, static_fn, inputs: dict, extra: dict | None = None, rounds: int = 5) -> None:
+    """Params, FLOPs, bytes (``static_fn``), interleaved latencies at batch 1 and 32, accuracy, [max diff]."""
     print(f"\n### {title}\n")
     extra = extra or {}
-    tail = " | max |shrunk - masked|" if extra else ""
+    tail = " | max abs(shrunk - masked)" if extra else ""
     print(f"| variant | params | FLOPs | state_dict bytes | ms @1 | ms @32 | speed-up @32 | val acc{tail} |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---:" + (" | ---:" if extra else "") + " |")
+    latencies = interleaved_latency([model.eval() for _, model in rows.values()], inputs, rounds)
     reference = None
-    for label, (acc, model) in rows.items():
-        m = measure_fn(model)
+    for (label, (acc, model)), ms in zip(rows.items(), latencies, strict=True):
+        m = {**static_fn(model), **ms}
         reference = reference or m
         diff = f" | {extra[label]:.1e}" if label in extra else (" | -" if extra else "")
         print(
@@ -286,18 +301,9 @@ def bert(args: argparse.Namespace, vocab: int = 64, length: int = 32) -> None:
         rows[label] = (fit(model, train, val, args.epochs, callbacks), model)
         diffs[label] = max(cb._coupled.max_abs_diff for cb in callbacks)
     one, batch = torch.randint(0, vocab, (1, length)), torch.randint(0, vocab, (32, length))
-
-    def measure_ids(model: Classifier) -> dict[str, float]:
-        return {
-            "params": sum(p.numel() for p in model.parameters()),
-            "flops": module_flops(model.eval(), one).get("", 0),
-            "bytes": serialized_bytes(model.state_dict()),
-            "ms_b1": cpu_latency(model, one, min_run_time=0.5) * 1e3,
-            "ms_b32": cpu_latency(model, batch, min_run_time=1.0) * 1e3,
-        }
-
-    title = f"bert, 4 layers x 8 heads, hidden 128, FFN 512, 32 tokens ({args.pretrain}+{args.epochs} epochs, ratio {args.ratio})"
-    print_table(title, rows, measure_ids, diffs)
+    title = f"bert, 4 layers x 8 heads, hidden 128, FFN 512, {length} tokens ({args.pretrain}+{args.epochs} epochs)"
+    inputs = {"ms_b1": one, "ms_b32": batch}
+    print_table(title + f", ratio {args.ratio}", rows, lambda m: static(m, one), inputs, diffs, rounds=args.rounds)
 
 
 if __name__ == "__main__":
