@@ -182,6 +182,7 @@ class CoupledChannels:
         return {
             "shrunk": self.shrunk,
             "shrunk_at_step": self.shrunk_at_step,
+            "unit": self.kind,  # what the counts below count: channels or heads
             "channels_removed": sum(self.removed.values()),
             "channels_in_groups": sum(g.size for g in self.groups),
             "max_abs_output_diff_masked_vs_shrunk": self.max_abs_diff,

@@ -69,7 +69,6 @@ from torch import nn
 
 from lightning_compress.functional.shrink import ChannelGroup, Member
 
-
 LAYOUTS = (
     "a 'qkv' Linear packed [3, heads, head_dim] with 'proj' (num_heads, head_dim attributes); Hugging Face "
     "GPT-2 'c_attn'/'c_proj'; BERT-style 'self.query/key/value' with 'output.dense'; 'q_proj/k_proj/v_proj/o_proj' "
@@ -227,8 +226,10 @@ def sync_head_counts_(model: nn.Module) -> list[str]:
         if isinstance(module, nn.MultiheadAttention):
             continue
         child = dict(module.named_children())
-        if {"qkv", "proj"} <= set(child) and isinstance(getattr(module, "head_dim", None), int) and hasattr(
-            module, "num_heads"
+        if (
+            {"qkv", "proj"} <= set(child)
+            and isinstance(getattr(module, "head_dim", None), int)
+            and hasattr(module, "num_heads")
         ):
             new = {"num_heads": _width(child["qkv"]) // 3 // module.head_dim}  # type: ignore[operator]
         elif {"c_attn", "c_proj"} <= set(child) and hasattr(module, "split_size"):

@@ -70,9 +70,7 @@ class Structure:
         return self.kind
 
 
-_STRUCTURE_HELP = (
-    "'unstructured', 'channels', 'heads', an N:M pattern such as '2:4', or a block such as 'block:1x4'"
-)
+_STRUCTURE_HELP = "'unstructured', 'channels', 'heads', an N:M pattern such as '2:4', or a block such as 'block:1x4'"
 
 
 def parse_structure(spec: str) -> Structure:

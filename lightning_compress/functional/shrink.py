@@ -647,7 +647,8 @@ def _sync_attributes(module: nn.Module) -> None:
 def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Resize conv / linear / BatchNorm layers to the shapes a (shrunk) ``state_dict`` holds, in place.
 
-    Attention head counts follow the resized projections (:func:`~lightning_compress.functional.heads.sync_head_counts_`).
+    Attention head counts follow the resized projections
+    (:func:`~lightning_compress.functional.heads.sync_head_counts_`).
     Values are left uninitialised: a strict ``load_state_dict`` right after fills them. Which channels were
     removed does not matter for loading, so no pruning history is needed and neither is torch-pruning.
     Returns the names of the resized modules.

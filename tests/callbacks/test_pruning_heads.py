@@ -61,9 +61,7 @@ def test_coupled_false_is_refused() -> None:
 def test_heads_shrunk_at_fit_end_equal_the_masked_model(name: str, tmp_path: Any) -> None:
     case = ZOO[name]()
     # the tied lm_head is excluded, as for any pruning of these models (see tests/test_ties.py)
-    pruning = GradualPruning(
-        0.5, structure="heads", shrink=True, end_step=4, update_every_n_steps=2, exclude=case.head
-    )
+    pruning = GradualPruning(0.5, structure="heads", shrink=True, end_step=4, update_every_n_steps=2, exclude=case.head)
     snap = Snapshot()
     run = trainer(tmp_path, [pruning, snap], max_epochs=-1, max_steps=6, limit_val_batches=0)
     run.fit(case.module, case.train_loader)
@@ -120,6 +118,8 @@ def test_heads_shrunk_mid_fit_then_resume_and_load_shrunk(tmp_path: Any) -> None
 def test_models_without_removable_heads_are_refused_before_step_one(name: str, reason: str, tmp_path: Any) -> None:
     case = ZOO[name]()
     run = trainer(tmp_path, [GradualPruning(0.5, structure="heads", shrink=True)], max_steps=2)
-    with pytest.raises(ValueError, match=rf"no attention heads of .* can be removed\. Attentions kept whole: .*{reason}"):
+    with pytest.raises(
+        ValueError, match=rf"no attention heads of .* can be removed\. Attentions kept whole: .*{reason}"
+    ):
         run.fit(case.module, case.train_loader)
     assert run.global_step == 0

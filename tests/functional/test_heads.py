@@ -91,7 +91,10 @@ def test_gpt2_packed_c_attn_slices_by_hand_and_rewritten_head_count() -> None:
     assert (attn.num_heads, attn.split_size, attn.c_attn.nf, attn.c_proj.nx) == (1, 16, 48, 16)
     # reload into a fresh full-size GPT-2 from the shapes alone (Conv1D resized, head count rewritten)
     fresh = gpt2()
-    assert S.resize_to_state_dict_(fresh, model.state_dict()) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
+    assert S.resize_to_state_dict_(fresh, model.state_dict()) == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+    ]
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert fresh.transformer.h[0].attn.num_heads == 1
     with torch.no_grad():
