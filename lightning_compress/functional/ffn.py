@@ -1,17 +1,15 @@
 """FFN hidden units found by layout, for transformers the dependency analysis cannot trace.
 
 Torch-Pruning's graph analysis (:func:`~lightning_compress.functional.shrink.channel_groups`) finds the FFN
-units of most transformers by tracing, but fails on some: Hugging Face GPT-2's forward does arithmetic on
-``None`` during the trace, and on Llama the group search explodes (rotary embeddings) until the time limit.
+units of most transformers by tracing, but fails on some: Hugging Face GPT-2 raises ``TypeError: unsupported
+operand type(s) for +: 'int' and 'NoneType'`` during the trace, and on Llama the group search runs into the
+time limit (rotary embeddings).
 Their FFN blocks have fixed, well-known layouts, so the units are written out here instead:
 
-=======================================  ============================================================
-layout                                   one hidden unit ``i``
-=======================================  ============================================================
-``c_fc`` / ``c_proj`` (Conv1D, GPT-2)    ``c_fc`` output ``i`` (weight column, bias) + ``c_proj`` weight row ``i``
-``gate_proj`` / ``up_proj`` /             rows ``i`` of ``gate_proj`` and ``up_proj``, column ``i`` of ``down_proj``
-``down_proj`` (Llama-style gated MLP)
-=======================================  ============================================================
+- ``c_fc`` / ``c_proj`` (Conv1D, GPT-2): unit ``i`` is ``c_fc``'s output ``i`` (weight column, bias) and
+  ``c_proj``'s weight row ``i``;
+- ``gate_proj`` / ``up_proj`` / ``down_proj`` (Llama-style gated MLP): rows ``i`` of ``gate_proj`` and
+  ``up_proj``, column ``i`` of ``down_proj``.
 
 Both are :class:`~lightning_compress.functional.shrink.ChannelGroup` s, so masks, removal and reloading are
 the channel path's; every group is tried on a copy (one masked unit removed, outputs compared) first.

@@ -9,17 +9,14 @@ attention: key/value groups), so masks, scores, removal and reloading are the ch
 
 Recognised layouts (``head_dim`` never changes; the head count is rewritten after a cut):
 
-============================================  ==================================================  ============
-layout                                        e.g.                                                unit
-============================================  ==================================================  ============
-``qkv`` Linear packed ``[3, heads, head_dim]``  timm-style ``Attention`` (``num_heads``, ``head_dim``)  head
-and ``proj``
-``c_attn`` Conv1D packed along dim 1 and        Hugging Face GPT-2 (``num_heads``, ``split_size``)   head
-``c_proj``
-``self.query/key/value`` and ``output.dense``   Hugging Face BERT / RoBERTa (``num_attention_heads``)  head
-``q_proj/k_proj/v_proj`` and ``o_proj``         Hugging Face Llama / Mistral / Qwen2 (``head_dim``)  key/value
-                                                                                                     group
-============================================  ==================================================  ============
+- a ``qkv`` Linear packed ``[3, heads, head_dim]`` and ``proj``, with ``num_heads`` and ``head_dim``
+  attributes (timm-style ``Attention``);
+- ``c_attn`` (Hugging Face Conv1D, q/k/v packed along dim 1) and ``c_proj``: GPT-2 (``num_heads``,
+  ``split_size`` rewritten);
+- ``self.query/key/value`` and ``output.dense``: BERT and models with its layout (``num_attention_heads``,
+  ``all_head_size`` rewritten);
+- ``q_proj/k_proj/v_proj`` and ``o_proj`` with ``head_dim``: Llama and models with its layout (the forward
+  reads the head count from the shapes).
 
 With grouped-query attention (Llama's ``num_key_value_heads`` < ``num_attention_heads``) a key/value head
 serves several query heads, so the unit removed is one key/value head with all its query heads: the

@@ -19,8 +19,8 @@ Which groups are found, and which stay whole:
   type stays whole: removing a zero channel there changes the normalisation statistics or needs a
   layer-specific rewrite. That is the residual width of a transformer (LayerNorm) and the attention
   heads (the ``qkv`` rows reach ``proj`` through a reshape into heads, so one row is not one channel;
-  the attention's forward reads its head count from its own attributes, which a generic tool cannot
-  safely rewrite). Each kept group is listed with its reason.
+  the attention's forward reads its head count from its own attributes: whole heads are
+  :mod:`lightning_compress.functional.heads`' job). Each kept group is listed with its reason.
 - A group keeps at least one channel (a layer is thinned, never emptied).
 
 Dependency analysis: Torch-Pruning's ``DependencyGraph`` (``pip install lightning-compress[shrink]``).
