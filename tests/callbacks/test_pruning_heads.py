@@ -14,31 +14,8 @@ pytest.importorskip("transformers")
 from lightning_compress import GradualPruning, load_shrunk  # noqa: E402
 from tests.helpers import trainer  # noqa: E402
 from tests.zoo import ZOO  # noqa: E402
-from tests.zoo.common import ZooModule, loaders, majority_tokens  # noqa: E402
-
-
-class TinyBert(ZooModule):
-    """BERT classifier built from plain hyperparameters (so ``load_shrunk`` can rebuild it): 4 heads of 8."""
-
-    def __init__(self, heads: int = 4) -> None:
-        super().__init__()
-        from transformers import BertConfig, BertForSequenceClassification
-
-        self.save_hyperparameters()
-        config = BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=heads,
-            intermediate_size=64,
-            max_position_embeddings=16,
-            num_labels=2,
-        )
-        self.model = BertForSequenceClassification(config)
-        self.example_input_array = torch.zeros(2, 16, dtype=torch.long)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+from tests.zoo.common import loaders, majority_tokens  # noqa: E402
+from tests.zoo.hf import TinyBert  # noqa: E402
 
 
 def data() -> Any:
