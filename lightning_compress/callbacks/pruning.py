@@ -88,9 +88,10 @@ class GradualPruning(CompressionCallback):
             (|w| times the L2 norm of its input feature over the training inputs seen since the last
             update, Sun et al. 2023; forward pre-hooks on the pruned layers, summed across DDP ranks;
             magnitude until inputs have been seen).
-        structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), an N:M
-            pattern such as ``"2:4"`` (along the input dimension), or ``"block:RxC"`` such as
-            ``"block:1x4"``.
+        structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), ``"heads"``
+            (whole attention heads: q/k/v rows and output-projection columns as one group, see
+            :mod:`lightning_compress.functional.heads`; always coupled), an N:M pattern such as ``"2:4"``
+            (along the input dimension), or ``"block:RxC"`` such as ``"block:1x4"``.
         scope: ``"global"`` ranks all selected weights together (layers end with different
             sparsities); ``"layer"`` gives every layer the same sparsity.
         norm: the ``n`` of the Ln norm that scores a group of weights (channels, blocks, N:M runs).
@@ -109,8 +110,9 @@ class GradualPruning(CompressionCallback):
             away. Default: ``shrink``. Needs ``example_input_array`` on the LightningModule and
             ``torch-pruning`` (``pip install lightning-compress[shrink]``). ``target_sparsity`` is then the
             share of the groups' channels removed. See :mod:`lightning_compress.functional.shrink`.
-        shrink: physically remove the pruned channels at fit end (or at ``shrink_at_step``): the model
-            becomes a plain smaller model with the masked model's outputs. Implies ``coupled``.
+        shrink: physically remove the pruned channels (or heads) at fit end (or at ``shrink_at_step``): the
+            model becomes a plain smaller model with the masked model's outputs (head counts rewritten).
+            Implies ``coupled``.
         shrink_at_step: remove them at this optimizer step instead (at or after the end of the schedule), so
             the rest of training runs on the smaller model; optimizer state is sliced along.
         channel_multiple: with coupled groups, keep a multiple of this many channels in each group (rounded
@@ -217,7 +219,7 @@ class GradualPruning(CompressionCallback):
         self._metrics: dict[str, float] = {}
         self._model_id: int | None = None
         self._input_norms: InputNorms | None = None  # criterion="wanda": inputs seen since the last update
-        self._coupled = CoupledChannels() if self.coupled else None
+        self._coupled = CoupledChannels(self.structure.kind) if self.coupled else None
         self._coupled_targets: list[ParameterTarget] = []
         self._root_module: torch.nn.Module | None = None
         # FSDP2: the process group the pruned weights are row-sharded over (None: whole tensors here), and
@@ -251,7 +253,7 @@ class GradualPruning(CompressionCallback):
             _check_inputs_observable(pl_module, self._targets)
         if self._coupled is not None:
             if self._model_id != id(pl_module):
-                self._coupled = CoupledChannels()
+                self._coupled = CoupledChannels(self.structure.kind)
             if not self._coupled.shrunk:
                 # Groups are found on the full-size model; a shrunk one only finishes training (no more updates).
                 self._coupled_targets = self._coupled.setup(pl_module, self._targets)
@@ -788,13 +790,20 @@ def _check_shrink(
     check_step("shrink_at_step", shrink_at_step, optional=True)
     if shrink_at_step is not None and not shrink:
         raise ValueError(f"shrink_at_step={shrink_at_step} needs shrink=True.")
+    if structure.kind == "heads":
+        if coupled is False:
+            raise ValueError(
+                "structure='heads' always masks a head's q/k/v rows and output columns together; coupled=False "
+                "is not accepted. HINT: leave coupled unset."
+            )
+        coupled = True
     if coupled is None:
         coupled = shrink
-    if (coupled or shrink) and structure.kind != "channels":
+    if (coupled or shrink) and structure.kind not in ("channels", "heads"):
         raise ValueError(
-            f"{'shrink=True' if shrink else 'coupled=True'} needs structure='channels' (whole channels can be "
-            f"removed), got structure='{structure}': {structure.kind} zeros leave every channel in place. "
-            "HINT: structure='channels', or shrink=False to keep the zeros."
+            f"{'shrink=True' if shrink else 'coupled=True'} needs structure='channels' or 'heads' (whole channels "
+            f"or heads can be removed), got structure='{structure}': {structure.kind} zeros leave every channel "
+            "in place. HINT: structure='channels' / 'heads', or shrink=False to keep the zeros."
         )
     if shrink and not coupled:
         raise ValueError(
@@ -807,7 +816,7 @@ def _check_shrink(
             "left to reparametrise (its state_dict is already a plain, smaller model). HINT: drop "
             "make_permanent=False."
         )
-    if coupled and not torch_pruning_available():
+    if coupled and structure.kind == "channels" and not torch_pruning_available():
         raise ImportError(
             f"GradualPruning(structure='channels', {'shrink' if shrink else 'coupled'}=True) finds coupled "
             f"channels with torch-pruning, which is not installed. {INSTALL_HINT}"

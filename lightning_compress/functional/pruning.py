@@ -43,7 +43,7 @@ import torch
 
 from lightning_compress.functional import distributed as D
 
-StructureKind = Literal["unstructured", "channels", "block", "n:m"]
+StructureKind = Literal["unstructured", "channels", "heads", "block", "n:m"]
 Criterion = Literal["magnitude", "random", "taylor", "wanda"]
 CRITERIA: tuple[str, ...] = ("magnitude", "random", "taylor", "wanda")
 
@@ -70,11 +70,14 @@ class Structure:
         return self.kind
 
 
-_STRUCTURE_HELP = "'unstructured', 'channels', an N:M pattern such as '2:4', or a block such as 'block:1x4'"
+_STRUCTURE_HELP = "'unstructured', 'channels', 'heads', an N:M pattern such as '2:4', or a block such as 'block:1x4'"
 
 
 def parse_structure(spec: str) -> Structure:
-    """Parse ``"unstructured"``, ``"channels"``, ``"2:4"``, ``"block:1x4"`` (or ``"1x4"``).
+    """Parse ``"unstructured"``, ``"channels"``, ``"heads"``, ``"2:4"``, ``"block:1x4"`` (or ``"1x4"``).
+
+    ``"heads"`` (whole attention heads) is only chosen per coupled group
+    (:mod:`lightning_compress.functional.heads`), never per layer.
 
     Raises:
         ValueError: naming what was received and what is accepted.
@@ -91,7 +94,7 @@ def parse_structure(spec: str) -> Structure:
     if not isinstance(spec, str):
         raise ValueError(f"structure must be {_STRUCTURE_HELP}; got {spec!r}.")
     text = spec.strip().lower()
-    if text in ("unstructured", "channels"):
+    if text in ("unstructured", "channels", "heads"):
         return Structure(kind=text)  # type: ignore[arg-type]
     if match := re.fullmatch(r"(\d+):(\d+)", text):
         n, m = int(match[1]), int(match[2])
