@@ -403,6 +403,9 @@ class GradualPruning(CompressionCallback):
     # ---------------------------------------------------------------- masks
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
+        # The per-step float masks (one float per weight) are rebuilt at the end: drop them while the scores
+        # (one float per weight too) are alive, so an update needs no more than that on top of training.
+        self._hot = {}
         scores = self._scores(step)
         masks = self._new_masks(trainer, scores, step)
         del scores  # one float per weight: free before the new float masks are kept
@@ -471,11 +474,17 @@ class GradualPruning(CompressionCallback):
             }
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
-            masks = F.global_masks(shared, current, level, self.structure, self.norm, group=group) if shared else {}
+            masks = (
+                F.global_masks(shared, current, level, self.structure, self.norm, group=group, overwrite_scores=True)
+                if shared
+                else {}
+            )
             alone = {k: scores[k] for k in overridden}
-            masks.update(F.layer_masks(alone, current, targets, self.structure, self.norm, group=group))
+            masks.update(
+                F.layer_masks(alone, current, targets, self.structure, self.norm, group=group, overwrite_scores=True)
+            )
         else:
-            masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group)
+            masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group, overwrite_scores=True)
         return {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
 
     def _warn_if_short(self, step: int) -> None:
