@@ -113,6 +113,31 @@ def run_updates(sizes: list[float]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------- (b) per-rank memory
+def _nbytes(tensors: Any) -> float:
+    """Bytes of the tensors' storage on this rank (a DTensor counts its local shard only)."""
+    from lightning_compress.functional.distributed import local
+
+    return float(sum(local(t).numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
+def local_tensor_bytes(model: nn.Module, optimizer: Any, callbacks: list[Any]) -> dict[str, float]:
+    """This rank's parameters, gradients, optimizer state and compression-callback tensors, in bytes."""
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    held = []
+    for c in callbacks:  # GradualPruning's masks (bool and the per-step float copies), Taylor sums, rewind copy
+        for store in ("_masks", "_taylor", "_rewind"):
+            held += list(getattr(c, store, {}).values())
+        held += [m for pairs in getattr(c, "_hot", {}).values() for _, m in pairs]
+    return {
+        "params": _nbytes(params),
+        "grads": _nbytes(p.grad for p in params if p.grad is not None),
+        "optimizer_state": _nbytes(state),
+        "buffers": _nbytes(model.buffers()),  # QAT's scales and observed ranges
+        "callback_state": _nbytes(held),
+    }
+
+
 def rank_run(strategy_name: str, millions: float, out: str) -> None:
     """One two-process fit (this script re-launched by Lightning on each rank); each rank writes its peak."""
     import pytorch_lightning as pl
@@ -148,17 +173,29 @@ def rank_run(strategy_name: str, millions: float, out: str) -> None:
             fully_shard(self)
 
     class Peak(pl.Callback):
+        """Peak RSS over training, and the bytes of this rank's own tensors, counted one by one."""
+
+        tensors: dict[str, float] = {}
+
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self.start = _status("VmRSS")
             _reset_peak()
 
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            # Here the gradients exist (and, after the first step, the optimizer state): the largest tensor set.
+            sizes = local_tensor_bytes(pl_module, optimizer, [c for c in trainer.callbacks if c is not self])
+            self.tensors = {k: max(v, self.tensors.get(k, 0.0)) for k, v in sizes.items()}
+
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            row = {"strategy": strategy_name, "rank": trainer.global_rank, "rss_at_start_MB": self.start / 2**20}
+            row = {"strategy": strategy_name, "rank": trainer.global_rank, "rss_libraries_MB": libraries / 2**20}
+            row["rss_at_start_MB"] = self.start / 2**20
             row["peak_MB"] = _status("VmHWM") / 2**20
+            row.update({f"{k}_MB": v / 2**20 for k, v in self.tensors.items()})
             with open(os.path.join(out, f"{strategy_name}_rank{trainer.global_rank}.json"), "w") as fh:
                 json.dump(row, fh)
 
     torch.set_num_threads(1)
+    libraries = _status("VmRSS")  # the interpreter, torch and Lightning, before any model exists
     pl.seed_everything(0)
     fsdp = strategy_name == "fsdp2"
     model = Sharded() if fsdp else Big()

@@ -484,7 +484,9 @@ class GradualPruning(CompressionCallback):
                 F.layer_masks(alone, current, targets, self.structure, self.norm, group=group, overwrite_scores=True)
             )
         else:
-            masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group, overwrite_scores=True)
+            masks = F.layer_masks(
+                scores, current, targets, self.structure, self.norm, group=group, overwrite_scores=True
+            )
         return {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
 
     def _warn_if_short(self, step: int) -> None:

@@ -1,5 +1,6 @@
-"""Two-process FSDP2 runs of QuantizationAwareTraining, pruning + QAT together, KnowledgeDistillation, and the
-refusals (TensorDecomposition, QAT export_dir) under ModelParallelStrategy + fully_shard (CPU, gloo).
+"""Two-process FSDP2 runs of QuantizationAwareTraining (with its fit-end int8 export), pruning + QAT together,
+KnowledgeDistillation, TensorDecomposition at fit end (saved), and the refusals (mid-fit decomposition, no
+save_path, a self-teacher) under ModelParallelStrategy + fully_shard (CPU, gloo).
 
 One launch, several fits; each writes ``<tag>_rank<r>.pt`` (``SaveFull``) or ``<tag>_rank<r>.err``.
 
@@ -39,17 +40,23 @@ def teacher() -> PlainMLP:
         return PlainMLP(hidden=40, classes=MODEL_ARGS["classes"])
 
 
+# Each scenario's callbacks, given the run's own directory (fit-end exports are written there).
 SCENARIOS = {
-    "qat": lambda: [QuantizationAwareTraining(weight_bits=8, activation_bits=8)],
-    "prune_qat": lambda: [
+    "qat": lambda out: [
+        QuantizationAwareTraining(weight_bits=8, activation_bits=8, export_dir=os.path.join(out, "export"))
+    ],
+    "prune_qat": lambda out: [
         GradualPruning(0.7, end_step=10, update_every_n_steps=2),
         QuantizationAwareTraining(weight_bits=4, activation_bits=8),
     ],
-    "kd": lambda: [KnowledgeDistillation(teacher=teacher(), alpha=0.5, temperature=2.0)],
+    "kd": lambda out: [KnowledgeDistillation(teacher=teacher(), alpha=0.5, temperature=2.0)],
+    "decomposition": lambda out: [
+        TensorDecomposition(rank=0.5, measure_latency=False, save_path=os.path.join(out, "decomposed.pt"))
+    ],
 }
 REFUSED = {
-    "decomposition": lambda out: [TensorDecomposition(rank=0.5, measure_latency=False)],
-    "qat_export": lambda out: [QuantizationAwareTraining(export_dir=os.path.join(out, "export"))],
+    "decomposition_mid_fit": lambda out: [TensorDecomposition(apply_at=4, save_path=os.path.join(out, "d.pt"))],
+    "decomposition_no_path": lambda out: [TensorDecomposition(rank=0.5, measure_latency=False)],
     "kd_self": lambda out: [KnowledgeDistillation(teacher="self")],
 }
 
@@ -60,7 +67,8 @@ def main(out: str) -> None:
     for tag, callbacks in SCENARIOS.items():
         pl.seed_everything(0)
         model = ShardedMLP(**MODEL_ARGS)
-        t = fsdp2_trainer(os.path.join(out, tag), [*callbacks(), SaveFull(out, tag)])
+        run_dir = os.path.join(out, tag)
+        t = fsdp2_trainer(run_dir, [*callbacks(run_dir), SaveFull(out, tag)])
         t.fit(model)
         rank = t.global_rank
     for tag, callbacks in REFUSED.items():
