@@ -327,6 +327,17 @@ class GradualPruning(CompressionCallback):
         super().on_fit_start(trainer, pl_module)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_state is not None:
+            # ModelParallelStrategy restores callback state after on_fit_start (Lightning restores checkpoints
+            # after that strategy's setup): without this, a resumed run would train its first steps unmasked.
+            self._restore(self._pending_state, trainer.global_step)
+            self._pending_state = None
+            self._apply_masks(trainer)
+            self._refresh_metrics(trainer.global_step)
+        super().on_train_start(trainer, pl_module)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

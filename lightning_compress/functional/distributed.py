@@ -172,6 +172,14 @@ def _global_sum(value: int, group: Any, device: torch.device) -> int:
 _KEY_RANGE = (_key(-math.inf), _key(math.inf))  # no NaN key lies between these
 
 
+# Comparisons run on slices of this many values: their bool temporaries stay small (1 MiB) and in cache.
+_CHUNK = 2**20
+
+
+def _chunks(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return values.reshape(-1).split(_CHUNK)
+
+
 def lowest(values: torch.Tensor, k: int, group: Any = None) -> torch.Tensor:
     """Boolean selector of this rank's share of the ``k`` lowest values over every rank's ``values``.
 
@@ -217,7 +225,7 @@ def lowest_each(values: Sequence[torch.Tensor], k: int, group: Any = None) -> li
     values = [v.detach() if v.dtype == torch.float32 else v.detach().float() for v in values]
 
     def count(select: Callable[[torch.Tensor], torch.Tensor]) -> int:
-        mine = sum(int(torch.count_nonzero(select(v))) for v in values)
+        mine = sum(int(torch.count_nonzero(select(c))) for v in values for c in _chunks(v))
         return _global_sum(mine, group, device) if sharded else mine
 
     total = sum(v.numel() for v in values)
@@ -237,7 +245,7 @@ def lowest_each(values: Sequence[torch.Tensor], k: int, group: Any = None) -> li
             lo = mid + 1
     threshold = _value(lo)
     need = k - count(lambda v: v < threshold)
-    ties = [int(torch.count_nonzero(v == threshold)) for v in values]
+    ties = [sum(int(torch.count_nonzero(c == threshold)) for c in _chunks(v)) for v in values]
     if sharded:
         # Ties go to the lowest ranks first: skip what the ranks before this one hold.
         before = sum(row[0] for row in gather_ints([sum(ties)], group)[: dist.get_rank(group)])
@@ -246,9 +254,19 @@ def lowest_each(values: Sequence[torch.Tensor], k: int, group: Any = None) -> li
     for v, tied in zip(values, ties, strict=True):
         chosen = v < threshold
         take = min(need, tied)
-        if take:
-            flat = chosen.view(-1)
-            flat[(v.reshape(-1) == threshold).nonzero().flatten()[:take]] = True
+        _select_first_ties(chosen, v, threshold, take)
         need -= take
         out.append(chosen)
     return out
+
+
+def _select_first_ties(chosen: torch.Tensor, values: torch.Tensor, threshold: float, take: int) -> None:
+    """Mark the first ``take`` entries of ``values`` equal to ``threshold`` (index order) in ``chosen``."""
+    flat, start = chosen.view(-1), 0
+    for c in _chunks(values):
+        if take <= 0:
+            return
+        here = (c == threshold).nonzero().flatten()[:take]
+        flat[here + start] = True
+        take -= here.numel()
+        start += c.numel()

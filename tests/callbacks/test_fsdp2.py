@@ -83,11 +83,15 @@ def test_gradual_pruning_under_fsdp2(tmp_path: Path) -> None:
         single_metrics = {k: float(v) for k, v in ref["trainer"].callback_metrics.items() if k.startswith("compress/")}
         assert r0["metrics"] == pytest.approx(single_metrics)
 
-    # Resume from the distributed checkpoint at step 8 (mid-schedule): the same end, bit for bit.
+    # Resume from the distributed checkpoint at step 9 (mid-schedule, between updates): the same end, bit for bit.
     (g0, _), (s0, s1) = ranks(tmp_path, "global"), ranks(tmp_path, "resume")
     assert_ranks_agree(s0, s1)
     for name, weight in g0["full"].items():
         assert torch.equal(s0["full"][name], weight), name
+    # ... and its first step, taken before the next mask update, kept the pruned weights at zero.
+    (a0, _), (b0, _) = ranks(tmp_path, "global_after9"), ranks(tmp_path, "resume_after9")
+    for name, weight in a0["full"].items():
+        assert torch.equal(b0["full"][name], weight), name
 
     # The consolidated full state dict (rank zero) loads into a plain model, zeros included.
     plain = PlainMLP(**MODEL_ARGS)
@@ -142,6 +146,7 @@ def test_quantization_distillation_decomposition_and_refusals_under_fsdp2(tmp_pa
             ref_model = ref["trainer"].lightning_module
             torch.testing.assert_close(convert_to_int8(plain)(x), convert_to_int8(ref_model)(x))
             _check_int8_export(tmp_path, convert_to_int8(plain), x)
+    _check_hint_resume(tmp_path)
     for rank in (0, 1):  # refused in setup, before step 1, on both ranks alike
         err = {
             tag: (tmp_path / f"{tag}_rank{rank}.err").read_text()
@@ -152,6 +157,28 @@ def test_quantization_distillation_decomposition_and_refusals_under_fsdp2(tmp_pa
         assert "needs save_path" in err["decomposition_no_path"]
         assert "teacher='self'" in err["kd_self"] and "HINT" in err["kd_self"]
     assert not (tmp_path / "decomposition_mid_fit" / "d.pt").exists()
+
+
+def _check_hint_resume(tmp_path: Path) -> None:
+    """KD hint adapters under FSDP2: saved in the distributed checkpoint and restored with their optimizer state."""
+    at8, restored = ranks(tmp_path, "kd_hints_at8"), ranks(tmp_path, "kd_hints_resume_at8")
+    end, resumed = ranks(tmp_path, "kd_hints"), ranks(tmp_path, "kd_hints_resume")
+    assert set(at8[0]["adapters"]) == {"net__2.weight"} and at8[0]["adapter_optimizer_state"]
+    for rank in (0, 1):
+        for run in (at8, restored, end, resumed):  # adapters identical on the ranks
+            assert run[rank]["adapters"].keys() == run[0]["adapters"].keys()
+            for k, v in run[rank]["adapters"].items():
+                assert torch.equal(v, run[0]["adapters"][k]), k
+        # Right after the restore: what the uninterrupted run had at step 8, momentum included.
+        for k, v in at8[rank]["adapters"].items():
+            assert torch.equal(restored[rank]["adapters"][k], v), k
+        for x, y in zip(at8[rank]["adapter_optimizer_state"], restored[rank]["adapter_optimizer_state"], strict=True):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        # And the same end, bit for bit: student and adapters.
+        for name, weight in end[rank]["full"].items():
+            assert torch.equal(resumed[rank]["full"][name], weight), name
+        for k, v in end[rank]["adapters"].items():
+            assert torch.equal(resumed[rank]["adapters"][k], v), k
 
 
 def _check_int8_export(tmp_path: Path, consolidated_int8: torch.nn.Module, x: torch.Tensor) -> None:

@@ -149,3 +149,16 @@ def test_several_tensors_select_what_a_stable_sort_of_their_concatenation_select
     got = torch.cat(lowest_each(tensors, k))
     # Ties broken alike: earliest tensor, then lowest index (-0.0 and +0.0 are equal values to both).
     assert torch.equal(got, expected)
+
+
+def test_selection_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Values are compared in slices; with 3-value slices, ties and the threshold fall across slice edges.
+    import lightning_compress.functional.distributed as D
+
+    monkeypatch.setattr(D, "_CHUNK", 3)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        tensors = [torch.randint(0, 4, (int(n),), generator=g).float() for n in torch.randint(0, 9, (3,), generator=g)]
+        whole = torch.cat(tensors)
+        k = trial % (whole.numel() + 2)
+        assert torch.equal(torch.cat(lowest_each(tensors, k)), reference(whole, k)), (tensors, k)

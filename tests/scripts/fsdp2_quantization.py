@@ -9,11 +9,13 @@ Usage: python fsdp2_quantization.py OUT_DIR
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
@@ -26,6 +28,7 @@ from lightning_compress import (  # noqa: E402
 from tests.scripts.fsdp2_common import (  # noqa: E402
     MODEL_ARGS,
     PlainMLP,
+    SaveAtStep,
     SaveFull,
     ShardedMLP,
     fsdp2_trainer,
@@ -50,6 +53,8 @@ SCENARIOS = {
         QuantizationAwareTraining(weight_bits=4, activation_bits=8),
     ],
     "kd": lambda out: [KnowledgeDistillation(teacher=teacher(), alpha=0.5, temperature=2.0)],
+    # A hint from the 30-wide student layer to the 40-wide teacher layer: a learned Linear(30, 40) adapter.
+    "kd_hints": lambda out: [KnowledgeDistillation(teacher=teacher(), alpha=0.5, features={"net.2": "net.2"})],
     "decomposition": lambda out: [
         TensorDecomposition(rank=0.5, measure_latency=False, save_path=os.path.join(out, "decomposed.pt"))
     ],
@@ -68,9 +73,20 @@ def main(out: str) -> None:
         pl.seed_everything(0)
         model = ShardedMLP(**MODEL_ARGS)
         run_dir = os.path.join(out, tag)
-        t = fsdp2_trainer(run_dir, [*callbacks(run_dir), SaveFull(out, tag)])
+        extra: list[pl.Callback] = []
+        if tag == "kd_hints":  # distributed checkpoints at steps 4, 8, 12 for the resume below
+            extra = [
+                ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), every_n_epochs=4, save_top_k=-1),
+                SaveAtStep(out, "kd_hints_at8", 8),
+            ]
+        t = fsdp2_trainer(run_dir, [*callbacks(run_dir), SaveFull(out, tag), *extra], enable_checkpointing=bool(extra))
         t.fit(model)
         rank = t.global_rank
+    # Resume the hint run from step 8: adapters and their optimizer state come back from the checkpoint.
+    pl.seed_everything(0)
+    first = glob.glob(os.path.join(out, "ckpt", "*-step=8.ckpt"))[0]
+    resumed = [*SCENARIOS["kd_hints"](out), SaveFull(out, "kd_hints_resume"), SaveAtStep(out, "kd_hints_resume_at8", 8)]
+    fsdp2_trainer(os.path.join(out, "kd_hints_resume"), resumed).fit(ShardedMLP(**MODEL_ARGS), ckpt_path=first)
     for tag, callbacks in REFUSED.items():
         try:
             fsdp2_trainer(os.path.join(out, tag), callbacks(out)).fit(ShardedMLP(**MODEL_ARGS))
