@@ -28,7 +28,8 @@ tensor from the step-seeded generator on every rank and keeps its own rows. Stru
 span two ranks' rows are refused before step 1. Lightning saves callback state from rank zero only, so
 under FSDP2 the checkpoint holds no masks: on resume each rank recomputes its masks from the exact zeros of
 its restored shards (a pruned weight is exactly 0.0; a weight that trained to exactly 0.0 unpruned would
-count as pruned from then on). Taylor scores accumulated since the last update are not checkpointed there
+count as pruned from then on), at ``on_train_start``: that strategy restores callback state after
+``on_fit_start``. Taylor scores accumulated since the last update are not checkpointed there
 (accumulation restarts after a resume), and resuming inside the lottery-ticket rewind window is refused.
 """
 
