@@ -8,12 +8,15 @@ on top of the model (the masks it keeps included), in multiples of the pruned we
 
 (b) ``ranks``: per-rank peak memory while training with pruning + QAT on two CPU processes, under
 ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` per layer) and under DDP; the peak is reset when
-training starts, so model construction before sharding is not counted.
+training starts, so model construction before sharding is not counted. Next to peak RSS, each rank counts
+the bytes of its own parameters, gradients, optimizer state, buffers and compression-callback tensors (a
+DTensor counts its local shard), at their largest over the steps.
 
 Usage (from the repository root)::
 
     python benchmarks/scale.py update --sizes 1 10 30 100     # millions of parameters
-    python benchmarks/scale.py ranks --params 20              # FSDP2 vs DDP, two processes each
+    python benchmarks/scale.py ranks --params 30              # FSDP2 vs DDP, two processes each
+    python benchmarks/scale.py ranks --params 30 --mmap-threshold 1048576   # glibc: free large blocks at once
 """
 
 from __future__ import annotations
@@ -217,16 +220,23 @@ def rank_run(strategy_name: str, millions: float, out: str) -> None:
     trainer.fit(model)
 
 
-def run_ranks(millions: float, out: str) -> list[dict[str, Any]]:
+def run_ranks(millions: float, out: str, mmap_threshold: int | None = None) -> list[dict[str, Any]]:
     os.makedirs(out, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if mmap_threshold is not None:
+        # glibc serves blocks above this size with mmap and unmaps them when freed. Without it, the threshold
+        # grows to the largest block freed so far (up to 32 MiB), and later blocks of that size come from the
+        # heap, which keeps freed memory resident: peak RSS then counts memory no tensor holds any more.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     rows = []
     for strategy in ("fsdp2", "ddp"):
         cmd = [sys.executable, __file__, "_ranks", strategy, str(millions), out]
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
         for rank in (0, 1):
             with open(os.path.join(out, f"{strategy}_rank{rank}.json")) as fh:
                 row = json.load(fh)
             row = {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}
+            row["malloc_mmap_threshold"] = mmap_threshold
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -246,11 +256,12 @@ def main() -> None:
     ranks = sub.add_parser("ranks")
     ranks.add_argument("--params", type=float, default=10)
     ranks.add_argument("--out", default="/tmp/lightning_compress_scale")
+    ranks.add_argument("--mmap-threshold", type=int, default=None, help="MALLOC_MMAP_THRESHOLD_ of the ranks (bytes)")
     args = parser.parse_args()
     if args.what == "update":
         run_updates(args.sizes)
     else:
-        run_ranks(args.params, args.out)
+        run_ranks(args.params, args.out, args.mmap_threshold)
 
 
 if __name__ == "__main__":
