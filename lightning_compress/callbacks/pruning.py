@@ -28,7 +28,8 @@ tensor from the step-seeded generator on every rank and keeps its own rows. Stru
 span two ranks' rows are refused before step 1. Lightning saves callback state from rank zero only, so
 under FSDP2 the checkpoint holds no masks: on resume each rank recomputes its masks from the exact zeros of
 its restored shards (a pruned weight is exactly 0.0; a weight that trained to exactly 0.0 unpruned would
-count as pruned from then on). Taylor scores accumulated since the last update are not checkpointed there
+count as pruned from then on), at ``on_train_start``: that strategy restores callback state after
+``on_fit_start``. Taylor scores accumulated since the last update are not checkpointed there
 (accumulation restarts after a resume), and resuming inside the lottery-ticket rewind window is refused.
 """
 
@@ -329,6 +330,17 @@ class GradualPruning(CompressionCallback):
         super().on_fit_start(trainer, pl_module)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_state is not None:
+            # ModelParallelStrategy restores callback state after on_fit_start (Lightning restores checkpoints
+            # after that strategy's setup): without this, a resumed run would train its first steps unmasked.
+            self._restore(self._pending_state, trainer.global_step)
+            self._pending_state = None
+            self._apply_masks(trainer)
+            self._refresh_metrics(trainer.global_step)
+        super().on_train_start(trainer, pl_module)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -405,6 +417,9 @@ class GradualPruning(CompressionCallback):
     # ---------------------------------------------------------------- masks
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
+        # The per-step float masks (one float per weight) are rebuilt at the end: drop them while the scores
+        # (one float per weight too) are alive, so an update needs no more than that on top of training.
+        self._hot = {}
         scores = self._scores(step)
         masks = self._new_masks(trainer, scores, step)
         del scores  # one float per weight: free before the new float masks are kept
@@ -473,11 +488,19 @@ class GradualPruning(CompressionCallback):
             }
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
-            masks = F.global_masks(shared, current, level, self.structure, self.norm, group=group) if shared else {}
+            masks = (
+                F.global_masks(shared, current, level, self.structure, self.norm, group=group, overwrite_scores=True)
+                if shared
+                else {}
+            )
             alone = {k: scores[k] for k in overridden}
-            masks.update(F.layer_masks(alone, current, targets, self.structure, self.norm, group=group))
+            masks.update(
+                F.layer_masks(alone, current, targets, self.structure, self.norm, group=group, overwrite_scores=True)
+            )
         else:
-            masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group)
+            masks = F.layer_masks(
+                scores, current, targets, self.structure, self.norm, group=group, overwrite_scores=True
+            )
         return {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
 
     def _warn_if_short(self, step: int) -> None:

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_compress._lightning_internals import refuse_unsupported_sharding, strategy_is
+from lightning_compress._lightning_internals import refuse_unsupported_sharding
 from lightning_compress._validation import check_choice, check_range, check_step
+from lightning_compress.callbacks._consolidate import is_sharded, run_on_plain_copy
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.export.cpu import TARGET_CPUS, WEIGHT_DTYPES, weight_storage
 from lightning_compress.export.onnx import export_onnx
@@ -100,7 +101,9 @@ class QuantizationAwareTraining(CompressionCallback):
             ``activation_granularity="token"``); the ONNX export refuses other group-wise configurations.
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
-            ``model_int8.onnx`` there.
+            ``model_int8.onnx`` there. Under ``ModelParallelStrategy`` (FSDP2) the full weights are gathered
+            to rank zero's CPU memory at fit end and a plain, unsharded copy of the model is exported; the
+            sharded model itself is left as it is.
         target_cpu: the CPU the ONNX model will run on (``"auto"``: the one running the export; ``"vnni"``,
             ``"avx2"``, ``"arm64"``); decides the int8 weight storage, see
             :func:`~lightning_compress.export.cpu.weight_storage`. The report says what was chosen and why.
@@ -210,8 +213,6 @@ class QuantizationAwareTraining(CompressionCallback):
         if stage != "fit":
             return
         refuse_unsupported_sharding(trainer.strategy, type(self).__name__)
-        if self.export_dir is not None and strategy_is(trainer.strategy, "ModelParallelStrategy"):
-            raise ValueError(_SHARDED_EXPORT)
         selected = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         names = self._quantizable(pl_module, selected)
         for pattern in self.overrides:
@@ -302,7 +303,10 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_dir is not None and trainer.is_global_zero:
+        if self.export_dir is not None and is_sharded(pl_module):
+            # FSDP2: rank zero exports a plain copy holding the gathered weights; every rank learns the paths.
+            self.exported = run_on_plain_copy(trainer, pl_module, lambda plain: self._export(trainer, plain))
+        elif self.export_dir is not None and trainer.is_global_zero:
             self._export(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)
 
@@ -407,7 +411,8 @@ class QuantizationAwareTraining(CompressionCallback):
             "fp32_layers": [{"layer": n, "reason": r} for n, r in self._fp32_layers.items()],
         }
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
+        """Write the int8 model (and ONNX when an example input is known); returns ``self.exported``."""
         assert self.export_dir is not None
         os.makedirs(self.export_dir, exist_ok=True)
         int8 = convert_to_int8(pl_module)
@@ -421,14 +426,14 @@ class QuantizationAwareTraining(CompressionCallback):
                 f"(4-bit, group_size a power of two >= 16, weight-only or per-token inputs); not for {problems}. Only "
                 f"{path} (the PyTorch int8 model) was written."
             )
-            return
+            return self.exported
         sample = example_input(pl_module, [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)])
         if sample is None:
             rank_zero_info(
                 "QuantizationAwareTraining: no example input known, ONNX export skipped "
                 "(set example_input_array on the LightningModule)."
             )
-            return
+            return self.exported
         try:
             import onnx  # noqa: F401
         except ImportError:
@@ -436,7 +441,7 @@ class QuantizationAwareTraining(CompressionCallback):
                 "QuantizationAwareTraining: onnx is not installed, ONNX export skipped "
                 "(pip install 'lightning-compress[onnx]')."
             )
-            return
+            return self.exported
         # The whole call, positional and keyword inputs alike (forward(x, *, gate) keeps its gate).
         self.exported["onnx"] = export_onnx(
             int8.cpu(),
@@ -445,16 +450,7 @@ class QuantizationAwareTraining(CompressionCallback):
             weight_dtype=self.export_weight_dtype,
             target_cpu=self.target_cpu,
         )
-
-
-_SHARDED_EXPORT = (
-    "QuantizationAwareTraining(export_dir=...) is not supported under ModelParallelStrategy: the int8 export "
-    "needs the whole trained model on one process. HINT: train without export_dir, then consolidate and "
-    "convert: full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
-    "cpu_offload=True)) on every rank; on rank 0 build the model without configure_model, "
-    "lightning_compress.functional.qat.prepare_(plain, modules=<the quantized layer names>, ...), "
-    "plain.load_state_dict(full), convert_to_int8(plain) / export_onnx."
-)
+        return self.exported
 
 
 def _read_directly_by_parent(model: torch.nn.Module) -> set[str]:
