@@ -59,7 +59,7 @@ class ReferenceInt8Layer(Int8Layer):
     quantizes the output. Eager, it computes what the fake-quantized layer computes.
     """
 
-    input_qparams: tuple[float, int]
+    input_qparams: tuple[float, int] | None
     output_qparams: tuple[float, int] | None
 
     def freeze_qparams(self) -> None:
@@ -69,7 +69,8 @@ class ReferenceInt8Layer(Int8Layer):
         (and fold them into the kernels); reading a buffer's value with ``float()`` inside the compiled
         forward would break the graph there instead.
         """
-        self.input_qparams = (float(self.input_scale), int(self.input_zero_point))
+        has_input = self.input_scale is not None and self.input_zero_point is not None
+        self.input_qparams = (float(self.input_scale), int(self.input_zero_point)) if has_input else None
         has_output = self.output_scale is not None and self.output_zero_point is not None
         self.output_qparams = (float(self.output_scale), int(self.output_zero_point)) if has_output else None
         # A buffer, not zeros made in forward: the compiled graph would rebuild them at every call.
@@ -77,7 +78,8 @@ class ReferenceInt8Layer(Int8Layer):
         self.register_buffer("weight_zero_point", zero, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = _quantize_dequantize(x, self.input_qparams)
+        if self.input_qparams is not None:  # None: weight-only (ONNX export only; compile_int8 refuses it)
+            x = _quantize_dequantize(x, self.input_qparams)
         qmin, qmax = weight_qrange(self.weight_bits)
         weight = _QD.dequantize_per_channel(
             self.weight_int8, self.weight_scale, self.weight_zero_point, 0, qmin, qmax, torch.int8
@@ -164,8 +166,33 @@ def _unsupported_layers(model: nn.Module) -> dict[str, str]:
     return problems
 
 
+def to_reference_(int8: nn.Module) -> None:
+    """Swap the layers of a :func:`convert_to_int8` model in place to PT2E's quantized pattern.
+
+    Every :class:`Int8Layer` becomes a :class:`ReferenceInt8Layer` (same buffers), every observed average
+    pool a :class:`ReferencePool`. Used for :func:`compile_int8` and for the ``torch.export``-based ONNX
+    exporter (which translates the ``quantized_decomposed`` ops to ``QuantizeLinear`` /
+    ``DequantizeLinear``).
+
+    Raises:
+        ValueError: for layers with group-wise weight scales (no per-channel pattern), naming them.
+    """
+    grouped = [name for name, layer in int8_layers(int8).items() if layer.group_size is not None]
+    if grouped:
+        raise ValueError(
+            f"Layers {grouped} have group-wise weight scales, which PT2E's per-channel pattern cannot express. "
+            "HINT: export_onnx(..., exporter='legacy') writes them as MatMulNBits; convert_to_int8 runs them."
+        )
+    for layer in int8_layers(int8).values():
+        layer.__class__ = ReferenceInt8Layer  # same buffers, the forward Inductor recognises
+        layer.freeze_qparams()
+    for name, pool in list(qat_pools(int8)):
+        parent, _, child = name.rpartition(".")
+        setattr(int8.get_submodule(parent), child, _reference_pool(pool))
+
+
 def reference_int8_model(model: nn.Module) -> nn.Module:
-    """:func:`convert_to_int8` of ``model`` with every int8 layer as a :class:`ReferenceInt8Layer` (eager).
+    """:func:`convert_to_int8` of ``model`` in PT2E's quantized pattern (:func:`to_reference_`), eager.
 
     Raises:
         ValueError: if ``model`` was not prepared for quantization, or a layer cannot run as int8 kernels
@@ -184,12 +211,7 @@ def reference_int8_model(model: nn.Module) -> nn.Module:
             "HINT: QuantizationAwareTraining(activation_bits=8, group_size=None), trained or calibrated so the "
             "input ranges are observed; or convert_to_int8 / export_onnx for the other settings."
         )
-    for layer in int8_layers(int8).values():
-        layer.__class__ = ReferenceInt8Layer  # same buffers, the forward Inductor recognises
-        layer.freeze_qparams()
-    for name, pool in list(qat_pools(int8)):
-        parent, _, child = name.rpartition(".")
-        setattr(int8.get_submodule(parent), child, _reference_pool(pool))
+    to_reference_(int8)
     return int8
 
 
