@@ -276,11 +276,12 @@ def main() -> None:
         f"onnxruntime {onnxruntime.__version__}, "
         f"{platform.machine()} flags {list(features.flags)} -> target {features.target}; {args.threads} threads"
     )
-    print(
-        "| model | batch | fp32 ONNX ms | ours ms (x fp32) | quantize_static ms | quantize_dynamic ms | "
-        "torch fp32 ms | torch int8 ms | err ours vs fp32 / vs fake-quant | err static | err dynamic |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if not args.torch_only:
+        print(
+            "| model | batch | fp32 ONNX ms | ours ms (x fp32) | quantize_static ms | quantize_dynamic ms | "
+            "torch fp32 ms | torch int8 ms | err ours vs fp32 / vs fake-quant | err static | err dynamic |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     selected = {k: v for k, v in models().items() if not args.models or k in args.models}
     prepared = {}
     if not args.torch_only:
