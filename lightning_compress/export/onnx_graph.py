@@ -165,7 +165,6 @@ def weights_to_uint8(index: GraphIndex, keep_int8_within: int = -1) -> None:
         index.set_input(node, 2, zero_name)
 
 
-# Ops through which per-tensor quantization commutes exactly (monotonic or pure data movement):
 def _rank(index: GraphIndex, name: str) -> int | None:
     """Rank of tensor ``name`` from the graph's shape information, ``None`` when it is not recorded."""
     graph = index.model.graph
@@ -193,6 +192,7 @@ def global_average_pools(index: GraphIndex) -> None:
         index.replace(node, [pool])
 
 
+# Ops through which per-tensor quantization commutes exactly (monotonic or pure data movement):
 # Q(maxpool(x)) == maxpool(Q(x)), Q(flatten(x)) == flatten(Q(x)).
 _COMMUTES_WITH_QUANTIZE = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
 # Producers after which a hoisted Q -> DQ lets onnxruntime run them (or what follows) in int8.

@@ -104,6 +104,8 @@ def test_errors_before_compiling() -> None:
     model = trained_cnn()
     with pytest.raises(ValueError, match=r"cannot run example_input \(positional \[\(2, 3, 8, 8\)\]"):
         compile_int8(model, torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"CPU \(oneDNN\) kernels; the model is on \['meta'\]"):
+        compile_int8(trained_cnn().to("meta"), torch.randn(2, 1, 8, 8))
     weight_only = nn.Sequential(nn.Linear(4, 4))
     prepare_(weight_only, activation_bits=None)
     with pytest.raises(ValueError, match=r"\{'0': 'input not quantized"):
