@@ -53,7 +53,7 @@ from lightning_compress import convert_to_int8, export_onnx
 from lightning_compress.demo import DigitsCNN
 from lightning_compress.export.cpu import cpu_int8_features
 from lightning_compress.functional.int8 import int8_layers
-from lightning_compress.functional.int8_compile import compile_int8
+from lightning_compress.functional.int8_compile import compile_int8, int8_kernel_calls
 from lightning_compress.functional.qat import calibrate_, prepare_
 
 warnings.filterwarnings("ignore")
@@ -219,12 +219,6 @@ def bench(
     return fp32, qat
 
 
-def int8_kernels(code: list[str]) -> int:
-    """oneDNN int8 conv / linear calls in Inductor's generated code (comments skipped)."""
-    lines = [line for src in code for line in src.splitlines() if not line.lstrip().startswith("#")]
-    return sum(("onednn.qconv" in line or "onednn.qlinear" in line) for line in lines)
-
-
 def torch_rows(name: str, fp32: nn.Module, qat: nn.Module, data: Callable[[int], torch.Tensor], args: Any) -> list[str]:
     """fp32 eager / fp32 compiled / convert_to_int8 / compile_int8 in PyTorch, batch 1 and 32."""
     from torch._inductor.utils import run_and_get_code
@@ -255,7 +249,7 @@ def torch_rows(name: str, fp32: nn.Module, qat: nn.Module, data: Callable[[int],
         rows.append(
             f"| {name} | {batch} | {base:.3f} | {ms['fp32_compiled']:.3f} ({base / ms['fp32_compiled']:.2f}x) | "
             f"{ms['int8']:.3f} ({base / ms['int8']:.2f}x) | **{ms['compiled']:.3f} ({base / ms['compiled']:.2f}x)** | "
-            f"{int8_kernels(code)} / {len(int8_layers(int8))} | {err_fp32:.4f} / {err:.4f} |"
+            f"{int8_kernel_calls(code)} / {len(int8_layers(int8))} | {err_fp32:.4f} / {err:.4f} |"
         )
         print(rows[-1], flush=True)
     return rows

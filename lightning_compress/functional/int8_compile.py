@@ -51,6 +51,15 @@ _ACTIVATION_BITS = 8
 INT8_KERNELS: tuple[str, ...] = ("onednn.qconv_pointwise", "onednn.qconv2d_pointwise", "onednn.qlinear_pointwise")
 
 
+def int8_kernel_calls(code: list[str]) -> int:
+    """Calls of oneDNN int8 conv / linear kernels in Inductor's generated code (comments skipped).
+
+    ``code`` as ``torch._inductor.utils.run_and_get_code(compile_int8, model, x)`` returns it.
+    """
+    lines = [line for src in code for line in src.splitlines() if not line.lstrip().startswith("#")]
+    return sum(any(kernel in line for kernel in INT8_KERNELS) for line in lines)
+
+
 class ReferenceInt8Layer(Int8Layer):
     """An :class:`Int8Layer` whose forward is PT2E's quantized pattern (what Inductor lowers to int8 kernels).
 
