@@ -162,12 +162,19 @@ class CompiledInt8Model(nn.Module):
             inductor_config.freezing = prior
 
 
+def _per_token(layer: Int8Layer) -> bool:
+    """Whether the layer quantizes each input row with its own run-time range (no static input scale)."""
+    return getattr(layer, "activation_granularity", "tensor") == "token"
+
+
 def _unsupported_layers(model: nn.Module) -> dict[str, str]:
     """Int8 layers the int8 kernels cannot run as trained, by name, with the reason."""
     problems = {}
     for name, layer in int8_layers(model).items():
         if layer.group_size is not None:
             problems[name] = f"group_size={layer.group_size} (one scale per output channel only)"
+        elif _per_token(layer):
+            problems[name] = "per-token input ranges (one static input scale per layer only)"
         elif layer.activation_bits is None:
             problems[name] = "input not quantized (activation_bits=None or never observed)"
         elif layer.activation_bits != _ACTIVATION_BITS:
@@ -186,11 +193,16 @@ def to_reference_(int8: nn.Module) -> None:
     Raises:
         ValueError: for layers with group-wise weight scales (no per-channel pattern), naming them.
     """
-    grouped = [name for name, layer in int8_layers(int8).items() if layer.group_size is not None]
-    if grouped:
+    # Per-token (run-time) input ranges have no static scale for PT2E's per-tensor pattern either.
+    problems = {
+        name: ("group-wise weight scales" if layer.group_size is not None else "per-token input ranges")
+        for name, layer in int8_layers(int8).items()
+        if layer.group_size is not None or _per_token(layer)
+    }
+    if problems:
         raise ValueError(
-            f"Layers {grouped} have group-wise weight scales, which PT2E's per-channel pattern cannot express. "
-            "HINT: export_onnx(..., exporter='legacy') writes them as MatMulNBits; convert_to_int8 runs them."
+            f"Layers {problems} cannot be written as PT2E's static per-channel / per-tensor pattern. "
+            "HINT: export_onnx(..., exporter='legacy') writes them (MatMulNBits); convert_to_int8 runs them."
         )
     for layer in int8_layers(int8).values():
         layer.__class__ = ReferenceInt8Layer  # same buffers, the forward Inductor recognises
