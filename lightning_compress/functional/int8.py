@@ -230,10 +230,9 @@ class Int8Layer(nn.Module):
     """A quantized Linear / Conv1d / Conv2d as deployed: int8 weight codes + fp32 per-channel scales.
 
     In PyTorch the weights are *stored* in int8 and dequantized (``codes * scale``) at each call, then the
-    fp32 kernel runs: the gain is size (``state_dict`` ~4x smaller), not speed. PyTorch's int8 CPU paths
-    are not used: ``torch._weight_int8pack_mm`` was slower than the fp32 matmul in a one-off check (no
-    script in ``benchmarks/`` repeats it), and the fbgemm ``quantized`` ops need quantized tensors, which
-    torch 2.13 deprecates. With ``activation_bits`` the input is quantize-dequantized with the scale
+    fp32 kernel runs: the gain is size (``state_dict`` ~4x smaller), not speed. For int8 kernels in
+    PyTorch, :func:`~lightning_compress.functional.int8_compile.compile_int8` compiles these layers to
+    oneDNN's (``torch.compile``). With ``activation_bits`` the input is quantize-dequantized with the scale
     observed in training, so outputs match the fake-quantized model. Exported to ONNX
     (:func:`~lightning_compress.export.onnx.export_onnx`) the weights stay int8 initializers and
     onnxruntime runs int8 kernels.
