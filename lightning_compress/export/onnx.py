@@ -124,25 +124,7 @@ def export_onnx(
             "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
             "HINT: one real batch, e.g. next(iter(dataloader))[0][:1]."
         )
-    if not int8_layers(model) and not int8_embeddings(model):
-        model = convert_to_int8(model)
-    grouped = {n: m for n, m in int8_layers(model).items() if m.group_size is not None}
-    problems = {n: p for n, m in grouped.items() if (p := matmul_nbits_problem(m)) is not None}
-    if problems:
-        raise ValueError(
-            f"export_onnx supports group-wise weight scales only as onnxruntime's MatMulNBits (4-bit weights, "
-            f"group_size a power of two >= 16, weight-only or per-token inputs); not supported yet for {problems}. "
-            "Nothing was written. HINT: use the PyTorch model from convert_to_int8 (torch.save), or train "
-            "with group_size=None (one scale per output channel) for an int8 ONNX export."
-        )
-    per_token = [n for n, m in int8_layers(model).items() if m.activation_granularity == "token" and n not in grouped]
-    if grouped or per_token:
-        model = copy.deepcopy(model)  # the packed weights and column sums are for the export only
-        for name in grouped:
-            prepare_matmul_nbits_(model.get_submodule(name))
-        for name in per_token:
-            prepare_per_token_export_(model.get_submodule(name))
-    model = model.eval()
+    model = _exportable(model)
     call = as_call(example_input)
     try:
         with torch.no_grad():
@@ -175,6 +157,33 @@ def export_onnx(
     return path
 
 
+def _exportable(model: nn.Module) -> nn.Module:
+    """The converted model in eval mode, with what its int8 layers' ONNX forms read attached (to a copy).
+
+    Raises:
+        ValueError: group-wise layers that ``MatMulNBits`` cannot express, naming them.
+    """
+    if not int8_layers(model) and not int8_embeddings(model):
+        model = convert_to_int8(model)
+    grouped = {n: m for n, m in int8_layers(model).items() if m.group_size is not None}
+    problems = {n: p for n, m in grouped.items() if (p := matmul_nbits_problem(m)) is not None}
+    if problems:
+        raise ValueError(
+            f"export_onnx supports group-wise weight scales only as onnxruntime's MatMulNBits (4-bit weights, "
+            f"group_size a power of two >= 16, weight-only or per-token inputs); not supported yet for {problems}. "
+            "Nothing was written. HINT: use the PyTorch model from convert_to_int8 (torch.save), or train "
+            "with group_size=None (one scale per output channel) for an int8 ONNX export."
+        )
+    per_token = [n for n, m in int8_layers(model).items() if m.activation_granularity == "token" and n not in grouped]
+    if grouped or per_token:
+        model = copy.deepcopy(model)  # the packed weights and column sums are for the export only
+        for name in grouped:
+            prepare_matmul_nbits_(model.get_submodule(name))
+        for name in per_token:
+            prepare_per_token_export_(model.get_submodule(name))
+    return model.eval()
+
+
 def _export_graph(
     model: nn.Module,
     call: CapturedCall,
@@ -190,7 +199,11 @@ def _export_graph(
             _torchscript_export(model, call, path, opset_version or 17, *names, dynamic_batch)
             return "legacy"
         except Exception as err:
-            if exporter == "legacy" or any(m.group_size is not None for m in int8_layers(model).values()):
+            # Group-wise and per-token layers have no dynamo form (no static per-tensor pattern).
+            legacy_only = any(
+                m.group_size is not None or m.activation_granularity == "token" for m in int8_layers(model).values()
+            )
+            if exporter == "legacy" or legacy_only:
                 raise
             legacy_error = err
     opset = opset_version or _DYNAMO_MIN_OPSET
