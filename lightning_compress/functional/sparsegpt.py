@@ -223,7 +223,10 @@ def sparsegpt_prune_(
         sparsity: share of each layer's weights to prune, or ``{parameter name: share}``; for N:M,
             ``1 - N/M``.
         structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"``.
-        include, exclude, types: which layers (see :func:`~lightning_compress.targets.select_parameters`).
+        include: name patterns of the layers to prune (all by default; see
+            :func:`~lightning_compress.targets.select_parameters`).
+        exclude: name patterns to leave dense.
+        types: layer class names (``"Linear"``, ``"Conv1D"``).
         block_size: columns per block of the sweep.
         damp: Hessian dampening, a fraction of its mean diagonal.
         sequential: one stage per numbered block (later layers calibrated on pruned earlier ones, one
@@ -262,7 +265,9 @@ def check_sparsegpt_targets(targets: Sequence[ParameterTarget]) -> None:
     """Refuse weights the reconstruction cannot handle: other layer types, sharded (DTensor) weights."""
     if not targets:
         raise ValueError(f"SparseGPT reconstruction found no layer to prune; supported types: {list(SUPPORTED_TYPES)}.")
-    wrong = [f"{t.name} ({type(t.module).__name__})" for t in targets if not type_names(t.module) & set(SUPPORTED_TYPES)]
+    wrong = [
+        f"{t.name} ({type(t.module).__name__})" for t in targets if not type_names(t.module) & set(SUPPORTED_TYPES)
+    ]
     if wrong:
         raise ValueError(
             f"SparseGPT reconstruction supports {list(SUPPORTED_TYPES)} weights (inputs are feature vectors), got "
