@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -83,3 +86,29 @@ def test_a_training_step_that_bypasses_forward_is_reported(tmp_path: Any) -> Non
     run = trainer(tmp_path, [GradualPruning(0.5, **ONE_SHOT)], max_steps=3, max_epochs=-1)
     with pytest.raises(ValueError, match="training batch 0 ran without calling it"):
         run.fit(Bypass())
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ddp_sparsegpt.py")
+
+
+@pytest.mark.xdist_group("ddp")
+def test_under_ddp_every_rank_reconstructs_from_the_inputs_of_all_ranks(tmp_path: Any) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+    def standalone(inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        model = FrozenMLP()
+        model.load_state_dict(r0["initial"])
+        sparsegpt_prune_(model, inputs, 0.5, include=["net.0", "net.2"])
+        return model.state_dict()
+
+    expected = standalone(r0["inputs"] + r1["inputs"])  # the Hessians summed over both ranks
+    for name in ("net.0.weight", "net.2.weight"):
+        assert torch.equal(r0["final"][name], r1["final"][name])
+        assert torch.allclose(r0["final"][name], expected[name], atol=1e-5)
+    # The ranks saw different data: one rank's inputs alone would have given other weights.
+    assert not torch.allclose(standalone(r0["inputs"])["net.0.weight"], expected["net.0.weight"], atol=1e-5)
