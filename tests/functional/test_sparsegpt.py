@@ -92,6 +92,7 @@ def test_pruning_the_last_column_changes_no_other_weight() -> None:
     assert torch.equal(new[:, :5], w[:, :5]) and new[0, 5] == 0
 
 
+@torch.no_grad()
 def test_a_model_is_pruned_stage_by_stage_and_beats_magnitude_on_its_outputs() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 24), nn.GELU(), nn.Linear(24, 8)).double()
