@@ -13,7 +13,7 @@ Bits per byte on held-out source files (files never trained on) for:
 - exported ONNX sizes (fp32, our int8 weight-only export, onnxruntime ``quantize_dynamic``, 4-bit
   ``MatMulNBits``) and their onnxruntime CPU latency (interleaved medians).
 
-Run: ``OMP_NUM_THREADS=2 python benchmarks/byte_lm.py`` (``--help`` for sizes; ``--quick`` for a smoke run).
+Run: ``OMP_NUM_THREADS=1 python benchmarks/byte_lm.py`` (``--help`` for sizes; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -144,6 +144,9 @@ class ByteLM(pl.LightningModule):
 def fit(model: ByteLM, data: torch.Tensor, args: argparse.Namespace, steps: int, seed: int, callbacks: list) -> None:
     """``steps`` optimizer steps on random training windows."""
     loader = torch.utils.data.DataLoader(WindowData(data, args.context, args.batch, steps, seed), batch_size=None)
+    # Lightning keeps the modes of a model handed to fit (a copy of an evaluated model is in eval mode), and
+    # QuantizationAwareTraining's observers only update in training mode.
+    model.train()
     with tempfile.TemporaryDirectory() as root:  # the callbacks' reports go there, not into the working directory
         _fit(model, loader, steps, callbacks, root)
 
@@ -296,22 +299,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--package", default="torch", help="installed package whose .py files are the text")
     p.add_argument("--files", type=int, default=400, help="source files used (every 10th held out)")
-    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--d", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-steps", type=int, default=600)
-    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--finetune-steps", type=int, default=120)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--calibration", type=int, default=8, help="calibration batches (of --batch windows)")
-    p.add_argument("--eval-windows", type=int, default=600)
+    p.add_argument("--eval-windows", type=int, default=400)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--kd-alpha", type=float, default=0.5)
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--latency-repeats", type=int, default=40)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
     args = p.parse_args(argv)

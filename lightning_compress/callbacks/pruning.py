@@ -342,6 +342,7 @@ class GradualPruning(CompressionCallback):
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         if self.criterion == "wanda":
             self._input_norms = InputNorms({t.name: t.module for t in self._targets})
+            self._input_norms.armed = False
         if self.criterion == "sparsegpt" and self._last_update_step < 0:
             self._calibration.attach(pl_module)
         self._refresh_metrics(trainer.global_step)
@@ -368,12 +369,18 @@ class GradualPruning(CompressionCallback):
             changed = True
         if self.criterion == "sparsegpt" and self._last_update_step < 0 and step >= self._window[0]:
             self._calibration.arm()  # this batch's forward inputs: the reconstruction waits for them
+        if self._input_norms is not None:
+            # Training batches only (validation inputs are not what the next update is about), whatever the
+            # modules' training flags: a model handed to fit in eval mode stays in eval mode.
+            self._input_norms.armed = True
         self.log_metrics(pl_module, self._metrics, changed=changed)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._input_norms is not None:
+            self._input_norms.armed = False
         if self._calibration.armed:
             self._remove_hooks()
             raise ValueError(
