@@ -316,6 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-pruning", action="store_true", help="only the dense and quantization rows")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
     args = p.parse_args(argv)
     if args.quick:
@@ -360,7 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return model
 
     record("dense, fine-tuned", lambda: finetune([]))
-    for structure in ("unstructured", "2:4"):
+    for structure in () if args.skip_pruning else ("unstructured", "2:4"):
         for criterion in ("magnitude", "wanda", "sparsegpt"):
             key = f"{structure} {criterion}"
             record(f"{key} one-shot", lambda c=criterion, s=structure: one_shot(dense, c, s, calibration), True)
