@@ -413,13 +413,16 @@ def report(args: argparse.Namespace, result: dict[str, Any], onnx: dict[str, Any
         t = f"{times[key]:.1f}" if key in times else ""
         lines.append(f"| {key} | {value:.4f} | {s} | {t} |")
     gap = bpb["4-bit PTQ"] - bpb["dense"]
-    recovered = {
-        k: (bpb["4-bit PTQ"] - bpb[k]) / gap if gap > 0 else float("nan") for k in ("4-bit QAT", "4-bit QAT + KD")
-    }
+    trained = ("4-bit QAT", "4-bit QAT + KD")
+    # Against the dense model before fine-tuning (the fine-tuning steps alone also lower bits/byte) and against
+    # the dense model fine-tuned for the same steps (the fair reference): the share of the PTQ gap closed.
+    literal = {k: (bpb["4-bit PTQ"] - bpb[k]) / gap if gap > 0 else float("nan") for k in trained}
+    fair = {k: 1 - (bpb[k] - bpb["dense, fine-tuned"]) / gap if gap > 0 else float("nan") for k in trained}
     lines += [
         "",
-        f"4-bit gap PTQ - fp32: {gap:+.4f} bits/byte; share recovered by QAT: {recovered['4-bit QAT']:.0%}, "
-        f"by QAT + KD: {recovered['4-bit QAT + KD']:.0%}",
+        f"4-bit gap PTQ - fp32: {gap:+.4f} bits/byte; share closed vs the dense model: QAT {literal[trained[0]]:.0%}, "
+        f"QAT + KD {literal[trained[1]]:.0%}; vs the dense model fine-tuned as long: QAT {fair[trained[0]]:.0%}, "
+        f"QAT + KD {fair[trained[1]]:.0%}",
         "",
     ]
     sizes, ms = onnx["sizes"], onnx["ms"]
