@@ -13,18 +13,29 @@ accuracy is measured in ``qat_int8.py``/``qat.md``; here the point is which kern
 
 For each: onnxruntime (``--threads`` intra-op threads) on the fp32 export, our ``export_onnx``,
 ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, calibrated on the same batches)
-and ``quantize_dynamic`` (int8 weights); PyTorch eager fp32 vs ``convert_to_int8``. Latency: median of
-interleaved rounds at batch 1 and 32. Error: max |output - fp32 PyTorch output| / max |fp32 output|.
+and ``quantize_dynamic`` (int8 weights); PyTorch eager fp32 vs ``convert_to_int8``. Second table, PyTorch
+only: fp32 eager, fp32 ``torch.compile`` (Inductor, ``freezing``), ``convert_to_int8`` eager and
+``compile_int8`` (oneDNN int8 kernels with the QAT scales), with the count of int8 kernels in Inductor's
+generated code. Latency: median of interleaved rounds at batch 1 and 32. Error: max |output - fp32
+PyTorch output| / max |fp32 output|.
 
-    PYTHONPATH=$PWD python benchmarks/int8_models.py [--repeats 60] [--threads 2] [--models resnet ...]
+    PYTHONPATH=$PWD python benchmarks/int8_models.py [--repeats 60] [--threads 2] [--models resnet ...] [--torch-only]
+
+OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set): on a shared, oversubscribed machine
+the spinning threads of one candidate (eager ATen, Inductor's C++ kernels) steal the cores of the next.
+Measured here at load average 10 on 2 cores: the MLP's ``compile_int8`` took 104 ms a call interleaved
+with eager fp32 under the default policy, 0.47 ms with passive waiting.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see the docstring)
+
 import argparse
 import copy
 import logging
-import os
 import platform
 import statistics
 import tempfile
@@ -41,6 +52,8 @@ from torch import nn
 from lightning_compress import convert_to_int8, export_onnx
 from lightning_compress.demo import DigitsCNN
 from lightning_compress.export.cpu import cpu_int8_features
+from lightning_compress.functional.int8 import int8_layers
+from lightning_compress.functional.int8_compile import compile_int8, int8_kernel_calls
 from lightning_compress.functional.qat import calibrate_, prepare_
 
 warnings.filterwarnings("ignore")
@@ -133,18 +146,26 @@ class Reader:
         return next(self.items, None)
 
 
-def bench(
-    name: str, build: Callable[[], nn.Module], data: Callable[[int], torch.Tensor], args: Any, tmp: str
-) -> list[str]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+def quantized_pair(
+    build: Callable[[], nn.Module], data: Callable[[int], torch.Tensor], with_batches: bool = False
+) -> Any:
+    """The fp32 model (seed 0) and its PTQ-calibrated copy (4 batches of 32), and the batches if asked."""
     torch.manual_seed(0)
     fp32 = build().eval()
     calibration = [data(32) for _ in range(4)]
     qat = copy.deepcopy(fp32)
     prepare_(qat, fold_bn=True)
     calibrate_(qat, calibration)
+    return (fp32, qat, calibration) if with_batches else (fp32, qat)
+
+
+def bench(
+    name: str, build: Callable[[], nn.Module], data: Callable[[int], torch.Tensor], args: Any, tmp: str
+) -> tuple[nn.Module, nn.Module]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32, qat, calibration = quantized_pair(build, data, with_batches=True)
     int8 = convert_to_int8(qat)
     paths = {k: os.path.join(tmp, f"{name}_{k}.onnx") for k in ("fp32", "ours", "static", "dynamic")}
     torch.onnx.export(
@@ -195,7 +216,43 @@ def bench(
         f"dynamic {kernels['dynamic']} -->"
     )
     print(lines[-1], flush=True)
-    return lines
+    return fp32, qat
+
+
+def torch_rows(name: str, fp32: nn.Module, qat: nn.Module, data: Callable[[int], torch.Tensor], args: Any) -> list[str]:
+    """fp32 eager / fp32 compiled / convert_to_int8 / compile_int8 in PyTorch, batch 1 and 32."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.set_num_threads(args.threads)
+    int8 = convert_to_int8(qat)
+    try:
+        compiled, code = run_and_get_code(compile_int8, qat, data(32))
+    except (ValueError, RuntimeError) as err:
+        return [f"| {name} | — | compile_int8 refused: {str(err)[:200]} |"]
+    fp32_compiled = torch.compile(fp32, dynamic=False)
+    rows = []
+    for batch in (1, 32):
+        x = data(batch)
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            reference, fake = fp32(x), qat(x)
+            scale = float(reference.abs().max())
+            err = float((compiled(x) - fake).abs().max()) / scale
+            err_fp32 = float((compiled(x) - reference).abs().max()) / scale
+            fns = {
+                "fp32": lambda x=x: fp32(x),
+                "fp32_compiled": lambda x=x: fp32_compiled(x),
+                "int8": lambda x=x: int8(x),
+                "compiled": lambda x=x: compiled(x),
+            }
+            ms = interleaved(fns, args.repeats)
+        base = ms["fp32"]
+        rows.append(
+            f"| {name} | {batch} | {base:.3f} | {ms['fp32_compiled']:.3f} ({base / ms['fp32_compiled']:.2f}x) | "
+            f"{ms['int8']:.3f} ({base / ms['int8']:.2f}x) | **{ms['compiled']:.3f} ({base / ms['compiled']:.2f}x)** | "
+            f"{int8_kernel_calls(code)} / {len(int8_layers(int8))} | {err_fp32:.4f} / {err:.4f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -203,6 +260,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--torch-only", action="store_true", help="only the PyTorch table")
     args = parser.parse_args()
     import onnxruntime
 
@@ -212,17 +270,26 @@ def main() -> None:
         f"onnxruntime {onnxruntime.__version__}, "
         f"{platform.machine()} flags {list(features.flags)} -> target {features.target}; {args.threads} threads"
     )
+    if not args.torch_only:
+        print(
+            "| model | batch | fp32 ONNX ms | ours ms (x fp32) | quantize_static ms | quantize_dynamic ms | "
+            "torch fp32 ms | torch int8 ms | err ours vs fp32 / vs fake-quant | err static | err dynamic |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    selected = {k: v for k, v in models().items() if not args.models or k in args.models}
+    prepared = {}
+    if not args.torch_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, (build, data) in selected.items():
+                prepared[name] = bench(name, build, data, args, tmp)
     print(
-        "| model | batch | fp32 ONNX ms | ours ms (x fp32) | quantize_static ms | quantize_dynamic ms | "
-        "torch fp32 ms | torch int8 ms | err ours vs fp32 / vs fake-quant | err static | err dynamic |"
+        "\n| model | batch | torch fp32 eager ms | fp32 `torch.compile` ms (x eager) | `convert_to_int8` ms | "
+        "`compile_int8` ms | int8 kernels / int8 layers | err vs fp32 / vs fake-quant |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    selected = models()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (build, data) in selected.items():
-            if args.models and name not in args.models:
-                continue
-            bench(name, build, data, args, tmp)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, (build, data) in selected.items():
+        fp32, qat = prepared[name] if name in prepared else quantized_pair(build, data)
+        torch_rows(name, fp32, qat, data, args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ converted int8 PyTorch model and our int8 ONNX export; file sizes; onnxruntime l
 threads, median over interleaved repeats) of the fp32 export, our int8 export and onnxruntime's own
 ``quantize_dynamic`` of the fp32 export (the anchor).
 
-    PYTHONPATH=$PWD python benchmarks/qat_int8.py [--epochs 8] [--repeats 200]
+    PYTHONPATH=$PWD python benchmarks/qat_int8.py [--epochs 8] [--repeats 200] [--anchor-only | --defaults-only]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_compress import QuantizationAwareTraining, convert_to_int8, export_onnx
 from lightning_compress.demo import DigitsCNN, DigitsDataModule
+from lightning_compress.functional.int8_compile import compile_int8
 from lightning_compress.functional.qat import calibrate_, prepare_
 
 warnings.filterwarnings("ignore")
@@ -104,7 +105,7 @@ def run(
     dm.setup()
     x_val, y_val = dm.val_set.tensors
     steps_per_epoch = len(dm.train_dataloader())
-    acc: dict[str, list[float]] = {k: [] for k in ("fp32", "ptq", "ptq_int8", "qat", "int8")}
+    acc: dict[str, list[float]] = {k: [] for k in ("fp32", "ptq", "ptq_int8", "qat", "int8", "compiled")}
     for seed in seeds:
         # fp32
         pl.seed_everything(seed, verbose=False)
@@ -129,6 +130,7 @@ def run(
         fit(qat_s, dm, epochs, [qat], tmp)
         acc["qat"].append(accuracy(qat_s, x_val, y_val))
         acc["int8"].append(accuracy(convert_to_int8(qat_s), x_val, y_val))
+        acc["compiled"].append(accuracy(compile_int8(qat_s, x_val), x_val, y_val))
         if seed == seeds[0]:
             fp32, qat_model = fp32_s, qat_s
     int8 = convert_to_int8(qat_model)
@@ -181,6 +183,7 @@ def run(
         row("PTQ, int8 PyTorch", acc["ptq_int8"]),
         row("QAT, fake-quant", acc["qat"]),
         row("QAT, int8 PyTorch (`convert_to_int8`)", acc["int8"]),
+        row("QAT, int8 PyTorch kernels (`compile_int8`)", acc["compiled"]),
         f"| QAT, int8 ONNX (`export_onnx`, onnxruntime), seed {seeds[0]} | {onnx_acc['ours']:.2%} | |",
         f"| fp32 ONNX + onnxruntime `quantize_dynamic`, seed {seeds[0]} | {onnx_acc['dynamic']:.2%} | |",
         "",
@@ -279,6 +282,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--anchor-only", action="store_true", help="only the 4 x 1024 MLP latency table")
+    parser.add_argument("--defaults-only", action="store_true", help="no anchor, only the default QAT options")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = [
@@ -289,10 +293,11 @@ def main() -> None:
         "",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        out += anchor_mlp(args.repeats, tmp)
-        for kwargs in [] if args.anchor_only else ({}, {"weight_bits": 7}, {"fold_bn": False}):
+        out += [] if args.defaults_only else anchor_mlp(args.repeats, tmp)
+        cnn_options = ({}, {"weight_bits": 7}, {"fold_bn": False})
+        for kwargs in [] if args.anchor_only else cnn_options[: 1 if args.defaults_only else None]:
             out += run("Digits CNN", DigitsCNN, args.epochs, kwargs, 256, args.repeats, tmp, args.seeds)
-        for kwargs in [] if args.anchor_only else ({}, {"weight_bits": 7}):
+        for kwargs in [] if args.anchor_only else ({}, {"weight_bits": 7})[: 1 if args.defaults_only else None]:
             title = "Linear-heavy MLP (64-1024x4-10)"
             out += run(title, DigitsMLP, args.epochs, kwargs, 64, args.repeats, tmp, args.seeds)
     print("\n".join(out))

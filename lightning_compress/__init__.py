@@ -14,6 +14,7 @@ from lightning_compress.callbacks import (
 from lightning_compress.export.onnx import export_onnx
 from lightning_compress.functional.compressed import load_compressed, save_compressed
 from lightning_compress.functional.int8 import convert_to_int8
+from lightning_compress.functional.int8_compile import compile_int8
 from lightning_compress.functional.sparse import load_sparse, save_sparse
 from lightning_compress.report import CompressionReport
 
@@ -26,6 +27,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "TensorDecomposition",
     "__version__",
+    "compile_int8",
     "convert_to_int8",
     "export_onnx",
     "load_compressed",

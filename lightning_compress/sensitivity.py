@@ -176,6 +176,12 @@ def sensitivity(
     if max_batches is not None:
         check_int("max_batches", max_batches, minimum=1)
     parsed = P.parse_structure(structure)
+    if parsed.kind == "heads":
+        raise ValueError(
+            "structure='heads' removes q/k/v rows and output columns of an attention together, which a per-layer "
+            "sweep cannot do. Accepted: 'unstructured', 'channels', N:M, blocks. HINT: sweep target_sparsity of "
+            "GradualPruning(structure='heads') instead."
+        )
     limits = None if max_batches is None else [max_batches] * len(dataloaders)
 
     def evaluate() -> dict[str, float]:

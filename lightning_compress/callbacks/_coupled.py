@@ -13,9 +13,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_compress._lightning_internals import rewrap_ddp, strategy_is
+from lightning_compress.functional import ffn as FFN
+from lightning_compress.functional import heads as H
 from lightning_compress.functional import shrink as S
 from lightning_compress.inputs import as_call
 from lightning_compress.targets import ParameterTarget
@@ -24,7 +26,8 @@ from lightning_compress.targets import ParameterTarget
 class CoupledChannels:
     """Channel groups of one model and what was done with them."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "channels") -> None:
+        self.kind = kind  # "channels" (traced groups) or "heads" (attention layouts)
         self.groups: list[S.ChannelGroup] = []
         self.kept_whole: dict[str, str] = {}
         self.shrunk = False
@@ -36,7 +39,7 @@ class CoupledChannels:
 
     # ---------------------------------------------------------------- setup
     def setup(self, pl_module: pl.LightningModule, selected: list[ParameterTarget]) -> list[ParameterTarget]:
-        """Trace the model, keep the groups whose producers are all ``selected``; return the parameters to mask.
+        """Find the groups whose layers are all ``selected``; return the parameters to mask.
 
         Raises (before any training step) when there is no example input, when the analysis cannot trace the
         model, or when no group can be cut.
@@ -44,32 +47,38 @@ class CoupledChannels:
         example = getattr(pl_module, "example_input_array", None)
         if example is None:
             raise ValueError(
-                f"GradualPruning(structure='channels', coupled=True / shrink=True) traces the model to find "
-                f"which channels are coupled, and {type(pl_module).__name__} has no `example_input_array`. "
-                "HINT: set `self.example_input_array = torch.zeros(<one batch of inputs>)` in __init__ "
-                "(a tuple for several inputs, a dict for keyword inputs)."
+                f"GradualPruning(structure='{self.kind}', coupled=True / shrink=True) runs the model to find which "
+                f"{self.kind} are coupled (and tries a removal), and {type(pl_module).__name__} has no "
+                "`example_input_array`. HINT: set `self.example_input_array = torch.zeros(<one batch of inputs>)` in "
+                "__init__ (a tuple for several inputs, a dict for keyword inputs)."
             )
         modules = {t.module_name for t in selected if t.param_name == "weight"}
-        try:
-            self.groups, self.kept_whole = S.channel_groups(pl_module, example, selected=modules)
-        except RuntimeError as err:
-            raise ValueError(
-                f"GradualPruning(structure='channels', coupled=True): {err}. HINT: prune this model with "
-                "coupled=False (per-layer channel zeros that cannot be removed), or structure='unstructured'."
-            ) from err
+        if self.kind == "heads":
+            self.groups, self.kept_whole = H.head_groups(pl_module, example, selected=modules)
+        else:
+            self.groups, self.kept_whole = _channel_groups(pl_module, example, modules)
         if not self.groups:
-            reasons = "; ".join(f"{k}: {v}" for k, v in self.kept_whole.items()) or "no conv / linear layers"
-            raise ValueError(
-                f"GradualPruning(structure='channels', coupled=True): no channel group of "
-                f"{type(pl_module).__name__} can be cut. Groups kept whole: {reasons}. HINT: check include / "
-                "exclude, or use structure='unstructured'."
-            )
+            raise ValueError(self._nothing_to_cut(type(pl_module).__name__))
         names = S.coupled_parameters(pl_module, self.groups)
         modules_by_name = dict(pl_module.named_modules())
         return [
             ParameterTarget(module, attr, modules_by_name[module])
             for module, _, attr in (n.rpartition(".") for n in names)
         ]
+
+    def _nothing_to_cut(self, model: str) -> str:
+        reasons = "; ".join(f"{k}: {v}" for k, v in self.kept_whole.items())
+        if self.kind == "heads":
+            return (
+                f"GradualPruning(structure='heads'): no attention heads of {model} can be removed. "
+                f"{f'Attentions kept whole: {reasons}. ' if reasons else 'No attention module was found. '}"
+                f"Recognised layouts: {H.LAYOUTS}. HINT: structure='channels' for the FFN units, or 'unstructured'."
+            )
+        return (
+            f"GradualPruning(structure='channels', coupled=True): no channel group of {model} can be cut. "
+            f"Groups kept whole: {reasons or 'no conv / linear layers'}. HINT: check include / exclude, or use "
+            "structure='unstructured'."
+        )
 
     def register_resize_hook(self, pl_module: pl.LightningModule) -> None:
         """Before any ``load_state_dict`` of the module, resize its layers to the state dict's shapes.
@@ -164,7 +173,7 @@ class CoupledChannels:
             rewrap_ddp(trainer.strategy)  # DDP's reducer holds buckets sized for the old parameters
         rank_zero_info(
             f"GradualPruning: removed {sum(self.removed.values())} of {sum(g.size for g in self.groups)} "
-            f"channels in {len(self.groups)} groups at step {trainer.global_step}: params "
+            f"{self.kind} in {len(self.groups)} groups at step {trainer.global_step}: params "
             f"{result.params_before} -> {result.params_after}, max output difference {self.max_abs_diff:.2e}."
         )
 
@@ -173,6 +182,7 @@ class CoupledChannels:
         return {
             "shrunk": self.shrunk,
             "shrunk_at_step": self.shrunk_at_step,
+            "unit": self.kind,  # what the counts below count: channels or heads
             "channels_removed": sum(self.removed.values()),
             "channels_in_groups": sum(g.size for g in self.groups),
             "max_abs_output_diff_masked_vs_shrunk": self.max_abs_diff,
@@ -201,6 +211,24 @@ class CoupledChannels:
         self.rows = list(state.get("rows", []))
         self.max_abs_diff = state.get("max_abs_diff")
         self.shrunk_at_step = state.get("shrunk_at_step")
+
+
+def _channel_groups(
+    pl_module: pl.LightningModule, example: Any, selected: set[str]
+) -> tuple[list[S.ChannelGroup], dict[str, str]]:
+    """Traced channel groups; where the trace fails, the FFN units of known transformer layouts instead."""
+    try:
+        return S.channel_groups(pl_module, example, selected=selected)
+    except RuntimeError as err:
+        groups, kept = FFN.ffn_groups(pl_module, example, selected=selected)
+        if not groups:
+            raise ValueError(
+                f"GradualPruning(structure='channels', coupled=True): {err}. HINT: prune this model with "
+                "coupled=False (per-layer channel zeros that cannot be removed), or structure='unstructured'."
+            ) from err
+        reason = f"{err}; only the FFN units of known layouts (GPT-2, Llama-style) are pruned"
+        rank_zero_warn(f"GradualPruning(structure='channels'): {reason}.")
+        return groups, {"": reason, **kept}
 
 
 def _outputs(model: torch.nn.Module, example: Any) -> list[torch.Tensor]:

@@ -8,6 +8,12 @@ so three things DDP and Lightning do for the model's own parameters are done her
   found again by identity after ``Optimizer.load_state_dict`` replaced the group dicts;
 - their gradients are averaged across processes (:meth:`HintAdapters.average_gradients`);
 - their shapes and weights travel in the callback's checkpoint state.
+
+Under FSDP2 (a sharded student) the adapters get an optimizer of their own instead (same class, the first
+group's settings), stepped right after the user's: a distributed checkpoint maps every parameter of the
+user's optimizer to a name in the model (``get_optimizer_state_dict``), and the adapters have none there.
+Their optimizer state then travels in the callback's checkpoint state too (identical on every rank, like
+the adapters). The user's gradient clipping and LR scheduler do not reach them in that case.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ class HintAdapters:
         self.modules = nn.ModuleDict()
         self.shapes: dict[str, AdapterShape] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        # A sharded student (FSDP2): the adapters' own optimizer, stepped after `optimizer` (see module doc).
+        self.separate = False
+        self.own: torch.optim.Optimizer | None = None
+        self._step_hook: torch.utils.hooks.RemovableHandle | None = None
 
     def get(self, student_layer: str) -> nn.Module | None:
         """The adapter of ``student_layer``, or ``None`` when its feature already has the teacher's width."""
@@ -73,11 +83,26 @@ class HintAdapters:
         settings = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
         if self.lr is not None:
             settings["lr"] = settings["initial_lr"] = self.lr
-        self.optimizer.add_param_group({**settings, "params": list(self.modules.parameters())})
+        group = {**settings, "params": list(self.modules.parameters())}
+        if not self.separate:
+            self.optimizer.add_param_group(group)
+            return
+        self.own = type(self.optimizer)([group])  # a param group dict takes every setting the class knows
+        self._step_hook = self.optimizer.register_step_post_hook(self._step_own)
+
+    def _step_own(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Right after the user's step: the adapters' gradients were averaged in on_before_optimizer_step.
+        if self.own is not None:
+            self.own.step()
+            self.own.zero_grad()
 
     def detach(self) -> None:
         """Remove the adapters' param group (and its state) from the optimizer."""
         # Found by its parameters: Optimizer.load_state_dict (resume) replaces the group dicts.
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        self.own = None
         if self.optimizer is None:
             return
         ours = {id(p) for p in self.modules.parameters()}
@@ -113,10 +138,13 @@ class HintAdapters:
 
     def state(self) -> dict[str, Any]:
         """Shapes and weights, for the callback's checkpoint state."""
-        return {
+        state = {
             "adapter_shapes": dict(self.shapes),
             "adapters": {k: v.detach().cpu() for k, v in self.modules.state_dict().items()},
         }
+        if self.own is not None:
+            state["adapter_optimizer"] = self.own.state_dict()
+        return state
 
     def restore(self, state: dict[str, Any] | None, device: torch.device) -> None:
         """At fit start: rebuild checkpointed adapters, or re-attach the ones of a previous fit.
@@ -128,5 +156,7 @@ class HintAdapters:
         if state is not None and state.get("adapter_shapes"):
             self.build(dict(state["adapter_shapes"]), device)
             self.modules.load_state_dict(state["adapters"])
+            if self.own is not None and "adapter_optimizer" in state:
+                self.own.load_state_dict(state["adapter_optimizer"])
         elif self.shapes:
             self.build(dict(self.shapes), device, keep_weights=True)

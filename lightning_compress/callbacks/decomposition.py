@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from typing_extensions import override
 
 from lightning_compress._lightning_internals import is_spawn, strategy_is
 from lightning_compress._validation import check_range, is_number
+from lightning_compress.callbacks._consolidate import is_sharded, run_on_plain_copy
 from lightning_compress.callbacks._optimizers import rebuild_optimizers
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.functional import decomposition as dec
@@ -96,6 +98,10 @@ class TensorDecomposition(CompressionCallback):
             each other measured 3x slower on busy shared cores; the cap is logged). SVD, Tucker-2,
             LAPACK solves and the latency measurements run on one thread, which measured steadier on
             shared cores. The torch setting is restored afterwards.
+        save_path: if set, rank zero saves the decomposed model there at fit end (``torch.save`` of the whole
+            module; load with ``torch.load(path, weights_only=False)``). Needed under ``ModelParallelStrategy``
+            (FSDP2): there the sharded model keeps its layers, and a plain copy holding the gathered weights
+            (rank zero, CPU) is decomposed and saved instead.
         name: distinguishes several instances (state key and ``compress/<name>/...``).
 
     Progress: before factoring, a rank-zero log line gives the number of layers and an estimate of the
@@ -142,6 +148,7 @@ class TensorDecomposition(CompressionCallback):
         tol: float = 1e-4,
         seed: int = 0,
         num_threads: int | None = None,
+        save_path: str | None = None,
         name: str | None = None,
     ) -> None:
         # One check per documented argument, each naming its argument (long signature, flat body).
@@ -176,6 +183,9 @@ class TensorDecomposition(CompressionCallback):
         self.min_reduction = float(min_reduction)
         self.measure_latency, self.skip_slower, self.latency_batch = measure_latency, skip_slower, latency_batch
         self.n_iter_max, self.tol, self.seed, self.num_threads = n_iter_max, float(tol), seed, num_threads
+        if save_path is not None and (not isinstance(save_path, str) or not save_path):
+            raise ValueError(f"save_path must be None or a file path (str), got {save_path!r}.")
+        self.save_path = save_path
 
         self._settings = planning.PlanSettings(
             method=method,
@@ -225,7 +235,7 @@ class TensorDecomposition(CompressionCallback):
             self._model_id = id(pl_module)
         if stage != "fit":
             return
-        _check_strategy(trainer.strategy)
+        _check_strategy(trainer.strategy, self.apply_at, self.apply_at_epoch, self.save_path)
         candidates = self._select(pl_module)
         _check_other_callbacks(trainer, pl_module, candidates)
         planning.check_layers(pl_module, candidates)
@@ -313,8 +323,14 @@ class TensorDecomposition(CompressionCallback):
                     f"at step {trainer.global_step}); the model is decomposed now, at fit end, without "
                     "fine-tuning."
                 )
-            self._apply(trainer, pl_module)
-        self._refresh_metrics(pl_module)
+            if is_sharded(pl_module):
+                self._decompose_plain_copy(trainer, pl_module)
+            else:
+                self._apply(trainer, pl_module)
+        if not is_sharded(pl_module):
+            self._refresh_metrics(pl_module)
+            if self.save_path is not None and trainer.is_global_zero:
+                _save(pl_module, self.save_path)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({self.metric(k): v for k, v in self._metrics.items()}, step=trainer.global_step)
@@ -328,7 +344,25 @@ class TensorDecomposition(CompressionCallback):
         super().teardown(trainer, pl_module, stage)
 
     # ---------------------------------------------------------------- decomposition
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _decompose_plain_copy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """FSDP2 at fit end: rank zero decomposes and saves a plain copy with the gathered weights.
+
+        The sharded model is left as it is (its parameter set cannot change under FSDP2); every rank
+        receives the copy's report rows and metrics.
+        """
+        assert self.save_path is not None  # checked in setup
+
+        def work(plain: nn.Module) -> tuple[Any, ...]:
+            self._apply(trainer, plain, alone=True)
+            self._refresh_metrics(plain)
+            _save(plain, self.save_path)  # type: ignore[arg-type]
+            return self._rows, self._metrics, self._baseline
+
+        self._rows, self._metrics, self._baseline = run_on_plain_copy(trainer, pl_module, work)
+        self._plans, self._applied = {}, False  # the live model is not decomposed
+
+    def _apply(self, trainer: pl.Trainer, pl_module: nn.Module, alone: bool = False) -> None:
+        """Decompose ``pl_module`` in place; ``alone``: this process only (no broadcast of rank zero's plans)."""
         started = time.perf_counter()
         candidates = self._select(pl_module)
         example = example_input(pl_module, [self])
@@ -338,11 +372,15 @@ class TensorDecomposition(CompressionCallback):
         threads, why = dec.factorization_threads(self.num_threads)
         if why is not None:
             rank_zero_info(f"TensorDecomposition: CP on {why}.")
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or alone:
             # Rank zero decides (latency measurements differ between processes); every rank builds the
             # same chains from the broadcast plans.
             decisions = self._decide(trainer, pl_module, candidates, example, threads)
-        plans, rows = trainer.strategy.broadcast((decisions.plans, decisions.rows), src=0)
+        plans, rows = (
+            (decisions.plans, decisions.rows)
+            if alone
+            else trainer.strategy.broadcast((decisions.plans, decisions.rows), src=0)
+        )
         for layer_name, layer in candidates:
             if layer_name not in plans:
                 continue
@@ -371,7 +409,7 @@ class TensorDecomposition(CompressionCallback):
     def _decide(
         self,
         trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
+        pl_module: nn.Module,
         candidates: list[tuple[str, nn.Module]],
         example: Any,
         threads: int,
@@ -406,6 +444,7 @@ class TensorDecomposition(CompressionCallback):
             "energy": self.energy,
             "budget": None if self.budget is None else f"{self.budget:g} of {self.budget_metric}",
             "applied": self._applied,
+            "saved_to": self.save_path if self._rows else None,
             "params_before": self._baseline.get("params"),
             "params_after": self._metrics.get("params"),
             "flops_before": self._baseline.get("flops"),
@@ -500,21 +539,44 @@ def _check_rank(rank: Any) -> None:
     raise ValueError(f"rank must be an int >= 1, a float ratio in (0, 1] or 'vbmf', got {rank!r}.")
 
 
-def _check_strategy(strategy: Any) -> None:
+def _check_strategy(strategy: Any, apply_at: Any, apply_at_epoch: Any, save_path: str | None) -> None:
     """Refuse strategies that cannot follow a change of the parameter set (before any step)."""
     spawn = is_spawn(strategy)
+    if strategy_is(strategy, "ModelParallelStrategy"):
+        if apply_at != "fit_end" or apply_at_epoch is not None:
+            when = f"apply_at={apply_at!r}" if apply_at_epoch is None else f"apply_at_epoch={apply_at_epoch!r}"
+            raise ValueError(
+                f"TensorDecomposition({when}) cannot decompose mid-fit under ModelParallelStrategy: replacing "
+                "layers changes the parameter set, which FSDP2's sharded parameters and optimizer state cannot "
+                "follow. Accepted under ModelParallelStrategy: apply_at='fit_end' with save_path=... (a plain copy "
+                "with the gathered weights is decomposed and saved). HINT: apply_at='fit_end', or strategy='ddp' to "
+                "fine-tune the factors."
+            )
+        if save_path is None:
+            raise ValueError(
+                "TensorDecomposition under ModelParallelStrategy needs save_path=...: the sharded model keeps its "
+                "layers, and the decomposed model is a plain copy with the gathered weights, written by rank zero "
+                "at fit end. HINT: TensorDecomposition(save_path='decomposed.pt')."
+            )
+        return
     # DeepSpeedStrategy subclasses DDPStrategy: name it, or it would pass as plain DDP.
-    sharded = strategy_is(strategy, "DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
+    sharded = strategy_is(strategy, "DeepSpeedStrategy", "FSDPStrategy")
     if sharded or spawn or not strategy_is(strategy, "SingleDeviceStrategy", "DDPStrategy"):
         raise ValueError(
-            f"TensorDecomposition supports single-device training and strategy='ddp'; got "
-            f"{type(strategy).__name__}{' (spawn)' if spawn else ''}. Replacing layers changes the "
-            "parameter set, which sharded strategies (FSDP, DeepSpeed, ModelParallelStrategy with fully_shard) "
-            "cannot follow mid-fit, and ddp_spawn reloads the undecomposed weights into the parent process with "
-            "strict=False. HINT: use strategy='ddp'; for a sharded model, consolidate it after fit "
-            "(get_model_state_dict(..., full_state_dict=True)) into a plain copy and decompose that with "
-            "TensorDecomposition in a short single-process fit."
+            f"TensorDecomposition supports single-device training, strategy='ddp' and, at fit end, "
+            f"ModelParallelStrategy (FSDP2, with save_path); got {type(strategy).__name__}"
+            f"{' (spawn)' if spawn else ''}. Replacing layers changes the parameter set, which FSDP1 and DeepSpeed "
+            "cannot follow, and ddp_spawn reloads the undecomposed weights into the parent process with "
+            "strict=False. HINT: use strategy='ddp', or ModelParallelStrategy with fully_shard and save_path=..."
         )
+
+
+def _save(model: nn.Module, path: str) -> None:
+    """``torch.save`` the whole decomposed module (its class must be importable where it is loaded)."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    torch.save(model, path)
 
 
 # Callbacks whose compression a factor chain would silently drop, by class name: the pytorch_lightning and

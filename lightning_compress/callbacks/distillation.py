@@ -52,6 +52,7 @@ from typing_extensions import override
 from lightning_compress._lightning_internals import refuse_unsupported_sharding, strategy_is
 from lightning_compress._validation import check_choice, check_range
 from lightning_compress.callbacks import _teacher
+from lightning_compress.callbacks._consolidate import is_sharded
 from lightning_compress.callbacks._hints import HintAdapters
 from lightning_compress.callbacks.base import CompressionCallback
 from lightning_compress.capture import CallRecorder
@@ -300,11 +301,22 @@ class KnowledgeDistillation(CompressionCallback):
         self._teacher = teacher.to(pl_module.device).eval().requires_grad_(False)
         if trainer.optimizers:
             self.hints.optimizer = trainer.optimizers[0]
+        self.hints.separate = is_sharded(pl_module)  # FSDP2: the adapters get their own optimizer
         self.hints.restore(state, pl_module.device)
         self._agreement = self._agreement.to(pl_module.device)
         self._install(pl_module)
         self._checked = False
         super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_state is not None:
+            # ModelParallelStrategy restores callback state after on_fit_start (Lightning restores checkpoints
+            # after that strategy's setup): the adapters and their optimizer state come back here instead.
+            # (teacher='self', the other restored piece, is refused under that strategy.)
+            self.hints.restore(self._pending_state, pl_module.device)
+            self._pending_state = None
+        super().on_train_start(trainer, pl_module)
 
     def _install(self, pl_module: pl.LightningModule) -> None:
         self._uninstall()

@@ -28,7 +28,8 @@ tensor from the step-seeded generator on every rank and keeps its own rows. Stru
 span two ranks' rows are refused before step 1. Lightning saves callback state from rank zero only, so
 under FSDP2 the checkpoint holds no masks: on resume each rank recomputes its masks from the exact zeros of
 its restored shards (a pruned weight is exactly 0.0; a weight that trained to exactly 0.0 unpruned would
-count as pruned from then on). Taylor scores accumulated since the last update are not checkpointed there
+count as pruned from then on), at ``on_train_start``: that strategy restores callback state after
+``on_fit_start``. Taylor scores accumulated since the last update are not checkpointed there
 (accumulation restarts after a resume), and resuming inside the lottery-ticket rewind window is refused.
 """
 
@@ -97,9 +98,10 @@ class GradualPruning(CompressionCallback):
             ``calibration_batches`` training forwards of the LightningModule are recorded; then every pruned
             layer is reconstructed at once (one forward pass over them per numbered block of the model) and
             the masks stay fixed for the rest of training.
-        structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), an N:M
-            pattern such as ``"2:4"`` (along the input dimension), or ``"block:RxC"`` such as
-            ``"block:1x4"``.
+        structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), ``"heads"``
+            (whole attention heads: q/k/v rows and output-projection columns as one group, see
+            :mod:`lightning_compress.functional.heads`; always coupled), an N:M pattern such as ``"2:4"``
+            (along the input dimension), or ``"block:RxC"`` such as ``"block:1x4"``.
         scope: ``"global"`` ranks all selected weights together (layers end with different
             sparsities); ``"layer"`` gives every layer the same sparsity.
         norm: the ``n`` of the Ln norm that scores a group of weights (channels, blocks, N:M runs).
@@ -118,8 +120,9 @@ class GradualPruning(CompressionCallback):
             away. Default: ``shrink``. Needs ``example_input_array`` on the LightningModule and
             ``torch-pruning`` (``pip install lightning-compress[shrink]``). ``target_sparsity`` is then the
             share of the groups' channels removed. See :mod:`lightning_compress.functional.shrink`.
-        shrink: physically remove the pruned channels at fit end (or at ``shrink_at_step``): the model
-            becomes a plain smaller model with the masked model's outputs. Implies ``coupled``.
+        shrink: physically remove the pruned channels (or heads) at fit end (or at ``shrink_at_step``): the
+            model becomes a plain smaller model with the masked model's outputs (head counts rewritten).
+            Implies ``coupled``.
         shrink_at_step: remove them at this optimizer step instead (at or after the end of the schedule), so
             the rest of training runs on the smaller model; optimizer state is sliced along.
         channel_multiple: with coupled groups, keep a multiple of this many channels in each group (rounded
@@ -232,7 +235,7 @@ class GradualPruning(CompressionCallback):
         self._model_id: int | None = None
         self._input_norms: InputNorms | None = None  # criterion="wanda": inputs seen since the last update
         self._calibration = InputLog()  # criterion="sparsegpt": forward inputs to reconstruct from
-        self._coupled = CoupledChannels() if self.coupled else None
+        self._coupled = CoupledChannels(self.structure.kind) if self.coupled else None
         self._coupled_targets: list[ParameterTarget] = []
         self._root_module: torch.nn.Module | None = None
         # FSDP2: the process group the pruned weights are row-sharded over (None: whole tensors here), and
@@ -268,7 +271,7 @@ class GradualPruning(CompressionCallback):
             SG.check_sparsegpt_targets(self._targets)
         if self._coupled is not None:
             if self._model_id != id(pl_module):
-                self._coupled = CoupledChannels()
+                self._coupled = CoupledChannels(self.structure.kind)
             if not self._coupled.shrunk:
                 # Groups are found on the full-size model; a shrunk one only finishes training (no more updates).
                 self._coupled_targets = self._coupled.setup(pl_module, self._targets)
@@ -347,6 +350,17 @@ class GradualPruning(CompressionCallback):
             self._calibration.attach(pl_module)
         self._refresh_metrics(trainer.global_step)
         super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_state is not None:
+            # ModelParallelStrategy restores callback state after on_fit_start (Lightning restores checkpoints
+            # after that strategy's setup): without this, a resumed run would train its first steps unmasked.
+            self._restore(self._pending_state, trainer.global_step)
+            self._pending_state = None
+            self._apply_masks(trainer)
+            self._refresh_metrics(trainer.global_step)
+        super().on_train_start(trainer, pl_module)
 
     @override
     def on_train_batch_start(
@@ -453,6 +467,9 @@ class GradualPruning(CompressionCallback):
     # ---------------------------------------------------------------- masks
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
+        # The per-step float masks (one float per weight) are rebuilt at the end: drop them while the scores
+        # (one float per weight too) are alive, so an update needs no more than that on top of training.
+        self._hot = {}
         if self.criterion == "sparsegpt":
             masks = self._reconstruct(trainer, step)
         else:
@@ -536,11 +553,19 @@ class GradualPruning(CompressionCallback):
             }
             shared = {k: v for k, v in scores.items() if k not in overridden}
             level = next((targets[k] for k in shared), 0.0)
-            masks = F.global_masks(shared, current, level, self.structure, self.norm, group=group) if shared else {}
+            masks = (
+                F.global_masks(shared, current, level, self.structure, self.norm, group=group, overwrite_scores=True)
+                if shared
+                else {}
+            )
             alone = {k: scores[k] for k in overridden}
-            masks.update(F.layer_masks(alone, current, targets, self.structure, self.norm, group=group))
+            masks.update(
+                F.layer_masks(alone, current, targets, self.structure, self.norm, group=group, overwrite_scores=True)
+            )
         else:
-            masks = F.layer_masks(scores, current, targets, self.structure, self.norm, group=group)
+            masks = F.layer_masks(
+                scores, current, targets, self.structure, self.norm, group=group, overwrite_scores=True
+            )
         return {t.name: t.out_first(masks[t.name]).contiguous() for t in self._targets}
 
     def _warn_if_short(self, step: int) -> None:
@@ -854,13 +879,20 @@ def _check_shrink(
     check_step("shrink_at_step", shrink_at_step, optional=True)
     if shrink_at_step is not None and not shrink:
         raise ValueError(f"shrink_at_step={shrink_at_step} needs shrink=True.")
+    if structure.kind == "heads":
+        if coupled is False:
+            raise ValueError(
+                "structure='heads' always masks a head's q/k/v rows and output columns together; coupled=False "
+                "is not accepted. HINT: leave coupled unset."
+            )
+        coupled = True
     if coupled is None:
         coupled = shrink
-    if (coupled or shrink) and structure.kind != "channels":
+    if (coupled or shrink) and structure.kind not in ("channels", "heads"):
         raise ValueError(
-            f"{'shrink=True' if shrink else 'coupled=True'} needs structure='channels' (whole channels can be "
-            f"removed), got structure='{structure}': {structure.kind} zeros leave every channel in place. "
-            "HINT: structure='channels', or shrink=False to keep the zeros."
+            f"{'shrink=True' if shrink else 'coupled=True'} needs structure='channels' or 'heads' (whole channels "
+            f"or heads can be removed), got structure='{structure}': {structure.kind} zeros leave every channel "
+            "in place. HINT: structure='channels' / 'heads', or shrink=False to keep the zeros."
         )
     if shrink and not coupled:
         raise ValueError(
@@ -873,7 +905,7 @@ def _check_shrink(
             "left to reparametrise (its state_dict is already a plain, smaller model). HINT: drop "
             "make_permanent=False."
         )
-    if coupled and not torch_pruning_available():
+    if coupled and structure.kind == "channels" and not torch_pruning_available():
         raise ImportError(
             f"GradualPruning(structure='channels', {'shrink' if shrink else 'coupled'}=True) finds coupled "
             f"channels with torch-pruning, which is not installed. {INSTALL_HINT}"

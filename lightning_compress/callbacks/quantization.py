@@ -23,8 +23,9 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_compress._lightning_internals import refuse_unsupported_sharding, strategy_is
+from lightning_compress._lightning_internals import refuse_unsupported_sharding
 from lightning_compress._validation import check_choice, check_range, check_step
+from lightning_compress.callbacks._consolidate import is_sharded, run_on_plain_copy
 from lightning_compress.callbacks.base import CompressionCallback, example_input
 from lightning_compress.export.cpu import TARGET_CPUS, WEIGHT_DTYPES, weight_storage
 from lightning_compress.export.onnx import export_onnx
@@ -36,6 +37,7 @@ from lightning_compress.functional.int8 import (
     quantized_size_bytes,
 )
 from lightning_compress.functional.qat import (
+    ACTIVATION_GRANULARITIES,
     OPTIONAL_TYPES,
     QUANTIZABLE_TYPES,
     check_group_size_,
@@ -71,6 +73,11 @@ class QuantizationAwareTraining(CompressionCallback):
     Args:
         weight_bits: bits of the weights, 2 to 8 (8 default; 4 is common for weight compression).
         activation_bits: bits of each quantized layer's input (8), or ``None`` for weight-only.
+        activation_granularity: ``"tensor"`` (default): one input range per layer, observed in training
+            (static, what int8 conv runtimes need). ``"token"``: each row of a layer's input is quantized with
+            its own range at run time (dynamic per-token int8, as torchao's int8-dynamic-activation schemes;
+            Linear / ``Conv1D`` only, convs are refused in ``setup``). Exports as ``MatMulInteger`` (8-bit
+            weights) or ``MatMulNBits`` with int8 compute (4-bit group-wise weights).
         start_step: optimizer step at which fake-quantization starts (``trainer.global_step``).
         freeze_observers_step: step from which scales and ranges stop changing (``None``: never).
         freeze_bn_step: step from which folded BatchNorms use running statistics (``None``: never).
@@ -90,11 +97,13 @@ class QuantizationAwareTraining(CompressionCallback):
             and ``Conv1D`` layers; must divide the input size of every selected layer (checked in ``setup``,
             convs are refused). ``None`` (default): one scale per output channel. Group-wise layers convert
             with :func:`~lightning_compress.convert_to_int8` and export to ONNX as onnxruntime's ``MatMulNBits``
-            (4-bit weights, ``group_size`` a power of two >= 16, ``activation_bits=None``); the ONNX export
-            refuses other group-wise configurations.
+            (4-bit weights, ``group_size`` a power of two >= 16, weight-only or
+            ``activation_granularity="token"``); the ONNX export refuses other group-wise configurations.
         export_dir: if set, at fit end rank zero writes ``model_int8.pt`` (the converted model) and, when
             an example input is known (``example_input_array`` or the first training batch),
-            ``model_int8.onnx`` there.
+            ``model_int8.onnx`` there. Under ``ModelParallelStrategy`` (FSDP2) the full weights are gathered
+            to rank zero's CPU memory at fit end and a plain, unsharded copy of the model is exported; the
+            sharded model itself is left as it is.
         target_cpu: the CPU the ONNX model will run on (``"auto"``: the one running the export; ``"vnni"``,
             ``"avx2"``, ``"arm64"``); decides the int8 weight storage, see
             :func:`~lightning_compress.export.cpu.weight_storage`. The report says what was chosen and why.
@@ -125,6 +134,7 @@ class QuantizationAwareTraining(CompressionCallback):
         weight_bits: int = 8,
         activation_bits: int | None = 8,
         *,
+        activation_granularity: str = "tensor",
         start_step: int = 0,
         freeze_observers_step: int | None = None,
         freeze_bn_step: int | None = None,
@@ -145,6 +155,9 @@ class QuantizationAwareTraining(CompressionCallback):
         if activation_bits is not None:
             _check_bits("activation_bits", activation_bits, SUPPORTED_ACTIVATION_BITS)
         self.activation_bits = activation_bits
+        self.activation_granularity = check_choice(
+            "activation_granularity", activation_granularity, ACTIVATION_GRANULARITIES
+        )
         self.start_step = check_step("start_step", start_step, optional=True) or 0
         self.freeze_observers_step = check_step("freeze_observers_step", freeze_observers_step, optional=True)
         self.freeze_bn_step = check_step("freeze_bn_step", freeze_bn_step, optional=True)
@@ -200,8 +213,6 @@ class QuantizationAwareTraining(CompressionCallback):
         if stage != "fit":
             return
         refuse_unsupported_sharding(trainer.strategy, type(self).__name__)
-        if self.export_dir is not None and strategy_is(trainer.strategy, "ModelParallelStrategy"):
-            raise ValueError(_SHARDED_EXPORT)
         selected = select_modules(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         names = self._quantizable(pl_module, selected)
         for pattern in self.overrides:
@@ -218,8 +229,9 @@ class QuantizationAwareTraining(CompressionCallback):
             fold_bn=self.fold_bn,
             ema_decay=self.ema_decay,
             # Average pools are observed so an int8 runtime can pool in int8; `exclude` keeps one float.
-            pools=[n for n in pool_names(pl_module) if not (self.exclude and matches(n, self.exclude))],
+            pools=self._pools_to_observe(pl_module),
             group_size=self.group_size,
+            activation_granularity=self.activation_granularity,
         )
         modules = dict(pl_module.named_modules())
         self._layers = {n: modules[n] for n in names}
@@ -231,6 +243,12 @@ class QuantizationAwareTraining(CompressionCallback):
         self._phase = None
         self._set_phase(trainer.global_step)
         self._refresh_metrics(pl_module)
+
+    def _pools_to_observe(self, pl_module: pl.LightningModule) -> list[str]:
+        # Pools run in int8 only between statically quantized convs; per-token layers are Linear only.
+        if self.activation_granularity == "token":
+            return []
+        return [n for n in pool_names(pl_module) if not (self.exclude and matches(n, self.exclude))]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -285,7 +303,10 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_dir is not None and trainer.is_global_zero:
+        if self.export_dir is not None and is_sharded(pl_module):
+            # FSDP2: rank zero exports a plain copy holding the gathered weights; every rank learns the paths.
+            self.exported = run_on_plain_copy(trainer, pl_module, lambda plain: self._export(trainer, plain))
+        elif self.export_dir is not None and trainer.is_global_zero:
             self._export(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)
 
@@ -375,6 +396,7 @@ class QuantizationAwareTraining(CompressionCallback):
         return {
             "weight_bits": self._metrics.get("weight_bits", float(self.weight_bits)),
             "activation_bits": self.activation_bits if self.activation_bits is not None else "none (weight-only)",
+            "activation_granularity": self.activation_granularity if self.activation_bits is not None else "-",
             "size_bytes": self._metrics.get("size_bytes"),
             "ratio": self._metrics.get("ratio"),
             "start_step": self.start_step,
@@ -389,7 +411,8 @@ class QuantizationAwareTraining(CompressionCallback):
             "fp32_layers": [{"layer": n, "reason": r} for n, r in self._fp32_layers.items()],
         }
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
+        """Write the int8 model (and ONNX when an example input is known); returns ``self.exported``."""
         assert self.export_dir is not None
         os.makedirs(self.export_dir, exist_ok=True)
         int8 = convert_to_int8(pl_module)
@@ -400,17 +423,17 @@ class QuantizationAwareTraining(CompressionCallback):
         if problems:
             rank_zero_warn(
                 "QuantizationAwareTraining: group-wise layers export to ONNX only as onnxruntime's MatMulNBits "
-                f"(4-bit, group_size a power of two >= 16, activation_bits=None); not for {problems}. Only "
+                f"(4-bit, group_size a power of two >= 16, weight-only or per-token inputs); not for {problems}. Only "
                 f"{path} (the PyTorch int8 model) was written."
             )
-            return
+            return self.exported
         sample = example_input(pl_module, [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)])
         if sample is None:
             rank_zero_info(
                 "QuantizationAwareTraining: no example input known, ONNX export skipped "
                 "(set example_input_array on the LightningModule)."
             )
-            return
+            return self.exported
         try:
             import onnx  # noqa: F401
         except ImportError:
@@ -418,7 +441,7 @@ class QuantizationAwareTraining(CompressionCallback):
                 "QuantizationAwareTraining: onnx is not installed, ONNX export skipped "
                 "(pip install 'lightning-compress[onnx]')."
             )
-            return
+            return self.exported
         # The whole call, positional and keyword inputs alike (forward(x, *, gate) keeps its gate).
         self.exported["onnx"] = export_onnx(
             int8.cpu(),
@@ -427,16 +450,7 @@ class QuantizationAwareTraining(CompressionCallback):
             weight_dtype=self.export_weight_dtype,
             target_cpu=self.target_cpu,
         )
-
-
-_SHARDED_EXPORT = (
-    "QuantizationAwareTraining(export_dir=...) is not supported under ModelParallelStrategy: the int8 export "
-    "needs the whole trained model on one process. HINT: train without export_dir, then consolidate and "
-    "convert: full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
-    "cpu_offload=True)) on every rank; on rank 0 build the model without configure_model, "
-    "lightning_compress.functional.qat.prepare_(plain, modules=<the quantized layer names>, ...), "
-    "plain.load_state_dict(full), convert_to_int8(plain) / export_onnx."
-)
+        return self.exported
 
 
 def _read_directly_by_parent(model: torch.nn.Module) -> set[str]:
@@ -456,7 +470,11 @@ def _sync_observers(layers: dict[str, Any], pools: dict[str, Any] | None = None)
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    observing = [m for m in (*layers.values(), *(pools or {}).values()) if m.activation_bits is not None]
+    observing = [
+        m
+        for m in (*layers.values(), *(pools or {}).values())
+        if m.activation_bits is not None and getattr(m, "activation_granularity", "tensor") == "tensor"
+    ]
     ranges = [m.activation_range for m in observing if m.observer_enabled]
     ranges += [m.output_range for m in observing if m.observer_enabled and getattr(m, "quantize_output", False)]
     if not ranges:

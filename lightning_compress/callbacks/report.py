@@ -508,7 +508,10 @@ def _techniques(callbacks: list[CompressionCallback], latency: dict[str, Any] | 
         kind = type(cb).__name__
         if kind == "GradualPruning":
             structure = str(getattr(cb, "structure", "unstructured"))
-            if structure == "channels":
+            if structure == "heads":
+                saving = "whole attention heads are zero: fewer FLOPs once the heads are removed (shrink=True)"
+                realized = "speed and size: only after removing the heads (shrink=True); zeros alone run dense"
+            elif structure == "channels":
                 saving = (
                     "whole output channels are zero: fewer FLOPs once the channels are removed; in the "
                     "model as it is (zeros kept) dense kernels still run them"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress._validation import check_choice
 from lightning_compress.export.cpu import WEIGHT_DTYPES, WeightStorage, weight_storage
 from lightning_compress.functional.int8 import (
     convert_to_int8,
@@ -24,10 +25,16 @@ from lightning_compress.functional.int8 import (
     int8_layers,
     matmul_nbits_problem,
     prepare_matmul_nbits_,
+    prepare_per_token_export_,
 )
 from lightning_compress.inputs import CapturedCall, as_call, run
 
-__all__ = ["WEIGHT_DTYPES", "export_onnx"]
+__all__ = ["EXPORTERS", "WEIGHT_DTYPES", "export_onnx"]
+
+# "legacy": torch.onnx's TorchScript exporter; "dynamo": the torch.export-based one (needs onnxscript).
+EXPORTERS = ("auto", "dynamo", "legacy")
+# The dynamo exporter's operator library (onnxscript's torchlib) targets opset 18.
+_DYNAMO_MIN_OPSET = 18
 
 
 def export_onnx(
@@ -35,12 +42,13 @@ def export_onnx(
     path: str,
     example_input: Any,
     *,
-    opset_version: int = 17,
+    opset_version: int | None = None,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
     weight_dtype: str = "auto",
     target_cpu: str = "auto",
+    exporter: str = "auto",
 ) -> str:
     """Write ``model`` as an int8 ONNX model that onnxruntime runs with int8 kernels.
 
@@ -65,7 +73,8 @@ def export_onnx(
         example_input: one forward call's input: a tensor, a tuple of positional inputs, a dict of
             keyword inputs, or a :class:`~lightning_compress.inputs.CapturedCall` with both. Keyword
             inputs become graph inputs after the positional ones.
-        opset_version: ONNX opset (per-channel ``DequantizeLinear`` needs >= 13).
+        opset_version: ONNX opset (per-channel ``DequantizeLinear`` needs >= 13); default 17 with the
+            legacy exporter, 18 with the dynamo exporter (its minimum).
         input_names: names of the graph inputs (default ``input``, ``input_1``, ..., then the keywords).
         output_names: names of the graph outputs (default ``output``, ...).
         dynamic_batch: make dim 0 of every input and output dynamic.
@@ -80,39 +89,42 @@ def export_onnx(
             the model's ``metadata_props`` (``lightning_compress.weight_storage``, ``...target_cpu``,
             ``...storage_reason``).
 
+        exporter: which ``torch.onnx`` exporter traces the model: ``"legacy"`` (TorchScript-based,
+            ``dynamo=False``), ``"dynamo"`` (``torch.export``-based, needs ``onnxscript``; the int8 layers are
+            traced as PT2E's ``quantized_decomposed`` ops, which it writes as ``QuantizeLinear`` /
+            ``DequantizeLinear``), or ``"auto"``: the legacy exporter, and the dynamo exporter only if the
+            legacy one fails on the model (e.g. ``aten::diff`` in current Hugging Face GPT-2), with a
+            ``UserWarning`` naming the legacy error. Both graphs go through the same int8 rewriting
+            (tests check the same int8 kernels run); the one used is written to ``metadata_props``
+            (``lightning_compress.exporter``). Group-wise (``MatMulNBits``) layers export with the legacy
+            exporter only.
+
     Returns:
         ``path``.
 
     Raises:
-        ValueError: if ``example_input`` is missing, ``weight_dtype`` / ``target_cpu`` unknown, the
-            model was not prepared for quantization or has group-wise weight scales (not supported yet).
-            Nothing is written then, and a failed export never
-            leaves a partial file at ``path`` (it is written to a temporary file, then renamed).
+        ValueError: if ``example_input`` is missing, ``weight_dtype`` / ``target_cpu`` / ``exporter``
+            unknown (or an opset below 18 asked of the dynamo exporter), the model was not prepared for
+            quantization or has group-wise weight scales (not supported yet). Nothing is written then, and
+            a failed export never leaves a partial file at ``path`` (it is written to a temporary file,
+            then renamed).
+        ImportError: if the dynamo exporter is needed and ``onnxscript`` is not installed.
     """
     import onnx  # the [onnx] extra
 
     storage = weight_storage(weight_dtype, target_cpu)  # validates both arguments before any work
+    check_choice("exporter", exporter, EXPORTERS, " HINT: 'auto' tries the legacy exporter, then dynamo.")
+    if exporter == "dynamo" and opset_version is not None and opset_version < _DYNAMO_MIN_OPSET:
+        raise ValueError(
+            f"export_onnx: the dynamo exporter writes opset >= {_DYNAMO_MIN_OPSET}, got opset_version={opset_version}. "
+            "HINT: opset_version=None (18 there), or exporter='legacy' for older opsets."
+        )
     if example_input is None:
         raise ValueError(
             "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
             "HINT: one real batch, e.g. next(iter(dataloader))[0][:1]."
         )
-    if not int8_layers(model) and not int8_embeddings(model):
-        model = convert_to_int8(model)
-    grouped = {n: m for n, m in int8_layers(model).items() if m.group_size is not None}
-    problems = {n: p for n, m in grouped.items() if (p := matmul_nbits_problem(m)) is not None}
-    if problems:
-        raise ValueError(
-            f"export_onnx supports group-wise weight scales only as onnxruntime's MatMulNBits (4-bit weights, "
-            f"group_size a power of two >= 16, no input quantization); not supported yet for {problems}. "
-            "Nothing was written. HINT: use the PyTorch model from convert_to_int8 (torch.save), or train "
-            "with group_size=None (one scale per output channel) for an int8 ONNX export."
-        )
-    if grouped:
-        model = copy.deepcopy(model)  # the packed weights are for the export only
-        for name in grouped:
-            prepare_matmul_nbits_(model.get_submodule(name))
-    model = model.eval()
+    model = _exportable(model)
     call = as_call(example_input)
     try:
         with torch.no_grad():
@@ -133,9 +145,9 @@ def export_onnx(
     fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix=".export-", dir=directory)
     os.close(fd)
     try:
-        _torchscript_export(model, call, tmp, opset_version, input_names, output_names, dynamic_batch)
+        used = _export_graph(model, call, tmp, exporter, opset_version, (input_names, output_names), dynamic_batch)
         graph_model = onnx.load(tmp)
-        _rewrite(graph_model, storage)
+        _rewrite(graph_model, storage, used)
         onnx.checker.check_model(graph_model)
         onnx.save(graph_model, tmp)
         os.replace(tmp, path)  # atomic: `path` is either the old file or the complete new one
@@ -145,13 +157,115 @@ def export_onnx(
     return path
 
 
-def _rewrite(graph_model: Any, storage: WeightStorage) -> None:
+def _exportable(model: nn.Module) -> nn.Module:
+    """The converted model in eval mode, with what its int8 layers' ONNX forms read attached (to a copy).
+
+    Raises:
+        ValueError: group-wise layers that ``MatMulNBits`` cannot express, naming them.
+    """
+    if not int8_layers(model) and not int8_embeddings(model):
+        model = convert_to_int8(model)
+    grouped = {n: m for n, m in int8_layers(model).items() if m.group_size is not None}
+    problems = {n: p for n, m in grouped.items() if (p := matmul_nbits_problem(m)) is not None}
+    if problems:
+        raise ValueError(
+            f"export_onnx supports group-wise weight scales only as onnxruntime's MatMulNBits (4-bit weights, "
+            f"group_size a power of two >= 16, weight-only or per-token inputs); not supported yet for {problems}. "
+            "Nothing was written. HINT: use the PyTorch model from convert_to_int8 (torch.save), or train "
+            "with group_size=None (one scale per output channel) for an int8 ONNX export."
+        )
+    per_token = [n for n, m in int8_layers(model).items() if m.activation_granularity == "token" and n not in grouped]
+    if grouped or per_token:
+        model = copy.deepcopy(model)  # the packed weights and column sums are for the export only
+        for name in grouped:
+            prepare_matmul_nbits_(model.get_submodule(name))
+        for name in per_token:
+            prepare_per_token_export_(model.get_submodule(name))
+    return model.eval()
+
+
+def _export_graph(
+    model: nn.Module,
+    call: CapturedCall,
+    path: str,
+    exporter: str,
+    opset_version: int | None,
+    names: tuple[list[str], list[str]],
+    dynamic_batch: bool,
+) -> str:
+    """Trace ``model`` to ``path`` with the chosen exporter; returns the one used (``legacy`` / ``dynamo``)."""
+    if exporter in ("auto", "legacy"):
+        try:
+            _torchscript_export(model, call, path, opset_version or 17, *names, dynamic_batch)
+            return "legacy"
+        except Exception as err:
+            # Group-wise and per-token layers have no dynamo form (no static per-tensor pattern).
+            legacy_only = any(
+                m.group_size is not None or m.activation_granularity == "token" for m in int8_layers(model).values()
+            )
+            if exporter == "legacy" or legacy_only:
+                raise
+            legacy_error = err
+    opset = opset_version or _DYNAMO_MIN_OPSET
+    if exporter == "auto":
+        opset = max(opset, _DYNAMO_MIN_OPSET)
+        warnings.warn(
+            f"export_onnx: the legacy (TorchScript) exporter failed on this model ({type(legacy_error).__name__}: "
+            f"{str(legacy_error)[:300]}); exported with the dynamo exporter, opset {opset}, instead "
+            "(metadata lightning_compress.exporter). Pass exporter='dynamo' to choose it directly.",
+            UserWarning,
+            stacklevel=3,
+        )
+    _dynamo_export(model, call, path, opset, *names, dynamic_batch)
+    return "dynamo"
+
+
+def _dynamo_export(
+    model: nn.Module,
+    call: CapturedCall,
+    path: str,
+    opset_version: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: bool,
+) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's operator library)
+    except ImportError as err:
+        raise ImportError(
+            "export_onnx(exporter='dynamo') needs onnxscript. HINT: pip install 'lightning-compress[onnx]', "
+            "or exporter='legacy'."
+        ) from err
+    from lightning_compress.functional.int8_compile import to_reference_
+
+    reference = copy.deepcopy(model)
+    to_reference_(reference)  # int8 layers as quantized_decomposed ops: QuantizeLinear / DequantizeLinear
+    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        torch.onnx.export(
+            reference,
+            call.args,
+            path,
+            kwargs=call.kwargs or None,
+            dynamo=True,
+            external_data=False,
+            opset_version=opset_version,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            verbose=False,
+        )
+
+
+def _rewrite(graph_model: Any, storage: WeightStorage, exporter: str) -> None:
     """Graph passes that make onnxruntime run int8 kernels, and the metadata saying how."""
     from lightning_compress.export import onnx_graph
 
     index = onnx_graph.GraphIndex(graph_model)
     if storage.keep_int8_within < 127:
         onnx_graph.weights_to_uint8(index, keep_int8_within=storage.keep_int8_within)
+    onnx_graph.global_average_pools(index)
     onnx_graph.merge_duplicate_quantize(index)
     onnx_graph.hoist_quantize(index)
     onnx_graph.merge_duplicate_quantize(index)
@@ -164,6 +278,7 @@ def _rewrite(graph_model: Any, storage: WeightStorage) -> None:
         "lightning_compress.weight_storage": storage.summary,
         "lightning_compress.target_cpu": storage.target,
         "lightning_compress.storage_reason": storage.reason,
+        "lightning_compress.exporter": exporter,
     }
     for key, value in metadata.items():
         entry = next((p for p in graph_model.metadata_props if p.key == key), None) or graph_model.metadata_props.add()

@@ -165,6 +165,33 @@ def weights_to_uint8(index: GraphIndex, keep_int8_within: int = -1) -> None:
         index.set_input(node, 2, zero_name)
 
 
+def _rank(index: GraphIndex, name: str) -> int | None:
+    """Rank of tensor ``name`` from the graph's shape information, ``None`` when it is not recorded."""
+    graph = index.model.graph
+    for info in (*graph.value_info, *graph.input, *graph.output):
+        if info.name == name and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return None
+
+
+def global_average_pools(index: GraphIndex) -> None:
+    """``ReduceMean`` over the two spatial dims of an NCHW tensor (keeping them) → ``GlobalAveragePool``.
+
+    The torch.export-based exporter writes ``nn.AdaptiveAvgPool2d(1)`` as ``ReduceMean``, the TorchScript
+    one as ``GlobalAveragePool``; only the latter has an int8 kernel (``QLinearGlobalAveragePool``). The
+    two compute the same values on 4-d inputs.
+    """
+    for node in [n for n in index.nodes if n.op_type == "ReduceMean" and len(n.input) == 2]:
+        axes = index.array(node.input[1])
+        rank = _rank(index, node.input[0])
+        if axes is None or rank != 4 or not _attribute(node, "keepdims", 1):
+            continue
+        if sorted(int(a) % rank for a in axes.reshape(-1)) != [2, 3]:
+            continue
+        pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name + "_global")
+        index.replace(node, [pool])
+
+
 # Ops through which per-tensor quantization commutes exactly (monotonic or pure data movement):
 # Q(maxpool(x)) == maxpool(Q(x)), Q(flatten(x)) == flatten(Q(x)).
 _COMMUTES_WITH_QUANTIZE = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")

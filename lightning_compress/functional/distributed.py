@@ -4,7 +4,9 @@ A global magnitude threshold needs only the global k-th value, not the weights: 
 float32 bit patterns finds it with 32 all-reduces of one integer each, whatever the model size. Ties at
 the threshold are broken by (rank, local index), so the result equals selecting the ``k`` lowest of all
 ranks' values concatenated in rank order — the selection a single process would make on the full
-tensor when each rank holds consecutive rows (FSDP2's ``Shard(0)``).
+tensor when each rank holds consecutive rows (FSDP2's ``Shard(0)``). The same bisection selects over
+several tensors at once (:func:`lowest_each`) without concatenating them, which is how a global ranking
+stays within one bool per weight of extra memory on one process too.
 
 Every function here is a collective when a process group is given: every rank must call it.
 
@@ -18,7 +20,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -146,11 +150,17 @@ def rank_of_max(value: float, group: Any) -> tuple[int, float]:
     return values.index(best), best
 
 
-def _ordered_keys(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys with the order of the float32 ``values`` (-inf lowest, +inf highest; NaN not allowed)."""
-    bits = values.detach().float().contiguous().view(torch.int32).long()
+def _key(value: float) -> int:
+    """The order-preserving integer key of a float32 value (see :func:`_value`)."""
+    (bits,) = struct.unpack("<i", struct.pack("<f", value))
     # Negative floats order backwards in their bit pattern: flip their magnitude bits.
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits ^ 0x7FFFFFFF if bits < 0 else bits
+
+
+def _value(key: int) -> float:
+    """The float32 value of an integer key: keys order as the floats do (``-inf`` lowest, ``+inf`` highest)."""
+    (value,) = struct.unpack("<f", struct.pack("<i", key ^ 0x7FFFFFFF if key < 0 else key))
+    return value
 
 
 def _global_sum(value: int, group: Any, device: torch.device) -> int:
@@ -159,47 +169,104 @@ def _global_sum(value: int, group: Any, device: torch.device) -> int:
     return int(t)
 
 
+_KEY_RANGE = (_key(-math.inf), _key(math.inf))  # no NaN key lies between these
+
+
+# Comparisons run on slices of this many values: their bool temporaries stay small (1 MiB) and in cache.
+_CHUNK = 2**20
+
+
+def _chunks(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return values.reshape(-1).split(_CHUNK)
+
+
 def lowest(values: torch.Tensor, k: int, group: Any = None) -> torch.Tensor:
     """Boolean selector of this rank's share of the ``k`` lowest values over every rank's ``values``.
 
     Args:
-        values: this rank's values (1-D; any length, also 0).
+        values: this rank's values (any shape, also empty; no NaN).
         k: how many to select over all ranks together (clamped to ``[0, total]``).
         group: the process group the values are sharded over; ``None`` (or one process) selects locally.
 
     Returns:
         A bool tensor shaped like ``values``: ``True`` for the selected entries held here.
     """
-    keys = _ordered_keys(values.reshape(-1))
-    device = keys.device
+    return lowest_each([values], k, group)[0]
+
+
+def lowest_each(values: Sequence[torch.Tensor], k: int, group: Any = None) -> list[torch.Tensor]:
+    """The ``k`` lowest entries over several tensors (and every rank's share of them), without concatenating them.
+
+    Selecting over the concatenation would copy every value once more (and a sort or ``kthvalue`` several
+    times); a bisection on the threshold only counts, tensor by tensor: about 32 passes, each holding one
+    bool temporary of one tensor. Ties at the threshold go to the lowest rank, then the earliest tensor in
+    ``values``, then the lowest index: on one process exactly what a stable sort of the concatenation
+    selects.
+
+    Args:
+        values: this rank's tensors (any shapes, also empty; no NaN).
+        k: how many to select over all tensors and ranks together (clamped to ``[0, total]``).
+        group: the process group the values are sharded over; ``None`` (or one process) selects locally.
+
+    Returns:
+        One bool tensor per entry of ``values``, shaped like it: ``True`` for the selected entries.
+
+    Example::
+
+        >>> a, b = torch.tensor([0.3, 0.1]), torch.tensor([[0.2, 0.1], [5.0, -1.0]])
+        >>> [t.int().tolist() for t in lowest_each([a, b], 2)]  # -1.0, then the tied 0.1 of the first tensor
+        [[0, 1], [[0, 0], [0, 1]]]
+    """
+    if not values:
+        return []
     sharded = active(group)
+    device = values[0].device
+    # Float32 comparisons are exact for float32 / float16 / bfloat16 scores; others are converted.
+    values = [v.detach() if v.dtype == torch.float32 else v.detach().float() for v in values]
 
-    def count(condition: torch.Tensor) -> int:
-        local = int(condition.sum())
-        return _global_sum(local, group, device) if sharded else local
+    def count(select: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        mine = sum(int(torch.count_nonzero(select(c))) for v in values for c in _chunks(v))
+        return _global_sum(mine, group, device) if sharded else mine
 
-    total = count(torch.ones_like(keys, dtype=torch.bool))
+    total = sum(v.numel() for v in values)
+    total = _global_sum(total, group, device) if sharded else total
     k = max(0, min(k, total))
     if k == 0:
-        return torch.zeros_like(values, dtype=torch.bool)
-    # Smallest key t with count(keys <= t) >= k: the k-th lowest value.
-    lo, hi = _INT32_MIN, _INT32_MAX
+        return [torch.zeros_like(v, dtype=torch.bool) for v in values]
+    # Smallest key t with count(values <= value(t)) >= k: the k-th lowest value. Compared as floats, so no
+    # tensor of keys is ever built.
+    lo, hi = _KEY_RANGE
     while lo < hi:
         mid = (lo + hi) // 2
-        if count(keys <= mid) >= k:
+        threshold = _value(mid)
+        if count(lambda v: v <= threshold) >= k:  # noqa: B023 (used right away)
             hi = mid
         else:
             lo = mid + 1
-    below = keys < lo
-    ties = keys == lo
-    need = k - count(below)
-    local_ties = int(ties.sum())
+    threshold = _value(lo)
+    need = k - count(lambda v: v < threshold)
+    ties = [sum(int(torch.count_nonzero(c == threshold)) for c in _chunks(v)) for v in values]
     if sharded:
-        # Ties go to the lowest ranks first, then to the lowest local index.
-        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts, torch.tensor([local_ties], dtype=torch.int64, device=device), group=group)
-        before = sum(int(c) for c in counts[: dist.get_rank(group)])
-        need = max(0, min(need - before, local_ties))
-    chosen = below.clone()
-    chosen[ties.nonzero().flatten()[:need]] = True
-    return chosen.reshape(values.shape)
+        # Ties go to the lowest ranks first: skip what the ranks before this one hold.
+        before = sum(row[0] for row in gather_ints([sum(ties)], group)[: dist.get_rank(group)])
+        need = max(0, need - before)
+    out = []
+    for v, tied in zip(values, ties, strict=True):
+        chosen = v < threshold
+        take = min(need, tied)
+        _select_first_ties(chosen, v, threshold, take)
+        need -= take
+        out.append(chosen)
+    return out
+
+
+def _select_first_ties(chosen: torch.Tensor, values: torch.Tensor, threshold: float, take: int) -> None:
+    """Mark the first ``take`` entries of ``values`` equal to ``threshold`` (index order) in ``chosen``."""
+    flat, start = chosen.view(-1), 0
+    for c in _chunks(values):
+        if take <= 0:
+            return
+        here = (c == threshold).nonzero().flatten()[:take]
+        flat[here + start] = True
+        take -= here.numel()
+        start += c.numel()

@@ -6,7 +6,8 @@ Conventions (the ones every int8 runtime accepts):
   (``[-127, 127]`` at 8 bits, ``[-7, 7]`` at 4 bits). Zero maps to zero exactly, so pruned weights stay
   exactly zero through fake-quantization and conversion.
 - **Activations**: affine per tensor, unsigned ``[0, 2^b - 1]`` with a zero point (``(0, 255)`` at 8
-  bits, one of the ranges ONNX's QuantizeLinear accepts).
+  bits, one of the ranges ONNX's QuantizeLinear accepts); or the same affine form per token (each row
+  over the last dim) with the range it has at run time (dynamic quantization, :func:`fake_quantize_per_token`).
 
 Fake-quantization uses the stable core ops :func:`torch.fake_quantize_per_channel_affine` and
 :func:`torch.fake_quantize_per_tensor_affine` (straight-through gradients).
@@ -92,6 +93,41 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: t
     """Per-tensor affine fake-quantization (straight-through gradient inside the range)."""
     qmin, qmax = activation_qrange(bits)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+
+def per_token_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine ``(scale, zero_point)`` of each token (row over the last dim) of ``x``, from its own min/max.
+
+    Dynamic quantization (torchao's per-token int8 activations): nothing is observed, every row gets the
+    range it has at run time, widened to contain 0 as :func:`activation_qparams` does. Shapes: ``x.shape[:-1]``.
+
+    Example::
+
+        >>> s, z = per_token_qparams(torch.tensor([[-1.0, 3.0], [0.0, 2.55]]), 8)
+        >>> [round(v, 6) for v in s.tolist()], z.tolist()
+        ([0.015686, 0.01], [64, 0])
+    """
+    qmin, qmax = activation_qrange(bits)
+    lo, hi = torch.aminmax(x.detach().float(), dim=-1)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(_EPS)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize each token of ``x`` with its own run-time range (straight-through gradient).
+
+    Example::
+
+        >>> fake_quantize_per_token(torch.tensor([[0.0, 1.0, 2.55]]), 8)
+        tensor([[0.0000, 1.0000, 2.5500]])
+    """
+    qmin, qmax = activation_qrange(bits)
+    scale, zero_point = per_token_qparams(x, bits)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.fake_quantize_per_channel_affine(rows, scale.reshape(-1), zero_point.reshape(-1), 0, qmin, qmax)
+    return out.reshape(x.shape)
 
 
 def quantize_weight(

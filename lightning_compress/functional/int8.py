@@ -29,7 +29,9 @@ from lightning_compress.functional.fake_quant import (
     batchnorm_factor,
     dequantize_weight,
     dequantize_weight_grouped,
+    fake_quantize_per_token,
     group_weight_scale,
+    per_token_qparams,
     quantize_weight,
     quantize_weight_grouped,
     weight_scale,
@@ -83,12 +85,21 @@ class _MatMulNBits(torch.autograd.Function):
         zero_points: torch.Tensor,
         bits: int,
         group_size: int,
+        accuracy_level: int,
     ) -> torch.Tensor:
         return F.linear(x, dequantize_weight_grouped(codes, scale))
 
     @staticmethod
     def symbolic(  # noqa: D102
-        g: Any, x: Any, codes: Any, scale: Any, packed: Any, zero_points: Any, bits: int, group_size: int
+        g: Any,
+        x: Any,
+        codes: Any,
+        scale: Any,
+        packed: Any,
+        zero_points: Any,
+        bits: int,
+        group_size: int,
+        accuracy_level: int,
     ) -> Any:
         out_features, in_features = codes.type().sizes()
         y = g.op(
@@ -101,6 +112,7 @@ class _MatMulNBits(torch.autograd.Function):
             N_i=out_features,
             bits_i=bits,
             block_size_i=group_size,
+            accuracy_level_i=accuracy_level,
         )
         x_sizes = x.type().varyingSizes()
         if x_sizes is not None:  # the exporter cannot infer a custom op's output shape: [..., N]
@@ -115,9 +127,81 @@ def matmul_nbits_problem(layer: Int8Layer) -> str | None:
     g = layer.group_size
     if g is None or g < 16 or g & (g - 1):
         return f"group_size={g} (a power of two >= 16)"
-    if layer.activation_bits is not None:
-        return "quantized input (weight-only only)"
+    if layer.activation_bits is not None and layer.activation_granularity != "token":
+        return "input quantized per tensor (weight-only or per-token inputs only)"
     return None
+
+
+# onnxruntime's MatMulNBits ``accuracy_level``: 0 computes in fp32 on dequantized weights; 4 quantizes
+# the input to int8 itself (per row and block of ``block_size`` inputs, at run time) and runs int8 dot
+# products. Level 4 is the export of per-token dynamic activations: finer blocks than one range per token.
+NBITS_WEIGHT_ONLY, NBITS_INT8_INPUT = 0, 4
+
+
+class _MatMulInteger(torch.autograd.Function):
+    """``uint8 [M, K] @ int8 [K, N]`` accumulated in int32; exports as ONNX ``MatMulInteger`` (no zero points).
+
+    onnxruntime's ``MatMulInteger`` takes one zero point for the whole input, so a per-row zero point is
+    subtracted afterwards (``zero_point * column sums``) by the caller.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        # float64 holds every int32 sum of uint8 * int8 products exactly (K < 2^37).
+        return (a.double() @ b.double()).to(torch.int32)
+
+    @staticmethod
+    def symbolic(g: Any, a: Any, b: Any) -> Any:  # noqa: D102
+        return g.op("MatMulInteger", a, b)
+
+
+class _QuantizeRows(torch.autograd.Function):
+    """uint8 codes of each row of ``x [M, K]`` with its own scale and zero point; exports as ``QuantizeLinear``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        # x * (1 / scale), as torch's fake-quantization kernels compute it.
+        return torch.clamp(torch.round(x * (1.0 / scale)[:, None]) + zero_point[:, None], 0, 255).to(torch.uint8)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: Any, zero_point: Any) -> Any:  # noqa: D102
+        uint8 = g.op("Cast", zero_point, to_i=2)  # TensorProto.UINT8
+        return g.op("QuantizeLinear", x, scale, uint8, axis_i=0)
+
+
+def per_token_int8_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    column_sums: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear`` with each input row quantized to uint8 at run time and int8 weight codes, in integers.
+
+    The same numbers as :func:`~lightning_compress.functional.fake_quant.fake_quantize_per_token` followed
+    by a float linear on the dequantized weight, computed as the ONNX export runs it: ``MatMulInteger`` of
+    the uint8 input and the int8 codes, minus ``zero_point * column sums of the codes``, times
+    ``input scale * weight scale``. ``column_sums`` (int32 ``codes.sum(1)``) can be precomputed, so an
+    export stores ``[out]`` int32 sums instead of summing a widened copy of the codes at run time.
+
+    Example::
+
+        >>> codes = torch.tensor([[1, -2], [3, 0]], dtype=torch.int8)
+        >>> per_token_int8_linear(torch.tensor([[0.0, 2.55]]), codes, torch.tensor([1.0, 0.5]), None, 8)
+        tensor([[-5.1000,  0.0000]])
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    row_scale, zero_point = per_token_qparams(rows, bits)
+    if bits != 8:
+        raise ValueError(f"per_token_int8_linear quantizes inputs to uint8: bits must be 8, got {bits}.")
+    acc = _MatMulInteger.apply(_QuantizeRows.apply(rows, row_scale, zero_point), codes.t())
+    column_sums = codes.to(torch.int32).sum(1) if column_sums is None else column_sums
+    acc = acc - zero_point[:, None] * column_sums[None, :]
+    y = acc.float() * (row_scale[:, None] * scale[None, :])
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], codes.shape[0])
 
 
 def prepare_matmul_nbits_(layer: Int8Layer) -> None:
@@ -134,21 +218,31 @@ def prepare_matmul_nbits_(layer: Int8Layer) -> None:
     layer.register_buffer("nbits_zero_points", zero_points, persistent=False)
 
 
+def prepare_per_token_export_(layer: Int8Layer) -> None:
+    """Attach the int32 column sums of the codes that the integer per-token linear subtracts (export only).
+
+    Only for the export: :func:`~lightning_compress.export.onnx.export_onnx` calls it on its own copy.
+    """
+    layer.register_buffer("token_column_sums", layer.weight_int8.to(torch.int32).sum(1), persistent=False)
+
+
 class Int8Layer(nn.Module):
     """A quantized Linear / Conv1d / Conv2d as deployed: int8 weight codes + fp32 per-channel scales.
 
     In PyTorch the weights are *stored* in int8 and dequantized (``codes * scale``) at each call, then the
-    fp32 kernel runs: the gain is size (``state_dict`` ~4x smaller), not speed. PyTorch's int8 CPU paths
-    are not used: ``torch._weight_int8pack_mm`` was slower than the fp32 matmul in a one-off check (no
-    script in ``benchmarks/`` repeats it), and the fbgemm ``quantized`` ops need quantized tensors, which
-    torch 2.13 deprecates. With ``activation_bits`` the input is quantize-dequantized with the scale
+    fp32 kernel runs: the gain is size (``state_dict`` ~4x smaller), not speed. For int8 kernels in
+    PyTorch, :func:`~lightning_compress.functional.int8_compile.compile_int8` compiles these layers to
+    oneDNN's (``torch.compile``). With ``activation_bits`` the input is quantize-dequantized with the scale
     observed in training, so outputs match the fake-quantized model. Exported to ONNX
     (:func:`~lightning_compress.export.onnx.export_onnx`) the weights stay int8 initializers and
     onnxruntime runs int8 kernels.
 
     Buffers: ``weight_int8`` (int8 codes ``[out, in, ...]``, 4-bit codes are stored one per byte),
     ``weight_scale`` (``[out]``, or ``[out, in / group_size]`` with group-wise scales), ``bias`` (fp32 or
-    absent), ``input_scale`` / ``input_zero_point`` when activations are quantized.
+    absent), ``input_scale`` / ``input_zero_point`` when activations are quantized per tensor. With
+    ``activation_granularity="token"`` each input row is quantized with its own run-time range instead, and
+    the ONNX export computes in integers (``MatMulInteger``, or ``MatMulNBits`` at ``accuracy_level=4``
+    for 4-bit group-wise weights).
 
     Modules that read their children's weights directly (``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer``'s fast path) find ``weight`` (the dequantized values, in the layout of
@@ -169,6 +263,7 @@ class Int8Layer(nn.Module):
         weight_layout: str = "out_in",
         output_qparams: tuple[float, int] | None = None,
         group_size: int | None = None,
+        activation_granularity: str = "tensor",
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -176,7 +271,10 @@ class Int8Layer(nn.Module):
         self.group_size = group_size
         self.weight_layout = weight_layout
         self.weight_bits = weight_bits
-        self.activation_bits = activation_bits if activation_qparams is not None else None
+        # "token": every input row is quantized with its own range at run time, no stored qparams.
+        self.activation_granularity = activation_granularity
+        dynamic = activation_granularity == "token"
+        self.activation_bits = activation_bits if activation_qparams is not None or dynamic else None
         self.conv_args = dict(conv_args or {})
         self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())
         self.register_buffer("weight_scale", scale.float().contiguous())
@@ -219,10 +317,18 @@ class Int8Layer(nn.Module):
         return _DequantizeWeight.apply(self.weight_int8, self.weight_scale, zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.activation_bits is not None:
+        dynamic = self.activation_bits is not None and self.activation_granularity == "token"
+        nbits = self.kind == "linear" and getattr(self, "nbits_packed", None) is not None
+        if dynamic and torch.onnx.is_in_onnx_export() and not nbits:
+            # The export computes in integers; in PyTorch the float form below is faster and equal.
+            sums = getattr(self, "token_column_sums", None)
+            return per_token_int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.activation_bits, sums)
+        if dynamic and not (nbits and torch.onnx.is_in_onnx_export()):  # MatMulNBits quantizes its input itself
+            x = fake_quantize_per_token(x, self.activation_bits)
+        elif self.activation_bits is not None and not dynamic:
             qmin, qmax = activation_qrange(self.activation_bits)
             x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, qmin, qmax)
-        if self.kind == "linear" and getattr(self, "nbits_packed", None) is not None:
+        if nbits:
             y = _MatMulNBits.apply(
                 x,
                 self.weight_int8,
@@ -231,6 +337,7 @@ class Int8Layer(nn.Module):
                 self.nbits_zero_points,
                 self.weight_bits,
                 self.group_size,
+                NBITS_INT8_INPUT if dynamic else NBITS_WEIGHT_ONLY,
             )
             if self.bias is not None:
                 y = y + self.bias
@@ -249,7 +356,8 @@ class Int8Layer(nn.Module):
         shape = "x".join(map(str, self.weight_int8.shape))
         bits = f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
         groups = f", group_size={self.group_size}" if self.group_size is not None else ""
-        return f"{self.kind}, weight={shape}, {bits}{groups}"
+        tokens = ", per-token activations" if self.activation_granularity == "token" else ""
+        return f"{self.kind}, weight={shape}, {bits}{groups}{tokens}"
 
 
 class Int8Embedding(nn.Module):
@@ -322,14 +430,11 @@ def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None
     codes, scale = quantize_weight(weight, module.weight_bits, _deployed_scale(module, weight))
     if bn is not None:
         codes, scale, bias = _fold_after_quantization(codes, scale, bias, bn)
-    act = out = None
-    if module.activation_bits is not None and module.activation_observed:
-        s, z = module.activation_qparams()
-        act = (float(s), int(z))
+    act, out = _input_qparams(module), None
     if module.activation_bits is not None and module.quantize_output and module.output_observed:
         s, z = activation_qparams(module.output_range[0], module.output_range[1], module.activation_bits)
         out = (float(s), int(z))
-    if module.weight_axis == 1:
+    if module.weight_axis == 1 or isinstance(module, nn.Linear):  # a Conv1D ([in, out]) is a Linear too
         return Int8Layer(
             "linear",
             codes,
@@ -338,12 +443,9 @@ def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None
             module.weight_bits,
             act,
             module.activation_bits,
-            weight_layout="in_out",
+            weight_layout="in_out" if module.weight_axis == 1 else "out_in",
             output_qparams=out,
-        )
-    if isinstance(module, nn.Linear):
-        return Int8Layer(
-            "linear", codes, scale, bias, module.weight_bits, act, module.activation_bits, output_qparams=out
+            activation_granularity=module.activation_granularity,
         )
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     if module.padding_mode != "zeros":
@@ -357,21 +459,26 @@ def _to_int8_layer(module: _QATMixin, bn: nn.modules.batchnorm._BatchNorm | None
 
 def _grouped_layer(module: _QATMixin, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Int8Layer:
     """The :class:`Int8Layer` of a group-wise Linear / ``Conv1D`` (no BatchNorm, no output quantization)."""
-    act = None
-    if module.activation_bits is not None and module.activation_observed:
-        s, z = module.activation_qparams()
-        act = (float(s), int(z))
     return Int8Layer(
         "linear",
         codes,
         scale,
         bias,
         module.weight_bits,
-        act,
+        _input_qparams(module),
         module.activation_bits,
         weight_layout="in_out" if module.weight_axis == 1 else "out_in",
         group_size=module.group_size,
+        activation_granularity=module.activation_granularity,
     )
+
+
+def _input_qparams(module: _QATMixin) -> tuple[float, int] | None:
+    """The observed ``(scale, zero_point)`` of a layer's input; ``None`` for weight-only, per-token or unobserved."""
+    if module.activation_bits is None or module.activation_granularity == "token" or not module.activation_observed:
+        return None
+    s, z = module.activation_qparams()
+    return float(s), int(z)
 
 
 def _fold_after_quantization(

@@ -43,7 +43,7 @@ import torch
 
 from lightning_compress.functional import distributed as D
 
-StructureKind = Literal["unstructured", "channels", "block", "n:m"]
+StructureKind = Literal["unstructured", "channels", "heads", "block", "n:m"]
 Criterion = Literal["magnitude", "random", "taylor", "wanda", "sparsegpt"]
 # "sparsegpt" is not a score: it chooses masks and updates weights together (functional/sparsegpt.py).
 CRITERIA: tuple[str, ...] = ("magnitude", "random", "taylor", "wanda", "sparsegpt")
@@ -71,11 +71,14 @@ class Structure:
         return self.kind
 
 
-_STRUCTURE_HELP = "'unstructured', 'channels', an N:M pattern such as '2:4', or a block such as 'block:1x4'"
+_STRUCTURE_HELP = "'unstructured', 'channels', 'heads', an N:M pattern such as '2:4', or a block such as 'block:1x4'"
 
 
 def parse_structure(spec: str) -> Structure:
-    """Parse ``"unstructured"``, ``"channels"``, ``"2:4"``, ``"block:1x4"`` (or ``"1x4"``).
+    """Parse ``"unstructured"``, ``"channels"``, ``"heads"``, ``"2:4"``, ``"block:1x4"`` (or ``"1x4"``).
+
+    ``"heads"`` (whole attention heads) is only chosen per coupled group
+    (:mod:`lightning_compress.functional.heads`), never per layer.
 
     Raises:
         ValueError: naming what was received and what is accepted.
@@ -92,7 +95,7 @@ def parse_structure(spec: str) -> Structure:
     if not isinstance(spec, str):
         raise ValueError(f"structure must be {_STRUCTURE_HELP}; got {spec!r}.")
     text = spec.strip().lower()
-    if text in ("unstructured", "channels"):
+    if text in ("unstructured", "channels", "heads"):
         return Structure(kind=text)  # type: ignore[arg-type]
     if match := re.fullmatch(r"(\d+):(\d+)", text):
         n, m = int(match[1]), int(match[2])
@@ -224,11 +227,16 @@ def wanda_scores(
     return w * scale.reshape(out_channels, in_per_group, *([1] * (w.dim() - 2)))
 
 
-def _group_scores(scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure, norm: float) -> torch.Tensor:
+def _group_scores(
+    scores: torch.Tensor, mask: torch.Tensor | None, structure: Structure, norm: float, overwrite: bool = False
+) -> torch.Tensor:
     if structure.kind == "unstructured":  # one weight per group: its (non-negative) score is the group's
         value = scores.reshape(-1)
-        # Always a new tensor: the global ranking marks each tensor's best entry in place.
-        return value.clone() if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
+        # A new tensor unless the caller gave its scores away: the global ranking marks each tensor's best
+        # entry in place, and a copy costs one more float per weight.
+        if not overwrite:
+            return value.clone() if mask is None else value.masked_fill(~mask.reshape(-1), -math.inf)
+        return value if mask is None else value.masked_fill_(~mask.reshape(-1), -math.inf)
     groups = to_groups(scores, structure)
     # Compared within a layer only (global scope divides by the layer's mean first), so no size factor.
     value = torch.linalg.vector_norm(groups, ord=norm, dim=1)
@@ -264,29 +272,12 @@ def _nm_mask(groups: torch.Tensor, chosen: torch.Tensor, structure: Structure, s
 def _lowest(values: torch.Tensor, k: int, group: Any = None) -> torch.Tensor:
     """Boolean selector of exactly the ``k`` lowest values (over all ranks of ``group`` when given).
 
-    Ties go to the lowest index, so every process picks the same. A selection (``kthvalue``, linear
-    time) rather than a full sort: on 150k weights it is several times faster than ``argsort``, and it
-    runs at every mask update.
+    Ties go to the lowest index, so every process picks the same; what is already pruned (``-inf``) is
+    chosen first. A bisection on the threshold (:func:`~lightning_compress.functional.distributed.lowest`):
+    linear time like ``kthvalue``, but with one bool temporary where ``kthvalue`` copies the values and
+    adds int64 indices (measured in ``benchmarks/scale.py``).
     """
-    if D.active(group):
-        return D.lowest(values, k, group)
-    n = values.numel()
-    if k <= 0:
-        return torch.zeros_like(values, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(values, dtype=torch.bool)
-    # What is already pruned (-inf) is chosen first; select among the rest only, which shrinks as sparsity grows.
-    pruned = torch.isneginf(values)
-    done = int(pruned.sum())
-    if k <= done:
-        chosen = torch.zeros_like(values, dtype=torch.bool)
-        chosen[pruned.nonzero().flatten()[:k]] = True
-        return chosen
-    threshold = values[~pruned].kthvalue(k - done).values
-    chosen = values < threshold
-    ties = (values == threshold).nonzero().flatten()[: k - int(chosen.sum())]
-    chosen[ties] = True
-    return chosen
+    return D.lowest(values, k, group)
 
 
 def _already_pruned(values: torch.Tensor) -> int:
@@ -347,11 +338,14 @@ def layer_masks(
     structure: Structure,
     norm: float = 2.0,
     group: Any = None,
+    overwrite_scores: bool = False,
 ) -> dict[str, torch.Tensor]:
     """New masks (``True`` = keep) giving each tensor its own ``sparsity[name]``.
 
     ``masks`` holds the current masks (missing = all kept); they only grow. With a process ``group``,
     ``scores`` and ``masks`` are this rank's row shards and every rank must call this (collectives).
+    ``overwrite_scores=True`` lets unstructured selection work inside ``scores`` (they are left changed),
+    saving a copy of one float per weight.
     """
     out: dict[str, torch.Tensor] = {}
     for name, score in scores.items():
@@ -362,11 +356,12 @@ def layer_masks(
             k = max(round(sparsity[name] / structure.max_sparsity * total), done)
             out[name] = _nm_mask(groups, _lowest(cost, k, group), structure, score.shape)
         else:
-            values = _group_scores(score, old, structure, norm)
+            values = _group_scores(score, old, structure, norm, overwrite_scores)
             total, done = D.sum_ints([values.numel(), _already_pruned(values)], group)
             # Never the whole tensor: at least one group stays (a layer is thinned, never removed).
             k = max(min(round(sparsity[name] * total), total - 1), done)
-            keep = ~_lowest(values, k, group)
+            keep = _lowest(values, k, group).logical_not_()
+            del values  # the next tensor's scores take its place
             out[name] = from_groups(
                 keep[:, None].expand(-1, to_groups(score, structure).shape[1]), structure, score.shape
             )
@@ -380,6 +375,7 @@ def global_masks(
     structure: Structure,
     norm: float = 2.0,
     group: Any = None,
+    overwrite_scores: bool = False,
 ) -> dict[str, torch.Tensor]:
     """New masks reaching ``sparsity`` over all tensors together: the lowest-scored groups anywhere go first.
 
@@ -388,7 +384,9 @@ def global_masks(
     to reach ``sparsity``, the masks reach as close as they can (the caller measures and says so).
 
     With a process ``group``, ``scores`` and ``masks`` are this rank's row shards and every rank must
-    call this (collectives).
+    call this (collectives). ``overwrite_scores=True`` lets unstructured selection work inside ``scores``
+    (they are left changed), saving a copy of one float per weight. The tensors are never concatenated:
+    the selection counts tensor by tensor (:func:`~lightning_compress.functional.distributed.lowest_each`).
     """
     names = list(scores)
     if structure.kind == "n:m":
@@ -399,18 +397,23 @@ def global_masks(
         chosen = _lowest(costs, k, group).split([c.numel() for c, _ in per])
         return {n: _nm_mask(g, c, structure, scores[n].shape) for n, (_, g), c in zip(names, per, chosen, strict=True)}
 
-    values = [_group_scores(scores[n], masks.get(n), structure, norm) for n in names]
+    values = [_group_scores(scores[n], masks.get(n), structure, norm, overwrite_scores) for n in names]
     if structure.kind != "unstructured":
         values = _per_layer_normalised(values, group)
     values = _protect_best(values, group)
     sizes = [_group_size(scores[n], structure) for n in names]
-    flat = torch.cat(values)
     if len(set(sizes)) == 1:  # equal groups (always so for unstructured): a count, no sort needed
         total, selectable, done = D.sum_ints(
-            [flat.numel(), int((flat != math.inf).sum()), _already_pruned(flat)], group
+            [
+                sum(v.numel() for v in values),
+                sum(int(torch.count_nonzero(v != math.inf)) for v in values),
+                sum(_already_pruned(v) for v in values),
+            ],
+            group,
         )
-        keep = ~_lowest(flat, max(min(round(sparsity * total), selectable), done), group)
-        parts = keep.split([v.numel() for v in values])
+        parts = D.lowest_each(values, max(min(round(sparsity * total), selectable), done), group)
+        del values
+        parts = [part.logical_not_() for part in parts]
         if structure.kind == "unstructured":
             return {name: part.reshape(scores[name].shape) for name, part in zip(names, parts, strict=True)}
         return {

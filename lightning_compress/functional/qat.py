@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress._validation import check_choice
 from lightning_compress.functional.fake_quant import (
     activation_qparams,
     batchnorm_factor,
     fake_quantize_activation,
+    fake_quantize_per_token,
     fake_quantize_weight,
     fake_quantize_weight_grouped,
     fold_batchnorm,
@@ -48,6 +50,9 @@ QUANTIZABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv1D")
 OPTIONAL_TYPES: tuple[str, ...] = ("Embedding",)
 # Types whose weight can have group-wise scales (2-d weights with an input dimension).
 GROUPABLE_TYPES: tuple[str, ...] = ("Linear", "Conv1D")
+# How a layer's input is quantized: one observed range per tensor (static), or each token's own range
+# at run time (dynamic, Linear / Conv1D only: a conv's input has no token axis).
+ACTIVATION_GRANULARITIES: tuple[str, ...] = ("tensor", "token")
 
 # Plain attributes (not buffers) that prepare_ sets on a swapped layer and finalize_ removes.
 _QAT_ATTRIBUTES = (
@@ -60,6 +65,7 @@ _QAT_ATTRIBUTES = (
     "folded_bn",
     "quantize_output",
     "group_size",
+    "activation_granularity",
 )
 _QAT_BUFFERS = ("weight_scale", "activation_range", "output_range")
 # Buffers added after checkpoints were first written: a checkpoint without them still loads strictly.
@@ -88,6 +94,8 @@ class _QATMixin:
     weight_axis: int = 0
     # Input features per weight scale (group-wise scales, shape [out, in / group_size]); None: per channel.
     group_size: int | None = None
+    # "tensor": the input range is observed in training; "token": every row is quantized with its own range.
+    activation_granularity: str = "tensor"
 
     def _init_qat(
         self, weight_bits: int, activation_bits: int | None, ema_decay: float, group_size: int | None = None
@@ -170,6 +178,8 @@ class _QATMixin:
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is None or not self.fake_quant_enabled:
             return x
+        if self.activation_granularity == "token":
+            return fake_quantize_per_token(x, self.activation_bits)
         if self.training and self.observer_enabled:
             self._observe_activation(x)
         if not self.activation_observed:
@@ -304,6 +314,7 @@ class _PoolObserver:
 
     activation_range: torch.Tensor
     training: bool
+    activation_granularity = "tensor"  # a pool's input range is always observed
 
     def _init_observer(self, activation_bits: int, ema_decay: float) -> None:
         self.register_buffer(  # type: ignore[attr-defined]
@@ -436,6 +447,7 @@ def prepare_(
     ema_decay: float = 0.99,
     pools: Iterable[str] | None = None,
     group_size: int | None = None,
+    activation_granularity: str = "tensor",
 ) -> None:
     """Swap ``model``'s Linear / Conv1d / Conv2d layers to their QAT classes, in place.
 
@@ -456,12 +468,18 @@ def prepare_(
         group_size: one weight scale per output channel and group of ``group_size`` consecutive input
             features (Linear and Hugging Face ``Conv1D`` only; must divide their input size) instead of one
             per output channel. Embeddings keep one scale per row.
+        activation_granularity: ``"tensor"`` (default): each layer's input has one range, observed during
+            training (static quantization, what int8 conv runtimes need). ``"token"``: each row of the input
+            (a token) is quantized with its own min/max at run time (dynamic quantization, torchao's
+            int8-dynamic-activation schemes); Linear and Hugging Face ``Conv1D`` only, no pools observed.
 
     Raises:
         TypeError: if a layer in ``modules`` is not of a quantizable type.
-        ValueError: if ``group_size`` is given for a conv or does not divide a layer's input size, or an
-            embedding uses ``max_norm``. Nothing is swapped then.
+        ValueError: if ``group_size`` is given for a conv or does not divide a layer's input size, an
+            embedding uses ``max_norm``, or ``activation_granularity="token"`` selects a conv. Nothing is
+            swapped then.
     """
+    check_choice("activation_granularity", activation_granularity, ACTIVATION_GRANULARITIES)
     named = dict(model.named_modules())
     if modules is None:  # embeddings only by name: quantizing them is not a default
         names = [n for n, m in named.items() if n and qat_class(m) and not isinstance(m, nn.Embedding)]
@@ -474,6 +492,8 @@ def prepare_(
                 f"quantizable: {sorted(QUANTIZABLE_TYPES + OPTIONAL_TYPES)}."
             )
     check_group_size_(named, names, group_size)
+    if activation_granularity == "token" and activation_bits is not None:
+        check_token_granularity_(named, names)
     bits_of = weight_bits if isinstance(weight_bits, Mapping) else dict.fromkeys(names, weight_bits)
     for name in names:
         module = named[name]
@@ -489,13 +509,14 @@ def prepare_(
                 )
             module.weight_bits, module.activation_bits = int(bits_of[name]), layer_activation_bits
             module.ema_decay = ema_decay
+            module.activation_granularity = activation_granularity
             continue
         module.__class__ = qat_class(module)  # type: ignore[assignment]
         module._init_qat(int(bits_of[name]), layer_activation_bits, ema_decay, layer_group_size)  # type: ignore[operator]
-    if pools is None:  # every pool when the whole model is quantized; a chosen subset of layers: none
-        pool_list = pool_names(model) if activation_bits is not None and modules is None else []
-    else:
-        pool_list = list(pools)
+        module.activation_granularity = activation_granularity
+    static = activation_bits is not None and activation_granularity == "tensor"
+    # By default every pool when the whole model is quantized statically; a chosen subset of layers: none.
+    pool_list = (pool_names(model) if static and modules is None else []) if pools is None else list(pools)
     for name in pool_list:
         pool = named[name]
         if isinstance(pool, _PoolObserver):
@@ -547,6 +568,20 @@ def check_group_size_(named: Mapping[str, nn.Module], names: Iterable[str], grou
     if problems:
         hint = f"group_size={group_size} must divide the input size of every layer; " if group_size else ""
         raise ValueError(f"Cannot quantize {problems}. HINT: {hint}exclude these layers or choose another group_size.")
+
+
+def check_token_granularity_(named: Mapping[str, nn.Module], names: Iterable[str]) -> None:
+    """Refuse convolutions for per-token input quantization, naming them (a conv's input has no token rows).
+
+    Raises:
+        ValueError: listing the conv layers among ``names``.
+    """
+    convs = [n for n in names if isinstance(named[n], nn.Conv1d | nn.Conv2d)]
+    if convs:
+        raise ValueError(
+            f"activation_granularity='token' quantizes each row of a Linear's input; {convs} are convolutions. "
+            "HINT: exclude them, or choose types=['Linear', 'Conv1D'], or use activation_granularity='tensor'."
+        )
 
 
 def _mark_output_quantization(model: nn.Module) -> None:

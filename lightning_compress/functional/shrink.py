@@ -19,8 +19,8 @@ Which groups are found, and which stay whole:
   type stays whole: removing a zero channel there changes the normalisation statistics or needs a
   layer-specific rewrite. That is the residual width of a transformer (LayerNorm) and the attention
   heads (the ``qkv`` rows reach ``proj`` through a reshape into heads, so one row is not one channel;
-  the attention's forward reads its head count from its own attributes, which a generic tool cannot
-  safely rewrite). Each kept group is listed with its reason.
+  the attention's forward reads its head count from its own attributes: whole heads are
+  :mod:`lightning_compress.functional.heads`' job). Each kept group is listed with its reason.
 - A group keeps at least one channel (a layer is thinned, never emptied).
 
 Dependency analysis: Torch-Pruning's ``DependencyGraph`` (``pip install lightning-compress[shrink]``).
@@ -221,7 +221,9 @@ def channel_groups(
     return groups, kept
 
 
-def _trial(model: nn.Module, groups: list[ChannelGroup], example_input: Any, tol: float = 1e-4) -> dict[str, str]:
+def _trial(
+    model: nn.Module, groups: list[ChannelGroup], example_input: Any, tol: float = 1e-4, unit: str = "channel"
+) -> dict[str, str]:
     """Remove one masked channel per group from a copy and compare outputs; ``{group: reason}`` where it fails.
 
     The graph analysis cannot see what a forward does with a tensor's size (``view(b, n, heads, head_dim)``)
@@ -241,15 +243,15 @@ def _trial(model: nn.Module, groups: list[ChannelGroup], example_input: Any, tol
                 shrink_(trial, chosen, keep)
                 after = list(_flatten(trial(*args, **kwargs)))
             except Exception as err:  # the forward itself tells why the cut is not possible
-                return f"the forward fails once a channel is removed ({type(err).__name__}: {str(err)[:120]})"
+                return f"the forward fails once a {unit} is removed ({type(err).__name__}: {str(err)[:120]})"
         for a, b in zip(before, after, strict=False):
             if a.shape != b.shape:
-                return f"removing a channel changes an output's shape ({tuple(a.shape)} -> {tuple(b.shape)})"
+                return f"removing a {unit} changes an output's shape ({tuple(a.shape)} -> {tuple(b.shape)})"
             if a.is_floating_point():
                 diff = float((a - b).abs().max()) if a.numel() else 0.0
                 scale = float(a.abs().max()) if a.numel() else 0.0
                 if diff > tol * max(1.0, scale):
-                    return f"removing a masked channel changes the outputs by {diff:.2g}"
+                    return f"removing a masked {unit} changes the outputs by {diff:.2g}"
         return None
 
     if attempt(groups) is None:
@@ -337,9 +339,17 @@ def _get(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    # Hugging Face's Conv1D (GPT-2): a Linear storing its weight [in, out]. Matched by name so that
+    # transformers stays optional.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def _slots(module: nn.Module, role: str) -> list[tuple[str, int, bool]]:
     """``(attribute, dim, is_parameter)`` of every tensor of ``module`` indexed by the member's channels."""
-    if isinstance(module, _NORM):
+    if _is_conv1d(module):
+        slots = [("weight", 1, True), ("bias", 0, True)] if role == "out" else [("weight", 0, True)]
+    elif isinstance(module, _NORM):
         slots = [("weight", 0, True), ("bias", 0, True), ("running_mean", 0, False), ("running_var", 0, False)]
     elif role == "out" or _depthwise(module):
         slots = [("weight", 0, True), ("bias", 0, True)]
@@ -608,6 +618,10 @@ def shrink_(
         touched.add(module_name)
     for module_name in touched:
         _sync_attributes(_get(model, module_name))
+    if touched:
+        from lightning_compress.functional.heads import sync_head_counts_
+
+        sync_head_counts_(model)
     return ShrinkResult(removed, before, sum(p.numel() for p in model.parameters()))
 
 
@@ -626,11 +640,15 @@ def _sync_attributes(module: nn.Module) -> None:
             module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
+    elif _is_conv1d(module):
+        module.nx, module.nf = module.weight.shape
 
 
 def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Resize conv / linear / BatchNorm layers to the shapes a (shrunk) ``state_dict`` holds, in place.
 
+    Attention head counts follow the resized projections
+    (:func:`~lightning_compress.functional.heads.sync_head_counts_`).
     Values are left uninitialised: a strict ``load_state_dict`` right after fills them. Which channels were
     removed does not matter for loading, so no pruning history is needed and neither is torch-pruning.
     Returns the names of the resized modules.
@@ -648,7 +666,7 @@ def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefi
     """
     resized = []
     for name, module in model.named_modules():
-        if not isinstance(module, _SUPPORTED):
+        if not isinstance(module, _SUPPORTED) and not _is_conv1d(module):
             continue
         changed = False
         for attr, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
@@ -667,6 +685,10 @@ def resize_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any], prefi
         if changed:
             _sync_attributes(module)
             resized.append(name)
+    if resized:
+        from lightning_compress.functional.heads import sync_head_counts_
+
+        sync_head_counts_(model)
     return resized
 
 

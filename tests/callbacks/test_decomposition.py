@@ -112,18 +112,45 @@ def _deepspeed() -> pl.strategies.Strategy:
     [
         (lambda: pl.strategies.DDPStrategy(start_method="spawn"), "DDPStrategy (spawn)"),
         (lambda: pl.strategies.FSDPStrategy(), "FSDPStrategy"),
-        (lambda: pl.strategies.ModelParallelStrategy(), "ModelParallelStrategy"),
         (_deepspeed, "DeepSpeedStrategy"),
     ],
-    ids=["ddp_spawn", "fsdp", "model_parallel", "deepspeed"],
+    ids=["ddp_spawn", "fsdp", "deepspeed"],
 )
 def test_unsupported_strategy_is_refused_in_setup(make: Any, shown: str) -> None:
     model = TinyCNN()
     keys = set(model.state_dict())
     stand_in = types.SimpleNamespace(strategy=make())  # setup reads only the strategy before refusing
-    with pytest.raises(ValueError, match=re.escape(f"strategy='ddp'; got {shown}.")):
+    with pytest.raises(ValueError, match=re.escape(f"with save_path); got {shown}.")):
         TensorDecomposition().setup(stand_in, model, "fit")  # type: ignore[arg-type]
     assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, "needs save_path=..."),
+        ({"apply_at": 5, "save_path": "d.pt"}, "TensorDecomposition(apply_at=5) cannot decompose mid-fit"),
+        ({"apply_at_epoch": 0.5, "save_path": "d.pt"}, "TensorDecomposition(apply_at_epoch=0.5) cannot decompose"),
+    ],
+)
+def test_model_parallel_strategy_needs_fit_end_and_save_path(kwargs: dict[str, Any], expected: str) -> None:
+    # Under FSDP2 a plain copy is decomposed at fit end and saved (tests/callbacks/test_fsdp2.py runs it).
+    stand_in = types.SimpleNamespace(strategy=pl.strategies.ModelParallelStrategy())
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        TensorDecomposition(**kwargs).setup(stand_in, TinyCNN(), "fit")  # type: ignore[arg-type]
+
+
+def test_save_path_writes_the_decomposed_model_in_one_process(tmp_path: Any) -> None:
+    model = TinyCNN()
+    path = tmp_path / "out" / "decomposed.pt"
+    callback = TensorDecomposition(rank=0.5, measure_latency=False, save_path=str(path))
+    trainer(tmp_path, [callback], max_steps=2).fit(model)
+    saved = torch.load(path, weights_only=False)
+    assert saved.state_dict().keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="save_path must be None or a file path"):
+        TensorDecomposition(save_path="")
 
 
 def test_skip_slower_default_keeps_a_layer_measured_slower(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

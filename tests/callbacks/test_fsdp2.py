@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_compress import GradualPruning
+from lightning_compress.functional import distributed as D
 from tests.helpers import trainer
 from tests.scripts.fsdp2_common import MODEL_ARGS, TRAINER_ARGS, PlainMLP
 from tests.scripts.fsdp2_pruning import SCENARIOS as PRUNING
@@ -82,11 +83,15 @@ def test_gradual_pruning_under_fsdp2(tmp_path: Path) -> None:
         single_metrics = {k: float(v) for k, v in ref["trainer"].callback_metrics.items() if k.startswith("compress/")}
         assert r0["metrics"] == pytest.approx(single_metrics)
 
-    # Resume from the distributed checkpoint at step 8 (mid-schedule): the same end, bit for bit.
+    # Resume from the distributed checkpoint at step 9 (mid-schedule, between updates): the same end, bit for bit.
     (g0, _), (s0, s1) = ranks(tmp_path, "global"), ranks(tmp_path, "resume")
     assert_ranks_agree(s0, s1)
     for name, weight in g0["full"].items():
         assert torch.equal(s0["full"][name], weight), name
+    # ... and its first step, taken before the next mask update, kept the pruned weights at zero.
+    (a0, _), (b0, _) = ranks(tmp_path, "global_after9"), ranks(tmp_path, "resume_after9")
+    for name, weight in a0["full"].items():
+        assert torch.equal(b0["full"][name], weight), name
 
     # The consolidated full state dict (rank zero) loads into a plain model, zeros included.
     plain = PlainMLP(**MODEL_ARGS)
@@ -107,7 +112,7 @@ def test_gradual_pruning_under_fsdp2(tmp_path: Path) -> None:
 
 
 @pytest.mark.xdist_group("ddp")
-def test_quantization_distillation_and_refusals_under_fsdp2(tmp_path: Path) -> None:
+def test_quantization_distillation_decomposition_and_refusals_under_fsdp2(tmp_path: Path) -> None:
     from lightning_compress import convert_to_int8
     from lightning_compress.functional.qat import prepare_
     from tests.scripts.fsdp2_quantization import SCENARIOS
@@ -119,7 +124,10 @@ def test_quantization_distillation_and_refusals_under_fsdp2(tmp_path: Path) -> N
         assert_ranks_agree(r0, r1)
         for name, buffer in r0["buffers"].items():  # observed ranges and scales: identical on the ranks
             assert torch.equal(buffer, r1["buffers"][name]), (tag, name)
-        ref = single_process(tmp_path, tag, SCENARIOS[tag]())
+        ref = single_process(tmp_path, tag, SCENARIOS[tag](str(tmp_path / f"single_{tag}")))
+        if tag == "decomposition":
+            _check_decomposed(tmp_path, r0, x)
+            continue
         for name, weight in ref["weights"].items():
             got = r0["full"].get(name, r0["buffers"].get(name))
             torch.testing.assert_close(got, weight, rtol=1e-4, atol=1e-5, msg=f"{tag} {name}")
@@ -137,13 +145,85 @@ def test_quantization_distillation_and_refusals_under_fsdp2(tmp_path: Path) -> N
             plain.load_state_dict(r0["consolidated"], strict=True)
             ref_model = ref["trainer"].lightning_module
             torch.testing.assert_close(convert_to_int8(plain)(x), convert_to_int8(ref_model)(x))
+            _check_int8_export(tmp_path, convert_to_int8(plain), x)
+    _check_hint_resume(tmp_path)
     for rank in (0, 1):  # refused in setup, before step 1, on both ranks alike
         err = {
-            tag: (tmp_path / f"{tag}_rank{rank}.err").read_text() for tag in ("decomposition", "qat_export", "kd_self")
+            tag: (tmp_path / f"{tag}_rank{rank}.err").read_text()
+            for tag in ("decomposition_mid_fit", "decomposition_no_path", "kd_self")
         }
-        assert "got ModelParallelStrategy" in err["decomposition"] and "HINT" in err["decomposition"]
-        assert "export_dir" in err["qat_export"] and "convert_to_int8(plain)" in err["qat_export"]
+        assert "apply_at=4" in err["decomposition_mid_fit"] and "mid-fit" in err["decomposition_mid_fit"]
+        assert "HINT" in err["decomposition_mid_fit"]
+        assert "needs save_path" in err["decomposition_no_path"]
         assert "teacher='self'" in err["kd_self"] and "HINT" in err["kd_self"]
+    assert not (tmp_path / "decomposition_mid_fit" / "d.pt").exists()
+
+
+def _check_hint_resume(tmp_path: Path) -> None:
+    """KD hint adapters under FSDP2: saved in the distributed checkpoint and restored with their optimizer state."""
+    at8, restored = ranks(tmp_path, "kd_hints_at8"), ranks(tmp_path, "kd_hints_resume_at8")
+    end, resumed = ranks(tmp_path, "kd_hints"), ranks(tmp_path, "kd_hints_resume")
+    assert set(at8[0]["adapters"]) == {"net__2.weight"} and at8[0]["adapter_optimizer_state"]
+    for rank in (0, 1):
+        for run in (at8, restored, end, resumed):  # adapters identical on the ranks
+            assert run[rank]["adapters"].keys() == run[0]["adapters"].keys()
+            for k, v in run[rank]["adapters"].items():
+                assert torch.equal(v, run[0]["adapters"][k]), k
+        # Right after the restore: what the uninterrupted run had at step 8, momentum included.
+        for k, v in at8[rank]["adapters"].items():
+            assert torch.equal(restored[rank]["adapters"][k], v), k
+        for x, y in zip(at8[rank]["adapter_optimizer_state"], restored[rank]["adapter_optimizer_state"], strict=True):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        # And the same end, bit for bit: student and adapters.
+        for name, weight in end[rank]["full"].items():
+            assert torch.equal(resumed[rank]["full"][name], weight), name
+        for k, v in end[rank]["adapters"].items():
+            assert torch.equal(resumed[rank]["adapters"][k], v), k
+
+
+def _check_int8_export(tmp_path: Path, consolidated_int8: torch.nn.Module, x: torch.Tensor) -> None:
+    """QAT's fit-end export under FSDP2: rank zero wrote the int8 model of the gathered weights, and its ONNX."""
+    import onnxruntime as ort
+
+    written = torch.load(tmp_path / "qat" / "export" / "model_int8.pt", weights_only=False)
+    single = torch.load(tmp_path / "single_qat" / "export" / "model_int8.pt", weights_only=False)
+    # Exactly the int8 model of the consolidated weights; what one process writes within training noise.
+    assert torch.equal(written(x), consolidated_int8(x))
+    torch.testing.assert_close(written(x), single(x), rtol=1e-3, atol=1e-3)
+    onnx_out = {}
+    for run in ("qat", "single_qat"):
+        session = ort.InferenceSession(str(tmp_path / run / "export" / "model_int8.onnx"))
+        name = session.get_inputs()[0].name
+        onnx_out[run] = torch.from_numpy(session.run(None, {name: x[:1].numpy()})[0])
+    torch.testing.assert_close(onnx_out["qat"], onnx_out["single_qat"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(onnx_out["qat"], consolidated_int8(x[:1]), rtol=1e-3, atol=1e-3)
+    report = json.loads((tmp_path / "qat" / "compression_report.json").read_text())
+    assert json.dumps(report).count("model_int8.onnx") >= 1
+
+
+def _check_decomposed(tmp_path: Path, r0: dict[str, Any], x: torch.Tensor) -> None:
+    """TensorDecomposition at fit end under FSDP2: the saved plain model factors the gathered weights."""
+    from lightning_compress.functional import decomposition as dec
+
+    written = torch.load(tmp_path / "decomposition" / "decomposed.pt", weights_only=False)
+    single = torch.load(tmp_path / "single_decomposition" / "decomposed.pt", weights_only=False)
+    assert not any(D.is_dtensor(p) for p in written.parameters())
+    assert set(written.state_dict()) == set(single.state_dict())
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(written.state_dict()[name], value, rtol=1e-3, atol=1e-4, msg=name)
+    # Decomposing the consolidated weights here, layer by layer, gives the saved factors (same plan and seed).
+    plain = PlainMLP(**MODEL_ARGS)
+    plain.load_state_dict(r0["consolidated"], strict=True)
+    for layer_name, layer in dict(plain.named_modules()).items():
+        saved = written.get_submodule(layer_name)
+        if isinstance(layer, torch.nn.Linear) and isinstance(saved, torch.nn.Sequential):
+            plan = dec.structure_from_state_dict(plain, written.state_dict())[layer_name]
+            chain, _ = dec.decompose(layer, plan, seed=0)
+            for a, b in zip(chain.state_dict().values(), saved.state_dict().values(), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=layer_name)
+    report = json.loads((tmp_path / "decomposition" / "compression_report.json").read_text())
+    assert "decomposed.pt" in json.dumps(report)
+    assert written(x).shape == (8, MODEL_ARGS["classes"])
 
 
 # ---- FSDP1 and DeepSpeed: refused in setup, naming what is supported (no process group, no GPU needed)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("torch_pruning")
+pytest.importorskip("transformers")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ddp_shrink.py")
 
@@ -27,4 +28,10 @@ def test_two_process_ddp_shrinks_identically(tmp_path) -> None:
         if "running" not in name and "num_batches" not in name:
             assert torch.equal(value, r1[name]), name
     assert r0["model.conv1.weight"].shape[0] < 8
+    # attention heads (a small BERT, second fit in the same processes): the same heads removed on both ranks
+    h0, h1 = torch.load(tmp_path / "rank0_heads.pt"), torch.load(tmp_path / "rank1_heads.pt")
+    for name, value in h0.items():
+        assert value.shape == h1[name].shape and torch.equal(value, h1[name]), name
+    query = [v.shape[0] for k, v in h0.items() if k.endswith("attention.self.query.weight")]
+    assert sum(query) == 32  # 4 of 8 heads of 8 left in the 2 layers together (global ranking)
     assert "removed" in result.stderr + result.stdout

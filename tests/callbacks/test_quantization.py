@@ -331,3 +331,17 @@ def test_ddp_observers_identical_on_ranks(tmp_path) -> None:
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
     assert all(torch.isfinite(v).all() for k, v in r0.items() if k.endswith("activation_range"))
+
+
+def test_per_token_activations_refuse_convs_before_the_first_step(tmp_path: Path) -> None:
+    model = DigitsCNN(width=4, hidden=8)
+    before = copy.deepcopy(model.state_dict())
+    qat = QuantizationAwareTraining(activation_granularity="token", export_dir=str(tmp_path / "out"))
+    t = trainer(tmp_path, [qat], max_steps=2)
+    with pytest.raises(ValueError, match=r"activation_granularity='token'.*are convolutions.*types=\['Linear'"):
+        t.fit(model, DigitsDataModule(batch_size=16))
+    assert t.global_step == 0 and not any(is_qat(m) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"activation_granularity must be one of \['tensor', 'token'\], got 'dynamic'"):
+        QuantizationAwareTraining(activation_granularity="dynamic")

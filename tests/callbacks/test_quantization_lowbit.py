@@ -74,7 +74,7 @@ def test_grouped_fit_metrics_convert_and_export(tmp_path) -> None:
 def test_grouped_export_dir_warns_for_unsupported_onnx(tmp_path) -> None:
     out = tmp_path / "export"
     qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, group_size=16, export_dir=str(out))
-    with pytest.warns(UserWarning, match="MatMulNBits.*quantized input"):
+    with pytest.warns(UserWarning, match="MatMulNBits.*input quantized per tensor"):
         trainer(tmp_path, [qat], max_steps=2).fit(TinyMLP(features=16, hidden=32))
     assert sorted(p.name for p in out.iterdir()) == ["model_int8.pt"]
 

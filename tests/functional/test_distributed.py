@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_compress.functional.distributed import lowest
+from lightning_compress.functional.distributed import lowest, lowest_each
 
 
 def reference(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -136,3 +136,29 @@ def test_sharded_pruning_masks_equal_one_process_masks(tmp_path: Any) -> None:
     # The random criterion: each rank's rows of one full draw.
     full = torch.rand(7, 5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(rank0["random"], full[:3]) and torch.equal(rank1["random"], full[4:7])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(floats, max_size=12), min_size=1, max_size=4), st.integers(-2, 50))
+def test_several_tensors_select_what_a_stable_sort_of_their_concatenation_selects(
+    parts: list[list[float]], k: int
+) -> None:
+    tensors = [torch.tensor(p, dtype=torch.float32) for p in parts]
+    whole = torch.cat(tensors)
+    expected = reference(whole, k)
+    got = torch.cat(lowest_each(tensors, k))
+    # Ties broken alike: earliest tensor, then lowest index (-0.0 and +0.0 are equal values to both).
+    assert torch.equal(got, expected)
+
+
+def test_selection_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Values are compared in slices; with 3-value slices, ties and the threshold fall across slice edges.
+    import lightning_compress.functional.distributed as D
+
+    monkeypatch.setattr(D, "_CHUNK", 3)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        tensors = [torch.randint(0, 4, (int(n),), generator=g).float() for n in torch.randint(0, 9, (3,), generator=g)]
+        whole = torch.cat(tensors)
+        k = trial % (whole.numel() + 2)
+        assert torch.equal(torch.cat(lowest_each(tensors, k)), reference(whole, k)), (tensors, k)

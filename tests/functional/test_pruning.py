@@ -225,3 +225,23 @@ def test_check_fits_needs_rows_to_divide_by_the_block_height() -> None:
     with pytest.raises(ValueError, match=r"as a 3x8 matrix.*2x4 blocks"):
         F.check_fits(F.parse_structure("block:2x4"), "fc.weight", (3, 8))
     F.check_fits(F.parse_structure("block:2x4"), "fc.weight", (4, 8))  # fits: no error
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_overwriting_the_scores_gives_the_same_masks(scope: str) -> None:
+    # The callback hands its fresh scores over (one float per weight less); the masks must not change.
+    g = torch.Generator().manual_seed(3)
+    scores = {"a": torch.rand(6, 5, generator=g), "b": torch.rand(4, 7, generator=g).round(decimals=1)}
+    old = {k: torch.rand(v.shape, generator=g) > 0.3 for k, v in scores.items()}
+    structure = F.parse_structure("unstructured")
+
+    def masks(overwrite: bool) -> dict[str, torch.Tensor]:
+        given = {k: v.clone() for k, v in scores.items()}
+        if scope == "global":
+            return F.global_masks(given, old, 0.6, structure, overwrite_scores=overwrite)
+        return F.layer_masks(given, old, dict.fromkeys(given, 0.6), structure, overwrite_scores=overwrite)
+
+    kept, overwritten = masks(False), masks(True)
+    for name in scores:
+        assert torch.equal(kept[name], overwritten[name]), name
+        assert not (kept[name] & ~old[name]).any()  # masks only grow

@@ -62,11 +62,54 @@ class SaveFull(pl.Callback):
         buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}  # not sharded by fully_shard
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("compress/")}
         consolidated = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # KnowledgeDistillation's hint adapters (plain modules outside the student) and their optimizer state.
+        adapters = {k: v.detach().clone() for c in trainer.callbacks for k, v in _adapters(c).state_dict().items()}
+        own = [c.hints.own for c in trainer.callbacks if getattr(getattr(c, "hints", None), "own", None)]
+        state = own[0].state if own else trainer.optimizers[0].state
+        params = [p for c in trainer.callbacks for p in _adapters(c).parameters()]
+        moments = [{k: v.clone() for k, v in state[p].items()} for p in params if p in state]
         rank = trainer.global_rank
         torch.save(
-            {"full": full, "local": local, "buffers": buffers, "metrics": metrics, "consolidated": consolidated},
+            {
+                "full": full,
+                "local": local,
+                "buffers": buffers,
+                "metrics": metrics,
+                "consolidated": consolidated,
+                "adapters": adapters,
+                "adapter_optimizer_state": moments,
+            },
             os.path.join(self.out, f"{self.tag}_rank{rank}.pt"),
         )
+
+
+class SaveAtStep(SaveFull):
+    """``SaveFull``'s record at one step instead of at train end.
+
+    ``when="start"``: before the step's batch (in a run resumed at ``step``: right after the restore);
+    ``"end"``: after its optimizer step (``global_step`` has moved on to ``step + 1`` then).
+    """
+
+    def __init__(self, out: str, tag: str, step: int, when: str = "start") -> None:
+        super().__init__(out, tag)
+        self.step, self.when = step, when
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if self.when == "start" and trainer.global_step == self.step:
+            super().on_train_end(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if self.when == "end" and trainer.global_step == self.step + 1:
+            super().on_train_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
+
+
+def _adapters(callback: pl.Callback) -> torch.nn.Module:
+    return getattr(callback, "adapters", None) or torch.nn.ModuleDict()
 
 
 def fsdp2_trainer(out: str, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:

@@ -2,8 +2,8 @@
 
 One launch, several fits (each writes ``<tag>_rank<r>.pt`` via ``SaveFull``):
 
-- ``global``: global unstructured magnitude with SGD momentum; distributed checkpoints every 4 steps.
-- ``resume``: ``fit(ckpt_path=<step 8 checkpoint of "global">)``, which must end where ``global`` ended.
+- ``global``: global unstructured magnitude with SGD momentum; distributed checkpoints every 3 steps.
+- ``resume``: ``fit(ckpt_path=<step 9 checkpoint of "global">)``, which must end where ``global`` ended.
 - ``mixed``: channels / layer scope / Taylor on the hidden layers, random unstructured on the (unevenly
   sharded) head, AdamW.
 - ``nm``: 2:4 global on the first layer.
@@ -25,7 +25,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from lightning_compress import GradualPruning  # noqa: E402
-from tests.scripts.fsdp2_common import MODEL_ARGS, SaveFull, ShardedMLP, fsdp2_trainer, record_error  # noqa: E402
+from tests.scripts.fsdp2_common import (  # noqa: E402
+    MODEL_ARGS,
+    SaveAtStep,
+    SaveFull,
+    ShardedMLP,
+    fsdp2_trainer,
+    record_error,
+)
 
 SCENARIOS = {
     "global": lambda: [GradualPruning(0.7, end_step=10, update_every_n_steps=2)],
@@ -60,12 +67,13 @@ def fit(
 def main(out: str) -> None:
     torch.set_num_threads(1)
     ckpt = ModelCheckpoint(
-        dirpath=os.path.join(out, "ckpt"), every_n_epochs=4, save_top_k=-1, save_on_train_epoch_end=True
+        dirpath=os.path.join(out, "ckpt"), every_n_epochs=3, save_top_k=-1, save_on_train_epoch_end=True
     )
-    trainer = fit(out, "global", extra=[ckpt], enable_checkpointing=True)
-    # Step 8: mid-schedule (updates every 2 steps until 10), masks at 6 recomputed from the zeros.
-    first = glob.glob(os.path.join(out, "ckpt", "*-step=8.ckpt"))[0]
-    fit(out, "resume", ckpt_path=first)
+    trainer = fit(out, "global", extra=[ckpt, SaveAtStep(out, "global_after9", 9, "end")], enable_checkpointing=True)
+    # Step 9: mid-schedule (updates every 2 steps until 10) and not an update step, so step 9 trains with the
+    # masks of step 8, recomputed from the zeros (Lightning restores callback state after on_fit_start here).
+    first = glob.glob(os.path.join(out, "ckpt", "*-step=9.ckpt"))[0]
+    fit(out, "resume", ckpt_path=first, extra=[SaveAtStep(out, "resume_after9", 9, "end")])
     fit(out, "mixed")
     fit(out, "nm")
     try:

@@ -97,3 +97,27 @@ def hf_bert() -> ZooCase:
         example,
         head=["model.classifier"],
     )
+
+
+class TinyBert(ZooModule):
+    """BERT classifier built from plain hyperparameters (so ``load_shrunk`` can rebuild it): 2 layers, 4 heads of 8."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        self.save_hyperparameters()
+        config = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            intermediate_size=64,
+            max_position_embeddings=LENGTH,
+            num_labels=2,
+        )
+        self.model = BertForSequenceClassification(config)
+        self.example_input_array = torch.zeros(2, LENGTH, dtype=torch.long)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits

@@ -77,3 +77,32 @@ def test_bert_word_embeddings_quantized(tmp_path: Any) -> None:
 def test_gpt2_tied_embedding_refused(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match=r"wte\.weight is tied to model\.lm_head\.weight"):
         fit("hf_gpt2", tmp_path, types=["Embedding"], include=["*wte"])
+
+
+def test_gpt2_4bit_with_per_token_int8_inputs_exports_and_runs(tmp_path: Any) -> None:
+    """torchao's int8-dynamic-activation / int4-weight scheme on GPT-2, trained and exported in one fit."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "export"
+    case, qat = fit(
+        "hf_gpt2",
+        tmp_path,
+        weight_bits=4,
+        group_size=16,
+        activation_granularity="token",
+        exclude=["model.lm_head"],
+        export_dir=str(out),
+    )
+    assert all(m.activation_granularity == "token" for _, m in qat_modules(case.module))
+    compare(case)  # the int8 PyTorch model computes what the fake-quantized one trained with
+    nodes = [n for n in onnx.load(str(out / "model_int8.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 8 and all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nodes)
+    session = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    x = case.example_input
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = torch.load(out / "model_int8.pt", weights_only=False)(x)
+    expected = expected.logits if hasattr(expected, "logits") else expected
+    # onnxruntime quantizes inputs per block of 16 (finer than per token): close, not bit-equal.
+    assert np.abs(got - expected.numpy()).max() < 0.05 * np.abs(expected.numpy()).max()
+    assert qat.report_section(None, case.module)["activation_granularity"] == "token"  # type: ignore[arg-type]

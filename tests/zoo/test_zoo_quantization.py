@@ -94,7 +94,7 @@ def test_qat_fit_convert_export(name: str, tmp_path: Any) -> None:
     example = case.example_input
     if name == "hf_llama":
         with pytest.raises(RuntimeError, match="enable_gqa.*HINT: .*attn_implementation='eager'"):
-            export_onnx(model, str(tmp_path / "refused.onnx"), example)
+            export_onnx(model, str(tmp_path / "refused.onnx"), example, exporter="legacy")
         model.model.config._attn_implementation = "eager"  # what the HINT says
     path = export_onnx(model, str(tmp_path / "model.onnx"), example)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
