@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_compress._lightning_internals import is_forward_redirection
@@ -146,3 +147,55 @@ class CallRecorder:
                 self.layer_outputs[key] = output
 
         return hook
+
+
+class InputLog:
+    """Detached copies of the inputs of real forward calls of a module: one call each time it is armed.
+
+    What one-shot reconstruction (``GradualPruning(criterion="sparsegpt")``) replays through the model.
+
+    Example::
+
+        >>> net = nn.Linear(3, 2)
+        >>> log = InputLog()
+        >>> log.attach(net)
+        >>> log.arm()
+        >>> _ = net(torch.ones(4, 3))
+        >>> _ = net(torch.zeros(4, 3))  # not armed any more
+        >>> len(log.calls), float(log.calls[0].args[0].sum()), log.armed
+        (1, 12.0, False)
+        >>> log.remove()
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[CapturedCall] = []
+        self.armed = False
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def attach(self, module: nn.Module) -> None:
+        """Watch ``module`` (once; attaching again moves the hook)."""
+        self.remove()
+        self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Remove the hook (the recorded calls stay)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.armed = False
+
+    def arm(self) -> None:
+        """Record the next real call."""
+        self.armed = True
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.armed or is_redirected_call(module):
+            return
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone()
+
+        self.calls.append(
+            CapturedCall(apply_to_collection(args, torch.Tensor, copy), apply_to_collection(kwargs, torch.Tensor, copy))
+        )
+        self.armed = False

@@ -51,12 +51,14 @@ from lightning_compress._lightning_internals import is_spawn, refuse_unsupported
 from lightning_compress._validation import check_choice, check_int, check_range, check_step
 from lightning_compress.callbacks._coupled import CoupledChannels
 from lightning_compress.callbacks.base import CompressionCallback
+from lightning_compress.capture import InputLog
 from lightning_compress.functional import distributed as D
 from lightning_compress.functional import pruning as F
+from lightning_compress.functional import sparsegpt as SG
 from lightning_compress.functional.activation_stats import InputNorms
 from lightning_compress.functional.shrink import INSTALL_HINT, torch_pruning_available
 from lightning_compress.functional.stats import count_nonzeros
-from lightning_compress.schedules import Schedule, ScheduleName, StepWindow, resolve_schedule
+from lightning_compress.schedules import OneShot, Schedule, ScheduleName, StepWindow, resolve_schedule
 from lightning_compress.targets import (
     DEFAULT_PRUNABLE_TYPES,
     ParameterTarget,
@@ -88,7 +90,14 @@ class GradualPruning(CompressionCallback):
             accumulated between updates; magnitude until gradients have been seen) or ``"wanda"``
             (|w| times the L2 norm of its input feature over the training inputs seen since the last
             update, Sun et al. 2023; forward pre-hooks on the pruned layers, summed across DDP ranks;
-            magnitude until inputs have been seen).
+            magnitude until inputs have been seen) or ``"sparsegpt"`` (one-shot SparseGPT-style reconstruction,
+            Frantar & Alistarh 2023: masks chosen and surviving weights updated so that each layer's outputs
+            on recorded training inputs change least; :mod:`lightning_compress.functional.sparsegpt`). With
+            ``"sparsegpt"``: ``schedule="one_shot"``, ``scope="layer"``, structure ``"unstructured"`` or N:M,
+            Linear / Hugging Face ``Conv1D`` layers only. From ``start_step`` the inputs of the next
+            ``calibration_batches`` training forwards of the LightningModule are recorded; then every pruned
+            layer is reconstructed at once (one forward pass over them per numbered block of the model) and
+            the masks stay fixed for the rest of training.
         structure: ``"unstructured"``, ``"channels"`` (whole output channels by Ln norm), ``"heads"``
             (whole attention heads: q/k/v rows and output-projection columns as one group, see
             :mod:`lightning_compress.functional.heads`; always coupled), an N:M pattern such as ``"2:4"``
@@ -119,6 +128,7 @@ class GradualPruning(CompressionCallback):
         channel_multiple: with coupled groups, keep a multiple of this many channels in each group (rounded
             up; 8 suits CPU convolution kernels, which work on blocks of channels). Slightly less is pruned.
         seed: seed of the ``"random"`` criterion (identical on every process).
+        calibration_batches: ``criterion="sparsegpt"``: training batches whose forward inputs calibrate it.
         name: distinguishes several ``GradualPruning`` callbacks (state key and ``compress/<name>/...``).
 
     Logged metrics (``pl_module.log``, every training step): ``compress/sparsity`` (measured zeros of the
@@ -163,6 +173,7 @@ class GradualPruning(CompressionCallback):
         shrink_at_step: int | None = None,
         channel_multiple: int = 1,
         seed: int = 0,
+        calibration_batches: int = 16,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
@@ -205,6 +216,9 @@ class GradualPruning(CompressionCallback):
         self.rewind_to_step = rewind_to_step
         self.make_permanent = make_permanent
         self.seed = seed
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=1)
+        if criterion == "sparsegpt":
+            _check_sparsegpt(self.structure, self.schedule, scope, rewind_to_step, self.target_sparsity)
 
         # Runtime state. Masks are keyed by full parameter name; True = keep.
         self._targets: list[ParameterTarget] = []
@@ -220,6 +234,7 @@ class GradualPruning(CompressionCallback):
         self._metrics: dict[str, float] = {}
         self._model_id: int | None = None
         self._input_norms: InputNorms | None = None  # criterion="wanda": inputs seen since the last update
+        self._calibration = InputLog()  # criterion="sparsegpt": forward inputs to reconstruct from
         self._coupled = CoupledChannels(self.structure.kind) if self.coupled else None
         self._coupled_targets: list[ParameterTarget] = []
         self._root_module: torch.nn.Module | None = None
@@ -250,8 +265,10 @@ class GradualPruning(CompressionCallback):
         self._targets = select_parameters(pl_module, include=self.include, exclude=self.exclude, types=self.types)
         for t in self._targets:
             F.check_fits(self.structure, t.name, t.out_first(t.parameter).shape)
-        if self.criterion == "wanda":
-            _check_inputs_observable(pl_module, self._targets)
+        if self.criterion in ("wanda", "sparsegpt"):
+            _check_inputs_observable(pl_module, self._targets, self.criterion)
+        if self.criterion == "sparsegpt":
+            SG.check_sparsegpt_targets(self._targets)
         if self._coupled is not None:
             if self._model_id != id(pl_module):
                 self._coupled = CoupledChannels(self.structure.kind)
@@ -305,6 +322,8 @@ class GradualPruning(CompressionCallback):
             )
         # After configure_model: the parameters are DTensors now if the model was sharded.
         self._group, self._shards = self._check_sharding()
+        if self.criterion == "sparsegpt":
+            SG.check_sparsegpt_targets(self._targets)  # now sharded weights are DTensors: refused
         if (
             self._group is not None
             and self._masks
@@ -326,6 +345,9 @@ class GradualPruning(CompressionCallback):
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         if self.criterion == "wanda":
             self._input_norms = InputNorms({t.name: t.module for t in self._targets})
+            self._input_norms.armed = False
+        if self.criterion == "sparsegpt" and self._last_update_step < 0:
+            self._calibration.attach(pl_module)
         self._refresh_metrics(trainer.global_step)
         super().on_fit_start(trainer, pl_module)
 
@@ -359,7 +381,27 @@ class GradualPruning(CompressionCallback):
         if self._is_update_step(step):
             self._update(trainer, step)
             changed = True
+        if self.criterion == "sparsegpt" and self._last_update_step < 0 and step >= self._window[0]:
+            self._calibration.arm()  # this batch's forward inputs: the reconstruction waits for them
+        if self._input_norms is not None:
+            # Training batches only (validation inputs are not what the next update is about), whatever the
+            # modules' training flags: a model handed to fit in eval mode stays in eval mode.
+            self._input_norms.armed = True
         self.log_metrics(pl_module, self._metrics, changed=changed)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._input_norms is not None:
+            self._input_norms.armed = False
+        if self._calibration.armed:
+            self._remove_hooks()
+            raise ValueError(
+                "GradualPruning(criterion='sparsegpt') records the inputs of the LightningModule's forward to "
+                f"replay them, but training batch {batch_idx} ran without calling it. HINT: call self(...) in "
+                "training_step (not a submodule directly), or use criterion='wanda'."
+            )
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -376,6 +418,12 @@ class GradualPruning(CompressionCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.criterion == "sparsegpt" and self._last_update_step < 0 and self._calibration.calls:
+            rank_zero_warn(
+                f"GradualPruning(criterion='sparsegpt'): training ended after {len(self._calibration.calls)} of "
+                f"calibration_batches={self.calibration_batches} recorded batches; reconstructing from those."
+            )
+            self._update(trainer, trainer.global_step)
         self._remove_hooks()
         if self.shrink and self._coupled is not None and not self._coupled.shrunk:
             self._shrink(trainer, pl_module)
@@ -411,6 +459,8 @@ class GradualPruning(CompressionCallback):
             return False  # the groups were cut away: the final masks were reached before
         if step < start or step == self._last_update_step:
             return False
+        if self.criterion == "sparsegpt":  # once, when the calibration inputs are there
+            return self._last_update_step < 0 and len(self._calibration.calls) >= self.calibration_batches
         on_period = (step - start) % self.update_every_n_steps == 0 and step <= end
         return on_period or (step >= end and self._last_update_step < end)
 
@@ -420,9 +470,12 @@ class GradualPruning(CompressionCallback):
         # The per-step float masks (one float per weight) are rebuilt at the end: drop them while the scores
         # (one float per weight too) are alive, so an update needs no more than that on top of training.
         self._hot = {}
-        scores = self._scores(step)
-        masks = self._new_masks(trainer, scores, step)
-        del scores  # one float per weight: free before the new float masks are kept
+        if self.criterion == "sparsegpt":
+            masks = self._reconstruct(trainer, step)
+        else:
+            scores = self._scores(step)
+            masks = self._new_masks(trainer, scores, step)
+            del scores  # one float per weight: free before the new float masks are kept
         # Sharded, each weight lives on one rank and the selection is an exact collective: nothing to agree on.
         self._masks = masks if self._group is not None else _broadcast_masks(trainer, masks)
         self._taylor = {}
@@ -432,6 +485,18 @@ class GradualPruning(CompressionCallback):
             self._rewind_weights(trainer)
         self._refresh_metrics(step)
         self._warn_if_short(step)
+
+    def _reconstruct(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor]:
+        """SparseGPT: weights updated in place from the recorded inputs; returns their masks (then frees them)."""
+        calls, self._calibration.calls = self._calibration.calls, []
+        self._calibration.remove()
+        structure = SG.check_sparsegpt_arguments(self.structure, 128, 0.01)
+        masks = SG.prune_targets_(
+            trainer.lightning_module, self._targets, calls, self.target_at(step), structure, block_size=128, damp=0.01
+        )
+        # Every rank reconstructed from the same all-reduced Hessians; rank zero's weights rule out rounding drift.
+        _broadcast_weights([t.parameter for t in self._targets])
+        return masks
 
     def _scores(self, step: int) -> dict[str, torch.Tensor]:
         """Every pruned tensor's element scores, output channels first (HF Conv1D is stored [in, out]).
@@ -758,6 +823,7 @@ class GradualPruning(CompressionCallback):
         if self._input_norms is not None:
             self._input_norms.remove()
             self._input_norms = None
+        self._calibration.remove()
 
     @override
     def report_section(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -847,8 +913,8 @@ def _check_shrink(
     return coupled, shrink, shrink_at_step
 
 
-def _check_inputs_observable(model: torch.nn.Module, targets: Sequence[ParameterTarget]) -> None:
-    """Wanda needs each pruned layer's inputs: refuse weights whose layer's forward never runs."""
+def _check_inputs_observable(model: torch.nn.Module, targets: Sequence[ParameterTarget], criterion: str) -> None:
+    """Wanda and SparseGPT need each pruned layer's inputs: refuse weights whose layer's forward never runs."""
     read_directly = {
         f"{name}.out_proj" if name else "out_proj"
         for name, m in model.named_modules()
@@ -861,7 +927,43 @@ def _check_inputs_observable(model: torch.nn.Module, targets: Sequence[Parameter
     ]
     if blind:
         raise ValueError(
-            f"criterion='wanda' needs the inputs of every pruned layer, but nn.MultiheadAttention reads {blind} "
+            f"criterion={criterion!r} needs the inputs of every pruned layer, but nn.MultiheadAttention reads {blind} "
             "directly (their layers' forward never runs, so no input can be observed). HINT: exclude them, "
             "e.g. exclude=['*.out_proj', '*.in_proj_weight'], or use criterion='magnitude'."
         )
+
+
+def _check_sparsegpt(
+    structure: F.Structure, schedule: Schedule, scope: str, rewind_to_step: int | None, target: float
+) -> None:
+    """The arguments ``criterion="sparsegpt"`` accepts (a one-shot, per-layer reconstruction)."""
+    SG.check_sparsegpt_arguments(structure, 128, 0.01)
+    usage = "HINT: GradualPruning(criterion='sparsegpt', schedule='one_shot', scope='layer', ...)."
+    if not isinstance(schedule, OneShot):
+        raise ValueError(
+            f"criterion='sparsegpt' reconstructs the layers once, at their final sparsity; schedule must be "
+            f"'one_shot', got {schedule!r}. {usage}"
+        )
+    if scope != "layer":
+        raise ValueError(
+            f"criterion='sparsegpt' gives every layer its own sparsity (set per layer with overrides); scope must "
+            f"be 'layer', got {scope!r}. {usage}"
+        )
+    if rewind_to_step is not None:
+        raise ValueError(
+            f"criterion='sparsegpt' cannot be combined with rewind_to_step={rewind_to_step}: rewinding would "
+            "throw away the reconstructed weights."
+        )
+    if structure.kind == "n:m" and abs(target - structure.max_sparsity) > 1e-9:
+        raise ValueError(
+            f"criterion='sparsegpt' with structure '{structure}' prunes every run of {structure.m}; "
+            f"target_sparsity must be {structure.max_sparsity} (or unset), got {target}."
+        )
+
+
+def _broadcast_weights(params: Sequence[torch.Tensor]) -> None:
+    """Rank zero's values of ``params`` on every process (no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for param in params:
+        dist.broadcast(param.data, src=0)

@@ -13,7 +13,7 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> layer = nn.Linear(3, 2)  # in training mode: evaluation forwards are not recorded
+    >>> layer = nn.Linear(3, 2)
     >>> norms = InputNorms({"fc": layer})
     >>> _ = layer(torch.tensor([[3.0, 0.0, 1.0], [4.0, 0.0, 1.0]]))
     >>> norms.norms()["fc"].tolist()
@@ -44,7 +44,10 @@ def squared_input_sums(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class InputNorms:
-    """Accumulates the per-feature input norms of named layers while they run (training or not).
+    """Accumulates the per-feature input norms of named layers while they run and ``armed`` is true.
+
+    Which forwards count is the caller's decision, not the module's ``training`` flag: Lightning leaves a
+    model passed to ``fit`` in eval mode as it is, so a training-mode rule would silently see nothing there.
 
     Args:
         layers: ``{name: module}`` to watch.
@@ -54,11 +57,11 @@ class InputNorms:
         self._sums: dict[str, torch.Tensor] = {}
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
         self._names = list(layers)
+        self.armed = True  # e.g. a callback arms it for training batches only (not validation)
 
     def _hook(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple) -> None:
-            # Training forwards only: validation batches are not what the next mask update is about.
-            if not module.training or not args or not isinstance(args[0], torch.Tensor):
+            if not self.armed or not args or not isinstance(args[0], torch.Tensor):
                 return
             if torch.compiler.is_compiling():
                 return

@@ -44,8 +44,9 @@ import torch
 from lightning_compress.functional import distributed as D
 
 StructureKind = Literal["unstructured", "channels", "heads", "block", "n:m"]
-Criterion = Literal["magnitude", "random", "taylor", "wanda"]
-CRITERIA: tuple[str, ...] = ("magnitude", "random", "taylor", "wanda")
+Criterion = Literal["magnitude", "random", "taylor", "wanda", "sparsegpt"]
+# "sparsegpt" is not a score: it chooses masks and updates weights together (functional/sparsegpt.py).
+CRITERIA: tuple[str, ...] = ("magnitude", "random", "taylor", "wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,10 @@ def fit(
         ({"structure": "2:4", "target_sparsity": 0.7}, r"must be a number in \[0, 0.5\)"),
         ({"structure": "3:2"}, "needs N < M"),
         ({"structure": "rows"}, "structure must be 'unstructured', 'channels'"),
-        ({"criterion": "l1"}, r"criterion must be one of \['magnitude', 'random', 'taylor', 'wanda'\], got 'l1'"),
+        (
+            {"criterion": "l1"},
+            r"criterion must be one of \['magnitude', 'random', 'taylor', 'wanda', 'sparsegpt'\], got 'l1'",
+        ),
         ({"scope": "model"}, "scope must be one of \\['global', 'layer'\\]"),
         ({"start_step": 10, "end_step": 10}, "end_step must be > start_step"),
         ({"start_step": -1}, "start_step must be a non-negative integer"),

@@ -73,3 +73,15 @@ def test_weights_attention_reads_directly_are_refused_before_the_first_step(tmp_
     with pytest.raises(ValueError, match=r"criterion='wanda' needs the inputs.*attn.in_proj_weight.*attn.out_proj"):
         run.fit(Attention())
     assert run.global_step == 0
+
+
+def test_a_model_handed_to_fit_in_eval_mode_is_scored_on_its_training_inputs(tmp_path) -> None:
+    # Lightning keeps the modes of a model passed to fit in eval mode: the statistics must not depend on them.
+    model, _, pruning = one_update_setup()
+    model.eval()
+    seen: list[torch.Tensor] = []
+    model.net[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    weight = model.net[0].weight.detach().clone()
+    trainer(tmp_path, [pruning], max_epochs=-1, max_steps=4, limit_val_batches=0).fit(model)
+    assert not model.net[0].training  # still in eval mode: the premise of this test
+    assert torch.equal(model.net[0].weight.detach().flatten() != 0, reference_mask(weight, seen[:3]))
