@@ -144,8 +144,8 @@ class ByteLM(pl.LightningModule):
 def fit(model: ByteLM, data: torch.Tensor, args: argparse.Namespace, steps: int, seed: int, callbacks: list) -> None:
     """``steps`` optimizer steps on random training windows."""
     loader = torch.utils.data.DataLoader(WindowData(data, args.context, args.batch, steps, seed), batch_size=None)
-    # Lightning keeps the modes of a model handed to fit (a copy of an evaluated model is in eval mode), and
-    # QuantizationAwareTraining's observers only update in training mode.
+    # Lightning keeps the modes of a model handed to fit (a copy of an evaluated model is in eval mode):
+    # train as a user would, with dropout and friends in training mode.
     model.train()
     with tempfile.TemporaryDirectory() as root:  # the callbacks' reports go there, not into the working directory
         _fit(model, loader, steps, callbacks, root)

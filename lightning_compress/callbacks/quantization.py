@@ -284,17 +284,26 @@ class QuantizationAwareTraining(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._set_phase(trainer.global_step)
+        self._mark_training_batch(True)
         self.log_metrics(pl_module, self._metrics)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._mark_training_batch(False)
         self._undo_on_failure = False
         _sync_observers(self._layers, self._pools)
 
+    def _mark_training_batch(self, flag: bool) -> None:
+        # Observers run on training batches whatever the modules' mode (a model passed to fit in eval mode
+        # stays in eval mode under Lightning), and never on validation batches.
+        for module in (*self._layers.values(), *self._pools.values()):
+            module.training_batch = flag
+
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._mark_training_batch(False)
         if self._undo_on_failure:
             # Refused before any step (e.g. by another callback's setup): the user's own layers, not QAT ones.
             finalize_(pl_module)

@@ -66,6 +66,7 @@ _QAT_ATTRIBUTES = (
     "quantize_output",
     "group_size",
     "activation_granularity",
+    "training_batch",
 )
 _QAT_BUFFERS = ("weight_scale", "activation_range", "output_range")
 # Buffers added after checkpoints were first written: a checkpoint without them still loads strictly.
@@ -96,6 +97,8 @@ class _QATMixin:
     group_size: int | None = None
     # "tensor": the input range is observed in training; "token": every row is quantized with its own range.
     activation_granularity: str = "tensor"
+    # Set by QuantizationAwareTraining around each training batch: observe even in eval mode.
+    training_batch: bool = False
 
     def _init_qat(
         self, weight_bits: int, activation_bits: int | None, ema_decay: float, group_size: int | None = None
@@ -128,6 +131,12 @@ class _QATMixin:
         keep_own_forward(self)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ observers
+    def _observes(self) -> bool:
+        # A training forward of the module, or of a training batch the callback marked: Lightning leaves a
+        # model passed to `fit` in eval mode as it is (Hugging Face's from_pretrained returns one), and a
+        # `training`-only rule would then never observe, leaving every weight scale at 1.
+        return self.observer_enabled and (self.training or self.training_batch)
+
     @property
     def activation_observed(self) -> bool:
         """Whether an activation range has been observed yet."""
@@ -156,7 +165,7 @@ class _QATMixin:
         # Only convs whose output an int8 runtime must quantize (prepare_ decides from the data flow).
         if not self.quantize_output or self.activation_bits is None or not self.fake_quant_enabled:
             return y
-        if self.training and self.observer_enabled:
+        if self._observes():
             with torch.no_grad():
                 lo, hi = torch.aminmax(y.detach().float())
                 new = torch.stack([lo, hi])
@@ -180,7 +189,7 @@ class _QATMixin:
             return x
         if self.activation_granularity == "token":
             return fake_quantize_per_token(x, self.activation_bits)
-        if self.training and self.observer_enabled:
+        if self._observes():
             self._observe_activation(x)
         if not self.activation_observed:
             return x
@@ -191,7 +200,7 @@ class _QATMixin:
         if not self.fake_quant_enabled:
             return weight
         if self.group_size is not None:
-            if self.training and self.observer_enabled:
+            if self._observes():
                 with torch.no_grad():
                     self.weight_scale.copy_(
                         group_weight_scale(weight, self.weight_bits, self.group_size, self.weight_axis)
@@ -199,7 +208,7 @@ class _QATMixin:
             return fake_quantize_weight_grouped(
                 weight, self.weight_scale, self.weight_bits, self.group_size, self.weight_axis
             )
-        if self.training and self.observer_enabled:
+        if self._observes():
             with torch.no_grad():
                 self.weight_scale.copy_(weight_scale(weight, self.weight_bits, self.weight_axis))
         return fake_quantize_weight(weight, self.weight_scale, self.weight_bits, self.weight_axis)
@@ -315,6 +324,8 @@ class _PoolObserver:
     activation_range: torch.Tensor
     training: bool
     activation_granularity = "tensor"  # a pool's input range is always observed
+    training_batch = False
+    _observes = _QATMixin._observes
 
     def _init_observer(self, activation_bits: int, ema_decay: float) -> None:
         self.register_buffer(  # type: ignore[attr-defined]
@@ -350,7 +361,14 @@ _POOL_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.AdaptiveAvgPool2d: QATAdaptiveAvgPool2d,
     nn.AvgPool2d: QATAvgPool2d,
 }
-_POOL_ATTRIBUTES = ("activation_bits", "ema_decay", "fake_quant_enabled", "observer_enabled", "bn_frozen")
+_POOL_ATTRIBUTES = (
+    "activation_bits",
+    "ema_decay",
+    "fake_quant_enabled",
+    "observer_enabled",
+    "bn_frozen",
+    "training_batch",
+)
 
 
 def qat_pools(model: nn.Module) -> Iterator[tuple[str, _PoolObserver]]:

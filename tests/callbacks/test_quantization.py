@@ -345,3 +345,23 @@ def test_per_token_activations_refuse_convs_before_the_first_step(tmp_path: Path
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=r"activation_granularity must be one of \['tensor', 'token'\], got 'dynamic'"):
         QuantizationAwareTraining(activation_granularity="dynamic")
+
+
+def test_model_passed_in_eval_mode_is_observed_on_training_batches_only(tmp_path: Path) -> None:
+    """Lightning keeps a model passed to fit in eval mode (as Hugging Face's from_pretrained returns it)."""
+    model = TinyMLP().eval()
+    qat = QuantizationAwareTraining(start_step=0)
+    trainer(tmp_path, [qat], max_steps=3, limit_val_batches=0).fit(model)
+    layers = dict(qat_modules(model))
+    assert layers and not any(m.training for m in layers.values())  # the user's mode is kept
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        # The scale of the weight as trained (float64 reference), not the initial 1s.
+        expected = (w.double().abs().amax(1) / 127).float()
+        # Observed at the start of the last step, before its optimizer update: close to the final weights.
+        torch.testing.assert_close(layer.weight_scale, expected, rtol=0.05, atol=0)
+        assert layer.activation_observed, name
+    ranges = {n: m.activation_range.clone() for n, m in layers.items()}
+    x = torch.randn(8, 16) * 100  # an eval-mode forward outside a training batch observes nothing
+    model(x)
+    assert all(torch.equal(m.activation_range, ranges[n]) for n, m in layers.items())
