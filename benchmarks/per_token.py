@@ -9,9 +9,14 @@ process. Errors on held-out inputs with outlier tokens (1 token in 16 is 20x lar
 activations): "token error" is the mean over tokens of ||int8 - fp32|| / ||fp32|| (per-token inputs keep
 the ordinary tokens precise), "max error" is max |int8 - fp32| / max |fp32|.
 
+``--model byte_lm`` runs the same variants on the byte-level transformer LM of ``byte_lm.py`` (random
+init, d=128, 4 blocks, Linear layers only; its inputs are byte ids, so there are no outlier tokens by
+construction), where per-layer graph overhead weighs more than on 1024-wide layers.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/per_token.py --threads 2 --tokens 32
+    PYTHONPATH=. python benchmarks/per_token.py --model byte_lm --threads 1 --batch 8 --tokens 127
 """
 
 from __future__ import annotations
@@ -59,8 +64,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def export_variant(kwargs: dict[str, Any], calibration: list[torch.Tensor], path: str) -> None:
-    model = stack()
+def byte_lm() -> nn.Module:
+    from benchmarks.byte_lm import ByteLM
+
+    torch.manual_seed(0)
+    return ByteLM().eval()
+
+
+def byte_ids(batch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int, int], torch.Tensor], str]] = {
+    "mlp": (stack, tokens, "4 x Linear(1024) + GELU, input [batch, tokens, 1024] with outlier tokens"),
+    "byte_lm": (byte_lm, byte_ids, "byte-level LM (d=128, 4 blocks), input [batch, tokens] byte ids"),
+}
+
+
+def export_variant(
+    build: Callable[[], nn.Module], kwargs: dict[str, Any], calibration: list[torch.Tensor], path: str
+) -> None:
+    model = build()
     prepare_(model, **kwargs)
     model.train()
     with torch.no_grad():
@@ -71,6 +95,7 @@ def export_variant(kwargs: dict[str, Any], calibration: list[torch.Tensor], path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=32)
@@ -78,18 +103,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    calibration = [tokens(4, args.tokens, seed) for seed in range(4)]
-    x = tokens(args.batch, args.tokens, 100)
+    build, data, title = MODELS[args.model]
+    calibration = [data(4, args.tokens, seed) for seed in range(4)]
+    x = data(args.batch, args.tokens, 100)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"fp32": os.path.join(tmp, "fp32.onnx")}
-        torch.onnx.export(stack().eval(), (x,), paths["fp32"], dynamo=False, input_names=["input"], opset_version=17)
+        torch.onnx.export(build().eval(), (x,), paths["fp32"], dynamo=False, input_names=["input"], opset_version=17)
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         paths["onnxruntime quantize_dynamic (anchor)"] = os.path.join(tmp, "dyn.onnx")
         quantize_dynamic(paths["fp32"], paths["onnxruntime quantize_dynamic (anchor)"], weight_type=QuantType.QInt8)
         for i, (name, kwargs) in enumerate(VARIANTS.items()):
             paths[name] = os.path.join(tmp, f"v{i}.onnx")
-            export_variant(kwargs, calibration, paths[name])
+            export_variant(build, kwargs, calibration, paths[name])
         sessions = {k: session(p, args.threads) for k, p in paths.items()}
         feed = {"input": x.numpy()}
         reference = sessions["fp32"].run(None, feed)[0]
@@ -97,7 +123,7 @@ def main() -> None:
         ms = interleaved(runs, args.repeats)
         print(f"CPU: {platform.processor() or platform.machine()}; int8 features: {cpu_int8_features()}")
         print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {args.threads}")
-        print(f"input [{args.batch}, {args.tokens}, 1024], 4 x Linear(1024) + GELU\n")
+        print(f"{title}: batch {args.batch}, {args.tokens} tokens\n")
         print("| variant | bytes | vs fp32 size | ms | speed vs fp32 | token error | max error |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         fp32_bytes = os.path.getsize(paths["fp32"])

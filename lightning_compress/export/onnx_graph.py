@@ -388,6 +388,43 @@ def integer_matmuls(index: GraphIndex) -> None:
         else:
             nodes.append(helper.make_node("Identity", [prefix + "_scaled"], [node.output[0]]))
         index.replace(node, nodes)
+    _weight_only_matmuls(index)
+
+
+def _weight_only_matmuls(index: GraphIndex) -> None:
+    """``MatMul(x, Transpose(DequantizeLinear(W_q)))`` of a float input to the per-call int8 form.
+
+    ``F.linear`` on an input of more than two dims exports as that ``MatMul`` (then an ``Add`` of the bias),
+    not as ``Gemm``. With a statically quantized input onnxruntime fuses it into ``MatMulIntegerToFloat``
+    itself; with a float input (weight-only layers) it would run an fp32 kernel on the dequantized weight
+    (an 8-bit ``MatMulNBits``, slower than fp32 in ``benchmarks/``), so it gets the
+    ``DynamicQuantizeLinear`` → ``MatMulInteger`` form of :func:`integer_matmuls`, as ``quantize_dynamic`` does.
+    """
+    for node in [n for n in index.nodes if n.op_type == "MatMul"]:
+        transpose = index.producer.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or list(_attribute(transpose, "perm", [])) != [1, 0]:
+            continue
+        weight_dq = index.producer.get(transpose.input[0])
+        input_dq = index.producer.get(node.input[0])
+        if weight_dq is None or weight_dq.op_type != "DequantizeLinear" or len(weight_dq.input) < 3:
+            continue
+        if input_dq is not None and input_dq.op_type == "DequantizeLinear":
+            continue  # statically quantized input: onnxruntime's own fusion handles it
+        codes, w_scale, w_zero = (index.array(name) for name in weight_dq.input[:3])
+        if (
+            codes is None
+            or w_scale is None
+            or w_zero is None
+            or codes.ndim != 2
+            or codes.dtype not in (np.int8, np.uint8)
+        ):
+            continue
+        prefix = node.output[0] + "_int"
+        index.set_initializer(prefix + "_wT", np.ascontiguousarray(codes.T))
+        index.set_initializer(prefix + "_wzp", w_zero)
+        nodes = _dynamic_matmul(index, prefix, node.input[0], w_scale.astype(np.float32))
+        nodes.append(helper.make_node("Identity", [prefix + "_scaled"], [node.output[0]]))
+        index.replace(node, nodes)
 
 
 def _requantized(index: GraphIndex, output: str) -> bool:
@@ -454,7 +491,9 @@ def _dynamic_matmul(index: GraphIndex, prefix: str, x: str, w_scale: np.ndarray)
         helper.make_node(
             "MatMulInteger", [prefix + "_xq", prefix + "_wT", prefix + "_xzp", prefix + "_wzp"], [prefix + "_i32"]
         ),
+        # The scales' product first, then one Mul of the cast result: the pattern of quantize_dynamic's
+        # graphs, which onnxruntime fuses into one DynamicQuantizeMatMul kernel.
+        helper.make_node("Mul", [prefix + "_xs", prefix + "_scale"], [prefix + "_scales"]),
         helper.make_node("Cast", [prefix + "_i32"], [prefix + "_f"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [prefix + "_f", prefix + "_xs"], [prefix + "_fx"]),
-        helper.make_node("Mul", [prefix + "_fx", prefix + "_scale"], [prefix + "_scaled"]),
+        helper.make_node("Mul", [prefix + "_f", prefix + "_scales"], [prefix + "_scaled"]),
     ]

@@ -169,6 +169,24 @@ class _QuantizeRows(torch.autograd.Function):
         return g.op("QuantizeLinear", x, scale, uint8, axis_i=0)
 
 
+class _LikeRowsOf(torch.autograd.Function):
+    """``y [M, N]`` reshaped to ``x``'s leading dims and ``N``; exports as one ``Shape``-driven ``Reshape``."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def symbolic(g: Any, y: Any, x: Any) -> Any:  # noqa: D102
+        lead = g.op("Shape", x, end_i=-1)
+        last = g.op("Shape", y, start_i=-1)
+        return g.op("Reshape", y, g.op("Concat", lead, last, axis_i=0))
+
+
+def _like_rows_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _LikeRowsOf.apply(y, x)
+
+
 def per_token_int8_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -191,17 +209,19 @@ def per_token_int8_linear(
         >>> per_token_int8_linear(torch.tensor([[0.0, 2.55]]), codes, torch.tensor([1.0, 0.5]), None, 8)
         tensor([[-5.1000,  0.0000]])
     """
-    rows = x.reshape(-1, x.shape[-1])
-    row_scale, zero_point = per_token_qparams(rows, bits)
     if bits != 8:
         raise ValueError(f"per_token_int8_linear quantizes inputs to uint8: bits must be 8, got {bits}.")
+    # Rows as a matrix for QuantizeLinear's per-row scale: a constant-shape Reshape in, and the output
+    # reshaped like the input by one Reshape (shapes stay out of the exported arithmetic).
+    rows = x.reshape(-1, int(codes.shape[1]))
+    row_scale, zero_point = per_token_qparams(rows, bits)
     acc = _MatMulInteger.apply(_QuantizeRows.apply(rows, row_scale, zero_point), codes.t())
     column_sums = codes.to(torch.int32).sum(1) if column_sums is None else column_sums
-    acc = acc - zero_point[:, None] * column_sums[None, :]
-    y = acc.float() * (row_scale[:, None] * scale[None, :])
+    acc = acc - zero_point[:, None] * column_sums  # int32: exact
+    y = acc.float() * (row_scale[:, None] * scale)
     if bias is not None:
         y = y + bias
-    return y.reshape(*x.shape[:-1], codes.shape[0])
+    return _like_rows_of(y, x)
 
 
 def prepare_matmul_nbits_(layer: Int8Layer) -> None:

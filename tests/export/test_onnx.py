@@ -95,6 +95,26 @@ def test_export_weight_only_mlp_uses_dynamic_quantization(tmp_path) -> None:
     assert float((got.argmax(1) == expected.argmax(1)).mean()) >= 0.95
 
 
+def test_weight_only_linear_on_token_sequences_runs_int8(tmp_path) -> None:
+    """``F.linear`` on [batch, tokens, features] exports as MatMul, not Gemm: it must reach int8 kernels too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8))
+    x = torch.randn(4, 10, 16)
+    prepare_(model, activation_bits=None)
+    model.train()
+    model(x)
+    model.eval()
+    sess, ops = session(export_onnx(model, str(tmp_path / "w.onnx"), x[:1]))
+    assert ops.count("DynamicQuantizeMatMul") == 2, ops  # onnxruntime fused our int8 form, as quantize_dynamic's
+    assert not any(op in ("Gemm", "FusedGemm", "MatMul", "MatMulNBits") for op in ops), ops
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    # Per-call input quantization (per tensor, 8 bits) against PyTorch's float inputs: within a few
+    # percent of the output range on this small net, far from what a transposed or unscaled weight gives.
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
 def test_export_conv_with_keyword_inputs_and_captured_call(tmp_path) -> None:
     class TwoInputs(nn.Module):
         def __init__(self) -> None:
