@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_compress.functional.shrink import ChannelGroup, Member, _trial
+from lightning_compress.functional.shrink import ChannelGroup, Member, verified_groups
 
 
 def _units(module: nn.Module) -> tuple[int, list[tuple[str, str]]] | None:
@@ -75,11 +75,6 @@ def ffn_groups(
             units = tuple(range(width))
             groups.append(ChannelGroup(name, width, tuple(Member(n, role, units, units) for n, role in names)))  # type: ignore[arg-type]
     if verify and groups and example_input is not None:
-        was_training = model.training
-        try:
-            bad = _trial(model.eval(), groups, example_input, unit="unit")
-        finally:
-            model.train(was_training)
+        groups, bad = verified_groups(model, groups, example_input, unit="unit")  # tried on a copy
         kept.update(bad)
-        groups = [g for g in groups if g.name not in bad]
     return groups, kept

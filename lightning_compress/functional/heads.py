@@ -189,7 +189,7 @@ def head_groups(
         verify: on a copy, mask and remove one head of every group and compare the outputs (the forward may
             reshape back to the input width, or read a head count this module does not rewrite).
     """
-    from lightning_compress.functional.shrink import _trial
+    from lightning_compress.functional.shrink import verified_groups
 
     groups, kept = [], {}
     for name, found in attention_layouts(model):
@@ -202,13 +202,8 @@ def head_groups(
         else:
             groups.append(found.group())
     if verify and groups and example_input is not None:
-        was_training = model.training
-        try:
-            bad = _trial(model.eval(), groups, example_input, unit="head")
-        finally:
-            model.train(was_training)
+        groups, bad = verified_groups(model, groups, example_input, unit="head")  # tried on a copy
         kept.update(bad)
-        groups = [g for g in groups if g.name not in bad]
     return groups, kept
 
 

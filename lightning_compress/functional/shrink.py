@@ -214,11 +214,17 @@ def channel_groups(
             continue
         groups.append(ChannelGroup(root, size, tuple(members)))
     if verify and groups:
-        bad = _trial(model, groups, example_input)
-        if bad:
-            kept.update(bad)
-            groups = [g for g in groups if g.name not in bad]
+        groups, bad = verified_groups(model, groups, example_input)
+        kept.update(bad)
     return groups, kept
+
+
+def verified_groups(
+    model: nn.Module, groups: list[ChannelGroup], example_input: Any, unit: str = "channel"
+) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """The groups whose removal keeps the masked model's outputs (tried on a copy), and why the others fail."""
+    bad = _trial(model, groups, example_input, unit=unit)
+    return [g for g in groups if g.name not in bad], bad
 
 
 def _trial(
