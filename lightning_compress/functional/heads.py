@@ -162,6 +162,19 @@ def _layout(name: str, m: nn.Module) -> HeadLayout | str | None:
             n = inner.query.out_features // d
             rows = [(_join(name, f"self.{p}"), 0) for p in parts]
             return HeadLayout(name, *rows, _join(name, "output.dense"), d, n, n)  # type: ignore[arg-type]
+    return _unrecognised(child)
+
+
+def _unrecognised(child: dict[str, nn.Module]) -> str | None:
+    """A reason for a module that looks like an attention (q/k/v projections) in no recognised layout."""
+    names = set(child)
+    for projections in ({"qkv", "proj"}, {"c_attn", "c_proj"}, {"q_proj", "k_proj", "v_proj"}):
+        if projections <= names:
+            return (
+                f"an attention with {sorted(projections)} in a layout that is not recognised (children "
+                f"{sorted(names)}; recognised: qkv+proj with num_heads/head_dim, GPT-2 c_attn+c_proj, BERT "
+                "self.query/key/value+output.dense, q_proj/k_proj/v_proj+o_proj with head_dim)"
+            )
     return None
 
 
@@ -218,14 +231,18 @@ def sync_head_counts_(model: nn.Module) -> list[str]:
         if isinstance(module, nn.MultiheadAttention):
             continue
         child = dict(module.named_children())
+        qkv, c_attn = _width(child["qkv"]) if "qkv" in child else None, None
+        if "c_attn" in child:
+            c_attn = _width(child["c_attn"])
         if (
-            {"qkv", "proj"} <= set(child)
+            qkv is not None
+            and "proj" in child
             and isinstance(getattr(module, "head_dim", None), int)
             and hasattr(module, "num_heads")
         ):
-            new = {"num_heads": _width(child["qkv"]) // 3 // module.head_dim}  # type: ignore[operator]
-        elif {"c_attn", "c_proj"} <= set(child) and hasattr(module, "split_size"):
-            width = _width(child["c_attn"]) // 3  # type: ignore[operator]
+            new = {"num_heads": qkv // 3 // module.head_dim}
+        elif c_attn is not None and "c_proj" in child and hasattr(module, "split_size"):
+            width = c_attn // 3
             new = {"num_heads": width // module.head_dim, "split_size": width}
         elif "self" in child and isinstance(getattr(child["self"], "attention_head_size", None), int):
             module, size = child["self"], child["self"].attention_head_size

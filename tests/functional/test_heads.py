@@ -128,3 +128,32 @@ def test_multihead_attention_and_input_width_reshape_stay_whole_with_reasons() -
     vit = ZOO["vit_tiny"]().module  # timm-style: reshape(b, n, c) back to the input width
     groups, kept = head_groups(vit, vit.example_input_array)
     assert groups == [] and "the forward fails once a head is removed" in kept["model.blocks.0.attn"]
+
+
+class OutProjAttention(nn.Module):
+    """BART/OPT-style names (``out_proj``, no ``o_proj``): a layout the head analysis does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(8, 8) for _ in range(4))
+        self.head_dim = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.q_proj(x) + self.k_proj(x) + self.v_proj(x))
+
+
+def test_unrecognised_attention_layout_is_named_not_skipped() -> None:
+    model = nn.Sequential(OutProjAttention())
+    groups, kept = head_groups(model, torch.randn(2, 3, 8))
+    assert groups == [] and "['k_proj', 'q_proj', 'v_proj'] in a layout that is not recognised" in kept["0"]
+
+
+def test_head_counts_leave_unknown_projections_alone() -> None:
+    class Wrapped(nn.Module):  # a qkv that is not a Linear (e.g. a LoRA-style wrapper)
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.proj = nn.Sequential(nn.Linear(8, 24)), nn.Linear(8, 8)
+            self.num_heads, self.head_dim = 2, 4
+
+    model = nn.Sequential(Wrapped())
+    assert sync_head_counts_(model) == [] and model[0].num_heads == 2
