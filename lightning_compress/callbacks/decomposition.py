@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress._files import save_atomically
 from lightning_compress._lightning_internals import is_spawn, strategy_is
 from lightning_compress._validation import check_range, is_number
 from lightning_compress.callbacks._consolidate import is_sharded, run_on_plain_copy
@@ -573,10 +573,7 @@ def _check_strategy(strategy: Any, apply_at: Any, apply_at_epoch: Any, save_path
 
 def _save(model: nn.Module, path: str) -> None:
     """``torch.save`` the whole decomposed module (its class must be importable where it is loaded)."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    torch.save(model, path)
+    save_atomically(model, path)
 
 
 # Callbacks whose compression a factor chain would silently drop, by class name: the pytorch_lightning and

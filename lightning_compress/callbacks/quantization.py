@@ -23,6 +23,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_compress._files import save_atomically
 from lightning_compress._lightning_internals import refuse_unsupported_sharding
 from lightning_compress._validation import check_choice, check_range, check_step
 from lightning_compress.callbacks._consolidate import is_sharded, run_on_plain_copy
@@ -426,7 +427,7 @@ class QuantizationAwareTraining(CompressionCallback):
         os.makedirs(self.export_dir, exist_ok=True)
         int8 = convert_to_int8(pl_module)
         path = os.path.join(self.export_dir, "model_int8.pt")
-        torch.save(int8, path)
+        save_atomically(int8, path)
         self.exported["torch"] = path
         problems = {n: p for n, m in int8_layers(int8).items() if (p := matmul_nbits_problem(m)) and m.group_size}
         if problems:

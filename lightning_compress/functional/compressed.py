@@ -53,14 +53,12 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
 import lzma
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -68,6 +66,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_compress._files import write_atomically
 from lightning_compress.functional.sparse import pack_bits, unpack_bits
 
 __all__ = ["MAGIC", "inspect_compressed", "load_compressed", "save_compressed"]
@@ -285,7 +284,7 @@ def save_compressed(
     body = _compress(b"".join(blobs), codec)
 
     header_line = MAGIC + struct.pack("<4sI", codec.encode().ljust(4, b"\0"), len(header_bytes))
-    _write_atomically(path, directory, [header_line, header_bytes, body])
+    write_atomically(path, [header_line, header_bytes, body])
     return os.path.getsize(path)
 
 
@@ -304,24 +303,6 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[int, torch.Tensor], dict[int
         tensors.setdefault(id(t), t)
         names.setdefault(id(t), []).append((qualified, is_param))
     return tensors, names
-
-
-def _write_atomically(path: str, directory: str, parts: list[bytes]) -> None:
-    """Write ``parts`` to a temporary file next to ``path`` and rename it into place: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for part in parts:
-                fh.write(part)
-        # mkstemp creates the file private (0600); give it the permissions open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
