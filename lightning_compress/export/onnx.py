@@ -124,7 +124,7 @@ def export_onnx(
             "export_onnx needs example_input (a tensor, tuple or dict) to trace the model. "
             "HINT: one real batch, e.g. next(iter(dataloader))[0][:1]."
         )
-    model = _exportable(model)
+    model = _exportable(model, opset_version)
     call = as_call(example_input)
     try:
         with torch.no_grad():
@@ -157,11 +157,16 @@ def export_onnx(
     return path
 
 
-def _exportable(model: nn.Module) -> nn.Module:
+# Per-token layers reshape their output with Shape(start=, end=), an opset-15 form.
+_PER_TOKEN_MIN_OPSET = 15
+
+
+def _exportable(model: nn.Module, opset_version: int | None) -> nn.Module:
     """The converted model in eval mode, with what its int8 layers' ONNX forms read attached (to a copy).
 
     Raises:
-        ValueError: group-wise layers that ``MatMulNBits`` cannot express, naming them.
+        ValueError: group-wise layers that ``MatMulNBits`` cannot express, or per-token layers below opset
+            15, naming them.
     """
     if not int8_layers(model) and not int8_embeddings(model):
         model = convert_to_int8(model)
@@ -175,6 +180,11 @@ def _exportable(model: nn.Module) -> nn.Module:
             "with group_size=None (one scale per output channel) for an int8 ONNX export."
         )
     per_token = [n for n, m in int8_layers(model).items() if m.activation_granularity == "token" and n not in grouped]
+    if per_token and opset_version is not None and opset_version < _PER_TOKEN_MIN_OPSET:
+        raise ValueError(
+            f"export_onnx: per-token layers {per_token} need opset_version >= {_PER_TOKEN_MIN_OPSET} (Shape with "
+            f"start/end), got {opset_version}. Nothing was written. HINT: opset_version=17 (the legacy default)."
+        )
     if grouped or per_token:
         model = copy.deepcopy(model)  # the packed weights and column sums are for the export only
         for name in grouped:

@@ -361,8 +361,12 @@ def integer_matmuls(index: GraphIndex) -> None:
     onnxruntime fuses ``DQ → Gemm → (Relu) → Q`` into an int8 ``QGemm``; a Gemm whose output is not
     re-quantized would run in fp32 after dequantizing its weight on every call. With a statically
     quantized input it becomes onnxruntime's ``QGemm`` without output scale (fp32 output, one fused
-    kernel) plus the fp32 bias; otherwise ``MatMulInteger(x_q, W_q^T) * (x_scale * w_scale) + b`` with a
-    per-call ``DynamicQuantizeLinear`` (onnxruntime fuses it). The same arithmetic, int8 kernels.
+    kernel) plus the fp32 bias: the same arithmetic, int8 kernels. A weight-only layer becomes
+    ``MatMulInteger(x_q, W_q^T) * (x_scale * w_scale) + b`` with a per-call ``DynamicQuantizeLinear`` of its
+    input (onnxruntime fuses it), as ``quantize_dynamic`` does: *not* the same arithmetic as the PyTorch
+    weight-only model, whose input stays float — the input is rounded to 8 bits per tensor at run time,
+    which costs accuracy where a few tokens are much larger than the rest (``activation_granularity="token"``
+    quantizes per row instead).
     """
     for node in [n for n in index.nodes if n.op_type == "Gemm"]:
         if _requantized(index, node.output[0]) or not _plain_transposed_gemm(node):

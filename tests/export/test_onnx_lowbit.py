@@ -158,3 +158,11 @@ def test_per_token_4bit_exports_as_matmul_nbits_with_int8_compute(tmp_path: Any)
     assert float((got1 - ref1).abs().max()) > 0  # int8 compute really ran (fp32 compute would match exactly)
     with torch.no_grad():
         np.testing.assert_allclose(got.numpy(), int8(x2).double().numpy(), atol=0.05)
+
+
+def test_per_token_export_below_opset_15_refused_nothing_written(tmp_path: Any) -> None:
+    pytest.importorskip("onnx")
+    int8, x = _token_mlp(8, None)
+    with pytest.raises(ValueError, match=r"per-token layers \['0', '2'\] need opset_version >= 15.*got 13"):
+        export_onnx(int8, str(tmp_path / "m.onnx"), x, opset_version=13)
+    assert list(tmp_path.iterdir()) == []
