@@ -170,6 +170,7 @@ class InputLog:
     def __init__(self) -> None:
         self.calls: list[CapturedCall] = []
         self.armed = False
+        self._keep = True
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def attach(self, module: nn.Module) -> None:
@@ -184,12 +185,15 @@ class InputLog:
             self._handle = None
         self.armed = False
 
-    def arm(self) -> None:
-        """Record the next real call."""
-        self.armed = True
+    def arm(self, keep: bool = True) -> None:
+        """Record the next real call; ``keep=False``: only disarm on it (a check that the module is called)."""
+        self.armed, self._keep = True, keep
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.armed or is_redirected_call(module):
+            return
+        if not self._keep:
+            self.armed = False
             return
 
         def copy(t: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,8 @@ class GradualPruning(CompressionCallback):
         scope: ``"global"`` ranks all selected weights together (layers end with different
             sparsities); ``"layer"`` gives every layer the same sparsity.
         norm: the ``n`` of the Ln norm that scores a group of weights (channels, blocks, N:M runs).
-        overrides: ``{pattern: sparsity}``; matching layers get their own final sparsity (layer scope).
+        overrides: ``{pattern: sparsity}``; matching layers get their own final sparsity (layer scope). With
+            ``criterion="sparsegpt"`` and N:M: ``1 - N/M`` or 0 (the layer is left exactly as it is).
         include: name patterns (glob or ``re:...``) of modules or parameters to prune; all by default.
         exclude: name patterns to leave dense (e.g. the classifier).
         types: module class names to consider.
@@ -218,7 +219,7 @@ class GradualPruning(CompressionCallback):
         self.seed = seed
         self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=1)
         if criterion == "sparsegpt":
-            _check_sparsegpt(self.structure, self.schedule, scope, rewind_to_step, self.target_sparsity)
+            _check_sparsegpt(self.structure, self.schedule, scope, rewind_to_step, self.target_sparsity, self.overrides)
 
         # Runtime state. Masks are keyed by full parameter name; True = keep.
         self._targets: list[ParameterTarget] = []
@@ -235,6 +236,7 @@ class GradualPruning(CompressionCallback):
         self._model_id: int | None = None
         self._input_norms: InputNorms | None = None  # criterion="wanda": inputs seen since the last update
         self._calibration = InputLog()  # criterion="sparsegpt": forward inputs to reconstruct from
+        self._forward_checked = False  # criterion="sparsegpt": whether a training batch has called forward
         self._coupled = CoupledChannels(self.structure.kind) if self.coupled else None
         self._coupled_targets: list[ParameterTarget] = []
         self._root_module: torch.nn.Module | None = None
@@ -348,6 +350,7 @@ class GradualPruning(CompressionCallback):
             self._input_norms.armed = False
         if self.criterion == "sparsegpt" and self._last_update_step < 0:
             self._calibration.attach(pl_module)
+            self._forward_checked = False
         self._refresh_metrics(trainer.global_step)
         super().on_fit_start(trainer, pl_module)
 
@@ -381,8 +384,12 @@ class GradualPruning(CompressionCallback):
         if self._is_update_step(step):
             self._update(trainer, step)
             changed = True
-        if self.criterion == "sparsegpt" and self._last_update_step < 0 and step >= self._window[0]:
-            self._calibration.arm()  # this batch's forward inputs: the reconstruction waits for them
+        if self.criterion == "sparsegpt" and self._last_update_step < 0:
+            if step >= self._window[0]:
+                self._calibration.arm()  # this batch's forward inputs: the reconstruction waits for them
+            elif not self._forward_checked:
+                self._calibration.arm(keep=False)  # a training_step that bypasses forward: told at its first batch
+            self._forward_checked = True
         if self._input_norms is not None:
             # Training batches only (validation inputs are not what the next update is about), whatever the
             # modules' training flags: a model handed to fit in eval mode stays in eval mode.
@@ -591,6 +598,7 @@ class GradualPruning(CompressionCallback):
                 if t.name in self._masks
             ],
             self._group,
+            self._targets[0].parameter.device if self._targets else None,
         )
         return any(n == 1 for n in live)
 
@@ -766,7 +774,8 @@ class GradualPruning(CompressionCallback):
         group = groups[0]
         if any(g is not group for g in groups):
             raise ValueError("GradualPruning: the pruned parameters are sharded over different device meshes.")
-        rows = D.gather_ints([D.local(params[t.name]).shape[0] for t in self._targets], group)
+        device = D.local(next(iter(params.values()))).device
+        rows = D.gather_ints([D.local(params[t.name]).shape[0] for t in self._targets], group, device)
         rank = D.rank(group)
         shards = {}
         for i, t in enumerate(self._targets):
@@ -934,7 +943,12 @@ def _check_inputs_observable(model: torch.nn.Module, targets: Sequence[Parameter
 
 
 def _check_sparsegpt(
-    structure: F.Structure, schedule: Schedule, scope: str, rewind_to_step: int | None, target: float
+    structure: F.Structure,
+    schedule: Schedule,
+    scope: str,
+    rewind_to_step: int | None,
+    target: float,
+    overrides: Mapping[str, float],
 ) -> None:
     """The arguments ``criterion="sparsegpt"`` accepts (a one-shot, per-layer reconstruction)."""
     SG.check_sparsegpt_arguments(structure, 128, 0.01)
@@ -959,6 +973,9 @@ def _check_sparsegpt(
             f"criterion='sparsegpt' with structure '{structure}' prunes every run of {structure.m}; "
             f"target_sparsity must be {structure.max_sparsity} (or unset), got {target}."
         )
+    if structure.kind == "n:m":
+        for pattern, share in overrides.items():
+            SG.check_nm_share(f"criterion='sparsegpt': overrides[{pattern!r}]", share, structure)
 
 
 def _broadcast_weights(params: Sequence[torch.Tensor]) -> None:

@@ -85,32 +85,47 @@ def rank(group: Any) -> int:
     return dist.get_rank(group) if active(group) else 0
 
 
-def sum_ints(values: Sequence[int], group: Any) -> list[int]:
+def collective_device(group: Any, device: torch.device | str | None = None) -> torch.device:
+    """Where the small tensors of a collective over ``group`` must live: ``device`` when given.
+
+    Otherwise the CPU when the group's backend takes CPU tensors (gloo, mpi, or a mixed ``"cpu:gloo,cuda:nccl"``
+    group), the current CUDA device for NCCL, which refuses CPU tensors.
+    """
+    if device is not None:
+        return torch.device(device)
+    backend = str(dist.get_backend(group)).lower()
+    if any(name in backend for name in ("gloo", "mpi")) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def sum_ints(values: Sequence[int], group: Any, device: torch.device | str | None = None) -> list[int]:
     """Element-wise sum of ``values`` over the ranks of ``group``: one all-reduce for all of them.
 
-    With ``group=None`` (or one process) returns ``values`` unchanged. A collective otherwise.
+    With ``group=None`` (or one process) returns ``values`` unchanged. A collective otherwise, through a tensor
+    on ``device`` (by default the one the group's backend accepts, see :func:`collective_device`).
     """
     if not active(group) or not values:
         return [int(v) for v in values]
-    t = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=collective_device(group, device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return [int(v) for v in t]
 
 
-def sum_floats(values: Sequence[float], group: Any) -> list[float]:
+def sum_floats(values: Sequence[float], group: Any, device: torch.device | str | None = None) -> list[float]:
     """Element-wise float64 sum of ``values`` over the ranks of ``group`` (one all-reduce). A collective."""
     if not active(group) or not values:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device(group, device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return [float(v) for v in t]
 
 
-def gather_ints(values: Sequence[int], group: Any) -> list[list[int]]:
+def gather_ints(values: Sequence[int], group: Any, device: torch.device | str | None = None) -> list[list[int]]:
     """Every rank's ``values`` (same length on all ranks), in rank order. A collective."""
     if not active(group):
         return [[int(v) for v in values]]
-    mine = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    mine = torch.tensor([int(v) for v in values], dtype=torch.int64, device=collective_device(group, device))
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, mine, group=group)
     return [[int(v) for v in t] for t in out]
@@ -125,7 +140,7 @@ def gather_rows(values: torch.Tensor, group: Any) -> tuple[torch.Tensor, int]:
     flat = values.reshape(-1)
     if not active(group):
         return flat, 0
-    sizes = [row[0] for row in gather_ints([flat.numel()], group)]
+    sizes = [row[0] for row in gather_ints([flat.numel()], group, flat.device)]
     longest = max(sizes)
     padded = torch.zeros(longest, dtype=flat.dtype, device=flat.device)
     padded[: flat.numel()] = flat
@@ -135,14 +150,14 @@ def gather_rows(values: torch.Tensor, group: Any) -> tuple[torch.Tensor, int]:
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
 
 
-def rank_of_max(value: float, group: Any) -> tuple[int, float]:
+def rank_of_max(value: float, group: Any, device: torch.device | str | None = None) -> tuple[int, float]:
     """The lowest rank of ``group`` holding the largest ``value``, and that value. A collective.
 
     Without a group: ``(0, value)``.
     """
     if not active(group):
         return 0, float(value)
-    mine = torch.tensor([value], dtype=torch.float64)
+    mine = torch.tensor([value], dtype=torch.float64, device=collective_device(group, device))
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, mine, group=group)
     values = [float(t) for t in out]
@@ -248,7 +263,7 @@ def lowest_each(values: Sequence[torch.Tensor], k: int, group: Any = None) -> li
     ties = [sum(int(torch.count_nonzero(c == threshold)) for c in _chunks(v)) for v in values]
     if sharded:
         # Ties go to the lowest ranks first: skip what the ranks before this one hold.
-        before = sum(row[0] for row in gather_ints([sum(ties)], group)[: dist.get_rank(group)])
+        before = sum(row[0] for row in gather_ints([sum(ties)], group, device)[: dist.get_rank(group)])
         need = max(0, need - before)
     out = []
     for v, tied in zip(values, ties, strict=True):

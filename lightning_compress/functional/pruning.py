@@ -294,7 +294,8 @@ def _protect_best(values: list[torch.Tensor], group: Any = None) -> list[torch.T
     """
     maxima = [float(v.max()) if v.numel() else -math.inf for v in values]
     if D.active(group):
-        everyone = D.gather_rows(torch.tensor(maxima, dtype=torch.float64), group)[0].reshape(-1, len(values))
+        mine = torch.tensor(maxima, dtype=torch.float64, device=values[0].device)
+        everyone = D.gather_rows(mine, group)[0].reshape(-1, len(values))
         rank = D.rank(group)
     else:
         everyone, rank = torch.tensor([maxima], dtype=torch.float64), 0
@@ -322,7 +323,7 @@ def _per_layer_normalised(values: list[torch.Tensor], group: Any = None) -> list
     for v in values:
         live = v[torch.isfinite(v)]
         sums += [float(live.double().sum()), float(live.numel())]
-    sums = D.sum_floats(sums, group)
+    sums = D.sum_floats(sums, group, values[0].device if values else None)
     out = []
     for i, v in enumerate(values):
         total, count = sums[2 * i], sums[2 * i + 1]
@@ -352,12 +353,12 @@ def layer_masks(
         old = masks.get(name)
         if structure.kind == "n:m":
             cost, groups = _nm_costs(score, old, structure)
-            total, done = D.sum_ints([cost.numel(), _already_pruned(cost)], group)
+            total, done = D.sum_ints([cost.numel(), _already_pruned(cost)], group, cost.device)
             k = max(round(sparsity[name] / structure.max_sparsity * total), done)
             out[name] = _nm_mask(groups, _lowest(cost, k, group), structure, score.shape)
         else:
             values = _group_scores(score, old, structure, norm, overwrite_scores)
-            total, done = D.sum_ints([values.numel(), _already_pruned(values)], group)
+            total, done = D.sum_ints([values.numel(), _already_pruned(values)], group, values.device)
             # Never the whole tensor: at least one group stays (a layer is thinned, never removed).
             k = max(min(round(sparsity[name] * total), total - 1), done)
             keep = _lowest(values, k, group).logical_not_()
@@ -392,7 +393,7 @@ def global_masks(
     if structure.kind == "n:m":
         per = [_nm_costs(scores[n], masks.get(n), structure) for n in names]
         costs = torch.cat([c for c, _ in per])
-        total, done = D.sum_ints([costs.numel(), _already_pruned(costs)], group)
+        total, done = D.sum_ints([costs.numel(), _already_pruned(costs)], group, costs.device)
         k = max(round(sparsity / structure.max_sparsity * total), done)
         chosen = _lowest(costs, k, group).split([c.numel() for c, _ in per])
         return {n: _nm_mask(g, c, structure, scores[n].shape) for n, (_, g), c in zip(names, per, chosen, strict=True)}
@@ -410,6 +411,7 @@ def global_masks(
                 sum(_already_pruned(v) for v in values),
             ],
             group,
+            values[0].device if values else None,
         )
         parts = D.lowest_each(values, max(min(round(sparsity * total), selectable), done), group)
         del values

@@ -97,7 +97,7 @@ class _QATMixin:
     group_size: int | None = None
     # "tensor": the input range is observed in training; "token": every row is quantized with its own range.
     activation_granularity: str = "tensor"
-    # Set by QuantizationAwareTraining around each training batch: observe even in eval mode.
+    # Set by QuantizationAwareTraining around each training batch: observe even in eval mode (with grad enabled).
     training_batch: bool = False
 
     def _init_qat(
@@ -134,8 +134,10 @@ class _QATMixin:
     def _observes(self) -> bool:
         # A training forward of the module, or of a training batch the callback marked: Lightning leaves a
         # model passed to `fit` in eval mode as it is (Hugging Face's from_pretrained returns one), and a
-        # `training`-only rule would then never observe, leaving every weight scale at 1.
-        return self.observer_enabled and (self.training or self.training_batch)
+        # `training`-only rule would then never observe, leaving every weight scale at 1. Within a training batch,
+        # only forwards that record gradients: another callback's replays there (SparseGPT's calibration passes,
+        # run in eval mode under no_grad) are not training data.
+        return self.observer_enabled and (self.training or (self.training_batch and torch.is_grad_enabled()))
 
     @property
     def activation_observed(self) -> bool:

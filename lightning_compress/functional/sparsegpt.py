@@ -136,42 +136,49 @@ def _sweep_block_(
 class Hessians:
     """``2 X Xᵀ / n`` of named layers' inputs, accumulated by forward pre-hooks (every call, any mode).
 
+    Every layer's sum starts at zero (float64 for a float64 weight, float32 otherwise, on the weight's
+    device), so every process holds the same tensors whichever layers ran on it, and
+    :meth:`all_reduce_` is the same sequence of collectives on every rank.
+
     Args:
         layers: ``{name: nn.Linear or Conv1D}`` to watch.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module]) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
         self._names = list(layers)
+        self._sums: dict[str, torch.Tensor] = {}
+        for name, module in layers.items():
+            weight = module.weight
+            features = weight.shape[0] if "Conv1D" in type_names(module) else weight.shape[1]  # Conv1D: [in, out]
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            self._sums[name] = torch.zeros(features, features, dtype=dtype, device=weight.device)
+        self._counts: dict[str, int] = dict.fromkeys(self._names, 0)
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
 
     def _hook(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
+            total = self._sums[name]
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-            previous = self._sums.get(name)
-            self._sums[name] = x.T @ x if previous is None else previous.addmm_(x.T, x)
-            self._counts[name] = self._counts.get(name, 0) + x.shape[0]
+            x = x.reshape(-1, x.shape[-1]).to(total.dtype)
+            total.addmm_(x.T, x)
+            self._counts[name] += x.shape[0]
 
         return record
 
     def missing(self) -> list[str]:
-        """Watched layers that were never called."""
-        return [n for n in self._names if n not in self._sums]
+        """Watched layers that saw no input (over every process once :meth:`all_reduce_` ran)."""
+        return [n for n in self._names if self._counts[n] == 0]
 
     def all_reduce_(self) -> None:
-        """Add up every process's sums and token counts (a collective; every rank holds the same layers)."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        """Add up every process's sums and token counts (a collective: every rank watches the same layers)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not self._names:
             return
-        for name in sorted(self._sums):
+        for name in self._names:
             dist.all_reduce(self._sums[name])
-        names = sorted(self._counts)
-        counts = torch.tensor([self._counts[n] for n in names], dtype=torch.float64)
-        dist.all_reduce(counts)
-        self._counts = {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}
+        counts = all_reduce_counts(self._counts, self._sums[self._names[0]].device)
+        self._counts = dict(zip(self._names, counts, strict=True))
 
     def hessian(self, name: str) -> torch.Tensor:
         """``2 X Xᵀ / n`` of layer ``name`` over every token seen."""
@@ -182,6 +189,35 @@ class Hessians:
         for handle in self._handles:
             handle.remove()
         self._handles, self._sums, self._counts = [], {}, {}
+
+
+def all_reduce_counts(counts: Mapping[str, int], device: torch.device) -> list[int]:
+    """``counts``' values (in order) summed over every process, through a tensor on ``device``."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not counts:
+        return list(counts.values())
+    t = torch.tensor(list(counts.values()), dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return [int(c) for c in t.tolist()]
+
+
+class _Calls:
+    """How many input rows each watched layer received (forward pre-hooks; no copies)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self.counts = dict.fromkeys(layers, 0)
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
+
+    def _hook(self, name: str) -> Any:
+        def record(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                self.counts[name] += 1
+
+        return record
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def stages(names: Sequence[str]) -> list[list[str]]:
@@ -220,8 +256,9 @@ def sparsegpt_prune_(
         model: the model (or a single layer); set to eval mode during calibration, restored after.
         calibration_inputs: model inputs (a tensor, a tuple of args or a dict of kwargs each), iterated once
             per stage (a list, not a generator, when there are several stages).
-        sparsity: share of each layer's weights to prune, or ``{parameter name: share}``; for N:M,
-            ``1 - N/M``.
+        sparsity: share of each layer's weights to prune, or ``{parameter name: share}`` (a layer not in it
+            is left dense); for N:M, ``1 - N/M`` (pruned N of every M) or 0 (left dense), nothing else. A
+            layer at 0 is left exactly as it is (its mask keeps everything).
         structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"``.
         include: name patterns of the layers to prune (all by default; see
             :func:`~lightning_compress.targets.select_parameters`).
@@ -236,7 +273,8 @@ def sparsegpt_prune_(
         ``{parameter name: mask}`` in the parameter's layout, ``True`` = kept.
 
     Raises:
-        ValueError: unsupported structure or layer type, a sharded weight, a layer no input reached.
+        ValueError: unsupported structure or layer type, a sharded weight, an N:M sparsity other than
+            ``1 - N/M`` or 0, a layer no input reached (raised before any weight changes).
     """
     targets = select_parameters(model, include=include, exclude=exclude, types=types)
     parsed = check_sparsegpt_arguments(structure, block_size, damp)
@@ -283,9 +321,24 @@ def check_sparsegpt_targets(targets: Sequence[ParameterTarget]) -> None:
 
 def _share(sparsity: float | Mapping[str, float], name: str, structure: Structure) -> float:
     share = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
+    argument = f"sparsity[{name!r}]" if isinstance(sparsity, Mapping) else "sparsity"
     if structure.kind == "n:m":
+        return check_nm_share(argument, share, structure)
+    return check_range(argument, share, 0.0, 1.0, high_open=True)
+
+
+def check_nm_share(argument: str, share: float, structure: Structure) -> float:
+    """An N:M layer is either pruned N of every M (share ``1 - N/M``) or left dense (0); nothing in between."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        raise TypeError(f"{argument} must be a number, got {type(share).__name__} {share!r}.")
+    if share == 0:
+        return 0.0
+    if abs(share - structure.max_sparsity) <= 1e-9:
         return structure.max_sparsity
-    return check_range(f"sparsity of {name!r}", share, 0.0, 1.0, high_open=True)
+    raise ValueError(
+        f"{argument} with structure '{structure}' must be {structure.max_sparsity} (pruned {structure}) or 0 "
+        f"(left dense), got {share}: an N:M pattern has one sparsity."
+    )
 
 
 @torch.no_grad()
@@ -304,20 +357,30 @@ def prune_targets_(
     Under ``torch.distributed`` every process must call it with its own calibration inputs: the Hessians
     are summed over processes, so every rank computes the same weights.
     """
-    by_module = {t.module_name: t for t in targets}
-    plan = stages(list(by_module)) if sequential else [list(by_module)]
+    dense = {t.name for t in targets if sparsity[t.name] == 0}  # left as they are
+    by_module = {t.module_name: t for t in targets if t.name not in dense}
+    plan = (stages(list(by_module)) if sequential else [list(by_module)]) if by_module else []
     calls = calibration_inputs if len(plan) == 1 else list(calibration_inputs)
     modes = {m: m.training for m in model.modules()}
     model.eval()  # dropout off: the Hessian is of the inputs the layers see at inference
-    masks: dict[str, torch.Tensor] = {}
+    masks = {
+        t.name: torch.ones_like(t.out_first(t.parameter.data), dtype=torch.bool) for t in targets if t.name in dense
+    }
     try:
-        for stage in plan:
+        for index, stage in enumerate(plan):
             hessians = Hessians({name: by_module[name].module for name in stage})
+            # The first pass also counts the calls of every later stage's layers: a layer no input reaches is
+            # refused before any weight changes (later stages run the same inputs through the model).
+            later = _Calls({name: by_module[name].module for s in plan[1:] for name in s}) if index == 0 else None
             try:
                 for call in calls:
                     run(model, call)
                 hessians.all_reduce_()
                 missing = hessians.missing()
+                if later is not None:
+                    device = next(iter(by_module.values())).parameter.device
+                    counts = all_reduce_counts(later.counts, device)
+                    missing += [n for n, c in zip(later.counts, counts, strict=True) if c == 0]
                 if missing:
                     raise ValueError(
                         f"SparseGPT reconstruction saw no input of {missing}: their forward never ran on the "
@@ -335,7 +398,9 @@ def prune_targets_(
                     masks[t.name] = t.out_first(keep).contiguous()
             finally:
                 hessians.remove()
+                if later is not None:
+                    later.remove()
     finally:
         for module, mode in modes.items():
             module.training = mode
-    return masks
+    return {t.name: masks[t.name] for t in targets}

@@ -62,7 +62,8 @@ def count_nonzeros(tensors: Sequence[torch.Tensor]) -> list[int]:
         else:
             groups.append((group, [i]))
     for group, indices in groups:
-        for i, total in zip(indices, D.sum_ints([counts[i] for i in indices], group), strict=True):
+        device = D.local(tensors[indices[0]]).device
+        for i, total in zip(indices, D.sum_ints([counts[i] for i in indices], group, device), strict=True):
             counts[i] = total
     return counts
 

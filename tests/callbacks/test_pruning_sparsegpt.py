@@ -9,10 +9,12 @@ import sys
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_compress import GradualPruning
+from lightning_compress import GradualPruning, QuantizationAwareTraining
+from lightning_compress.functional.qat import qat_modules
 from lightning_compress.functional.sparsegpt import sparsegpt_prune_
 from tests.callbacks.test_pruning_wanda import FrozenMLP
 from tests.helpers import TinyMLP, trainer
@@ -55,11 +57,27 @@ def test_two_four_masks_stay_while_training_goes_on(tmp_path: Any) -> None:
         ({**ONE_SHOT, "rewind_to_step": 1, "end_step": 5}, "rewind_to_step=1"),
         ({**ONE_SHOT, "structure": "2:4", "target_sparsity": 0.3}, "target_sparsity must be 0.5"),
         ({**ONE_SHOT, "calibration_batches": 0}, "calibration_batches"),
+        (
+            {**ONE_SHOT, "structure": "2:4", "overrides": {"net.2": 0.3}},
+            r"overrides\['net.2'\] with structure '2:4' must be 0.5 \(pruned 2:4\) or 0 \(left dense\), got 0.3",
+        ),
     ],
 )
 def test_unsupported_combinations_are_refused_in_the_constructor(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GradualPruning(**kwargs)
+
+
+def test_two_four_with_an_override_of_zero_leaves_that_layer_dense(tmp_path: Any) -> None:
+    model = FrozenMLP()  # lr = 0: only the reconstruction moves the weights
+    before = copy.deepcopy(model.state_dict())
+    pruning = GradualPruning(
+        structure="2:4", calibration_batches=2, include=["net.0", "net.2"], overrides={"net.2": 0.0}, **ONE_SHOT
+    )
+    trainer(tmp_path, [pruning], max_steps=4, max_epochs=-1, limit_val_batches=0).fit(model)
+    assert (model.net[0].weight.detach() != 0).reshape(32, -1, 4).sum(-1).eq(2).all()
+    assert not torch.equal(model.net[0].weight, before["net.0.weight"])  # reconstructed
+    assert torch.equal(model.net[2].weight, before["net.2.weight"])
 
 
 def test_a_conv_layer_is_refused_before_the_first_step(tmp_path: Any) -> None:
@@ -83,9 +101,29 @@ def test_a_training_step_that_bypasses_forward_is_reported(tmp_path: Any) -> Non
             x, y = batch
             return nn.functional.cross_entropy(self.net(x), y)
 
-    run = trainer(tmp_path, [GradualPruning(0.5, **ONE_SHOT)], max_steps=3, max_epochs=-1)
+    # Told at the first batch, not only once recording starts at start_step.
+    run = trainer(tmp_path, [GradualPruning(0.5, start_step=3, **ONE_SHOT)], max_steps=5, max_epochs=-1)
     with pytest.raises(ValueError, match="training batch 0 ran without calling it"):
         run.fit(Bypass())
+    assert run.global_step == 1  # the end of the first batch, two steps before start_step
+
+
+def test_reconstruction_replays_do_not_update_quantization_observers(tmp_path: Any) -> None:
+    calls: list[tuple[bool, bool]] = []  # (grad enabled, observing) of every forward of a QAT layer
+
+    class Record(pl.Callback):
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            for _, layer in qat_modules(pl_module):  # swapped in by QuantizationAwareTraining's setup
+                layer.register_forward_pre_hook(lambda m, a: calls.append((torch.is_grad_enabled(), m._observes())))
+
+    model = TinyMLP().eval()  # eval mode: QAT observes through its training-batch flag
+    qat = QuantizationAwareTraining(start_step=0)
+    pruning = GradualPruning(0.5, calibration_batches=2, include=["net.0", "net.2"], **ONE_SHOT)
+    trainer(tmp_path, [qat, pruning, Record()], max_steps=4, max_epochs=-1, limit_val_batches=0).fit(model)
+    replays = [observing for grad, observing in calls if not grad]
+    training = [observing for grad, observing in calls if grad]
+    assert replays and not any(replays)  # the replays ran (one pass per stage) and observed nothing
+    assert training and all(training)
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ddp_sparsegpt.py")

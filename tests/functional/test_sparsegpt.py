@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import os
+from typing import Any
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_compress.functional.sparsegpt import sparsegpt_prune_, sparsegpt_weight, stages
@@ -101,7 +107,7 @@ def test_a_model_is_pruned_stage_by_stage_and_beats_magnitude_on_its_outputs() -
     magnitude = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
     for w in magnitude:
         w.mul_(w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values)
-    reference = nn.Sequential(*[m for m in model]).double()
+    reference = copy.deepcopy(model)  # independent of the model pruned below
     masks = sparsegpt_prune_(model, [x[:64], x[64:]], 0.5, block_size=8)
     assert sorted(masks) == ["0.weight", "2.weight", "4.weight"]
     assert all(int(m.sum()) == m.numel() // 2 for m in masks.values())
@@ -149,3 +155,98 @@ def test_a_layer_whose_forward_never_runs_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"saw no input of \['mha.out_proj'\]"):
         sparsegpt_prune_(model, [torch.randn(2, 3, 8)], 0.5)
     assert torch.equal(model.mha.out_proj.weight, before)
+
+
+class _Blocks(nn.Module):
+    """Numbered blocks (one SparseGPT stage each); ``blocks.2`` runs only on batches of more than ``rows`` rows."""
+
+    def __init__(self, rows: int = 10**9) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)]).double()
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.blocks[1](torch.relu(self.blocks[0](x))))
+        return self.blocks[2](x) if x.shape[0] > self.rows else x
+
+
+def test_a_layer_no_input_reaches_is_refused_before_any_weight_changes() -> None:
+    model = _Blocks()  # blocks.2 never runs; blocks.0 and blocks.1 come first, in stages of their own
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"saw no input of \['blocks.2'\]"):
+        sparsegpt_prune_(model, [torch.randn(4, 8, dtype=torch.float64)], 0.5, block_size=8)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_two_four_with_a_per_layer_mapping_leaves_a_zero_layer_dense() -> None:
+    model = _Blocks(rows=0)
+    before = copy.deepcopy(model.state_dict())
+    x = _correlated_inputs(32, 8, seed=2)
+    # blocks.2 is not in the mapping: dense as well.
+    shares = {"blocks.0.weight": 0.5, "blocks.1.weight": 0.0}
+    masks = sparsegpt_prune_(model, [x], shares, structure="2:4", block_size=8)
+    assert masks["blocks.0.weight"].reshape(8, 2, 4).sum(-1).eq(2).all()
+    assert bool((model.blocks[0].weight[~masks["blocks.0.weight"]] == 0).all())
+    for layer in ("blocks.1", "blocks.2"):
+        assert masks[f"{layer}.weight"].all()
+        assert torch.equal(model.get_parameter(f"{layer}.weight"), before[f"{layer}.weight"])
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "message"),
+    [
+        (0.3, r"sparsity with structure '2:4' must be 0.5 \(pruned 2:4\) or 0 \(left dense\), got 0.3"),
+        ({"blocks.0.weight": 0.5, "blocks.1.weight": 0.25}, r"sparsity\['blocks.1.weight'\] with structure '2:4'"),
+    ],
+)
+def test_two_four_refuses_any_other_sparsity_before_any_weight_changes(sparsity: Any, message: str) -> None:
+    model = _Blocks(rows=0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        sparsegpt_prune_(model, [torch.randn(4, 8, dtype=torch.float64)], sparsity, structure="2:4", block_size=8)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def _rank_inputs(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(10 + rank)
+    # Rank 0's batches have 6 rows (blocks.2 runs on them), rank 1's have 2 (blocks.2 never runs there).
+    return [torch.randn(6 if rank == 0 else 2, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def _uneven_worker(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model = _Blocks(rows=4)
+        masks = sparsegpt_prune_(model, _rank_inputs(rank), 0.5, block_size=8)
+        try:  # blocks.2 runs on no rank: every rank refuses, none waits for the others
+            sparsegpt_prune_(_Blocks(rows=100), _rank_inputs(rank), 0.5, block_size=8)
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
+        torch.save({"state": model.state_dict(), "masks": masks, "refused": refused}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.xdist_group("ddp")
+def test_a_layer_that_runs_on_one_rank_only_is_reconstructed_from_the_inputs_of_all_ranks(tmp_path: Any) -> None:
+    init = f"file://{os.path.join(tmp_path, 'init')}"
+    context = mp.spawn(_uneven_worker, args=(init, str(tmp_path)), nprocs=2, join=False)
+    for _ in range(120):  # a mismatched collective would hang: give up after a minute
+        if context.join(timeout=0.5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the two processes did not finish")
+    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    expected = _Blocks(rows=4)  # one process, every rank's inputs: the same Hessians
+    expected_masks = sparsegpt_prune_(expected, _rank_inputs(0) + _rank_inputs(1), 0.5, block_size=8)
+    for result in (r0, r1):
+        for name, value in expected.state_dict().items():
+            torch.testing.assert_close(result["state"][name], value, rtol=0, atol=1e-12)
+        assert all(torch.equal(result["masks"][n], m) for n, m in expected_masks.items())
+        assert "saw no input of ['blocks.2']" in result["refused"]
