@@ -13,6 +13,8 @@ Example::
 
     >>> import torch
     >>> from torch import nn
+
+from lightning_compress.functional.distributed import collective_device
     >>> layer = nn.Linear(3, 2)
     >>> norms = InputNorms({"fc": layer})
     >>> _ = layer(torch.tensor([[3.0, 0.0, 1.0], [4.0, 0.0, 1.0]]))
@@ -29,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lightning_compress.functional.distributed import collective_device
 
 
 def input_feature_axis(module: nn.Module) -> int:
@@ -76,13 +80,23 @@ class InputNorms:
         return [n for n in self._names if n not in self._sums]
 
     def all_reduce_(self, group: Any = None) -> None:
-        """Add up the sums of every process (a collective: every rank calls it, with the same layers seen)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2 or not self._sums:
+        """Add up the sums of every process (a collective: every rank calls it).
+
+        A layer may run on some ranks and not on others (data-dependent control flow): the feature counts
+        are agreed first (a MAX over ranks), so every rank reduces the same tensors in the same order,
+        contributing zeros for layers it did not see. Layers no rank saw stay :meth:`missing`.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
             return
-        names = sorted(self._sums)
-        flat = torch.cat([self._sums[n] for n in names])
+        device = collective_device(group, next((t.device for t in self._sums.values()), None))
+        sizes = torch.tensor([self._sums[n].numel() if n in self._sums else 0 for n in self._names], device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+        seen = [(n, int(k)) for n, k in zip(self._names, sizes.tolist(), strict=True) if k > 0]
+        if not seen:
+            return
+        flat = torch.cat([self._sums[n] if n in self._sums else torch.zeros(k, device=device) for n, k in seen])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        for name, part in zip(names, flat.split([self._sums[n].numel() for n in names]), strict=True):
+        for (name, _), part in zip(seen, flat.split([k for _, k in seen]), strict=True):
             self._sums[name] = part
 
     def norms(self) -> dict[str, torch.Tensor]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_compress.functional.activation_stats import InputNorms
@@ -61,3 +67,43 @@ def test_wanda_scores_for_linear_grouped_conv_and_transposed_linear() -> None:
     conv1d_weight = linear.t().contiguous()  # Hugging Face Conv1D stores [in, out]
     got = wanda_scores(conv1d_weight, norms5, input_axis=0)
     assert torch.allclose(got.t().double(), reference(linear, norms5, 1))
+
+
+def _rank_batches(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(20 + rank)
+    return [torch.randn(3, 4, generator=g) for _ in range(2)]
+
+
+def _uneven_norms_worker(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        a, b = nn.Linear(4, 4), nn.Linear(4, 2)
+        norms = InputNorms({"a": a, "b": b, "never": nn.Linear(4, 4)})
+        for x in _rank_batches(rank):
+            a(x)
+            if rank == 0:  # b runs on rank 0 only (data-dependent control flow)
+                b(x)
+        norms.all_reduce_()
+        torch.save({"norms": norms.norms(), "missing": norms.missing()}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.xdist_group("ddp")
+def test_layers_seen_on_some_ranks_only_are_summed_over_all(tmp_path: Any) -> None:
+    init = f"file://{os.path.join(tmp_path, 'init')}"
+    context = mp.spawn(_uneven_norms_worker, args=(init, str(tmp_path)), nprocs=2, join=False)
+    for _ in range(120):  # mismatched collectives would hang: give up after a minute
+        if context.join(timeout=0.5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the two processes did not finish")
+    everything = torch.cat(_rank_batches(0) + _rank_batches(1)).double()
+    rank0 = torch.cat(_rank_batches(0)).double()
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(result["norms"]["a"].double(), everything.pow(2).sum(0).sqrt(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(result["norms"]["b"].double(), rank0.pow(2).sum(0).sqrt(), rtol=1e-6, atol=0)
+        assert result["missing"] == ["never"]
