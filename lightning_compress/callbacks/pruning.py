@@ -220,7 +220,9 @@ class GradualPruning(CompressionCallback):
         self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=1)
         if criterion == "sparsegpt":
             _check_sparsegpt(self.structure, self.schedule, scope, rewind_to_step, self.target_sparsity, self.overrides)
+        self._init_runtime_state()
 
+    def _init_runtime_state(self) -> None:
         # Runtime state. Masks are keyed by full parameter name; True = keep.
         self._targets: list[ParameterTarget] = []
         self._masks: dict[str, torch.Tensor] = {}
