@@ -38,7 +38,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -813,34 +813,41 @@ def build_chain(layer: nn.Module, plan: LayerPlan) -> nn.Sequential:
         )
     if plan.method == "cp":
         (r,) = plan.ranks
-        pad_h, pad_w = _padding_pair(conv.padding)
-        return nn.Sequential(
-            nn.Conv2d(i, r, 1, bias=False, **factory),
-            nn.Conv2d(
-                r,
-                r,
-                (kh, 1),
-                stride=(conv.stride[0], 1),
-                padding=pad_h,
-                dilation=(conv.dilation[0], 1),
-                groups=r,
-                bias=False,
-                **common,
-            ),
-            nn.Conv2d(
-                r,
-                r,
-                (1, kw),
-                stride=(1, conv.stride[1]),
-                padding=pad_w,
-                dilation=(1, conv.dilation[1]),
-                groups=r,
-                bias=False,
-                **common,
-            ),
-            nn.Conv2d(r, o, 1, bias=has_bias, **factory),
-        )
+        return _cp_chain(conv, r, has_bias, factory)
     raise ValueError(f"unknown decomposition method {plan.method!r}; expected one of {list(METHODS[1:])}.")
+
+
+def _cp_chain(conv: nn.Conv2d, rank: int, has_bias: bool, factory: dict[str, Any]) -> nn.Sequential:
+    """``1x1 (I->R) -> kx1 depthwise -> 1xk depthwise -> 1x1 (R->O)``: stride, padding, dilation split by axis."""
+    o, i, kh, kw = _dims(conv)
+    common = {"padding_mode": conv.padding_mode, **factory}
+    pad_h, pad_w = _padding_pair(conv.padding)
+    return nn.Sequential(
+        nn.Conv2d(i, rank, 1, bias=False, **factory),
+        nn.Conv2d(
+            rank,
+            rank,
+            (kh, 1),
+            stride=(conv.stride[0], 1),
+            padding=pad_h,
+            dilation=(conv.dilation[0], 1),
+            groups=rank,
+            bias=False,
+            **common,
+        ),
+        nn.Conv2d(
+            rank,
+            rank,
+            (1, kw),
+            stride=(1, conv.stride[1]),
+            padding=pad_w,
+            dilation=(1, conv.dilation[1]),
+            groups=rank,
+            bias=False,
+            **common,
+        ),
+        nn.Conv2d(rank, o, 1, bias=has_bias, **factory),
+    )
 
 
 def plan_from_chain(chain: nn.Module) -> LayerPlan | None:
