@@ -487,7 +487,7 @@ class GradualPruning(CompressionCallback):
             del scores  # one float per weight: free before the new float masks are kept
         # Sharded, each weight lives on one rank and the selection is an exact collective: nothing to agree on.
         self._masks = masks if self._group is not None else _broadcast_masks(trainer, masks)
-        self._taylor = {}
+        self._taylor = {}  # sums since this update (SparseGPT never scored them)
         self._last_update_step = step
         self._apply_masks(trainer, zero_optimizer_state=True)
         if step >= self._window[1] and self._rewind:
@@ -513,6 +513,9 @@ class GradualPruning(CompressionCallback):
         Sharded, they are this rank's rows; the random criterion draws the full tensor and slices it.
         """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        # The Taylor sums are consumed by this update: handed over, not kept, since the scores may be the
+        # accumulators themselves and mask selection writes into the scores.
+        taylor, self._taylor = self._taylor, {}
         norms: dict[str, torch.Tensor] = {}
         if self._input_norms is not None:
             self._input_norms.all_reduce_()  # every rank scores on the inputs all ranks saw
@@ -523,7 +526,7 @@ class GradualPruning(CompressionCallback):
                 F.element_scores(
                     D.local(t.parameter),
                     self.criterion,
-                    taylor=self._taylor.get(t.name),
+                    taylor=taylor.get(t.name),
                     generator=generator,
                     input_norms=norms.get(t.name),
                     groups=getattr(t.module, "groups", 1),
