@@ -150,3 +150,24 @@ def test_under_ddp_every_rank_reconstructs_from_the_inputs_of_all_ranks(tmp_path
         assert torch.allclose(r0["final"][name], expected[name], atol=1e-5)
     # The ranks saw different data: one rank's inputs alone would have given other weights.
     assert not torch.allclose(standalone(r0["inputs"])["net.0.weight"], expected["net.0.weight"], atol=1e-5)
+
+
+def test_resume_after_the_reconstruction_keeps_its_masks_and_does_not_run_it_again(tmp_path: Any) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    first = GradualPruning(0.5, start_step=1, calibration_batches=2, include=["net.0", "net.2"], **ONE_SHOT)
+    trainer(tmp_path, [first, ckpt], enable_checkpointing=True, max_epochs=-1, max_steps=6).fit(TinyMLP())
+    path = tmp_path / "ckpt" / "step=6.ckpt"
+    saved = torch.load(path, weights_only=False)
+    masks = saved["callbacks"][first.state_key]["masks"]
+    assert set(masks) == {"net.0.weight", "net.2.weight"}
+    assert all(abs(float((~m).float().mean()) - 0.5) < 0.05 for m in masks.values())
+
+    model = TinyMLP()
+    second = GradualPruning(0.5, start_step=1, calibration_batches=2, include=["net.0", "net.2"], **ONE_SHOT)
+    trainer(tmp_path, [second], max_epochs=-1, max_steps=12, limit_val_batches=0).fit(model, ckpt_path=str(path))
+    for name, mask in masks.items():
+        weight = model.get_parameter(name).detach()
+        # The checkpoint's masks hold through 6 more training steps: no second reconstruction, no revival.
+        assert torch.equal(weight != 0, mask), name
