@@ -29,10 +29,12 @@ from lightning_compress.functional.int8 import (
 )
 from lightning_compress.inputs import CapturedCall, as_call, run
 
-__all__ = ["EXPORTERS", "WEIGHT_DTYPES", "export_onnx"]
+__all__ = ["EXPORTERS", "WEIGHT_DTYPES", "WEIGHT_ONLY_INPUTS", "export_onnx"]
 
 # "legacy": torch.onnx's TorchScript exporter; "dynamo": the torch.export-based one (needs onnxscript).
 EXPORTERS = ("auto", "dynamo", "legacy")
+# Weight-only layers' inputs in the ONNX graph: rounded to 8 bits per call (int8 kernels), or kept float.
+WEIGHT_ONLY_INPUTS = ("dynamic", "float")
 # The dynamo exporter's operator library (onnxscript's torchlib) targets opset 18.
 _DYNAMO_MIN_OPSET = 18
 
@@ -49,6 +51,7 @@ def export_onnx(
     weight_dtype: str = "auto",
     target_cpu: str = "auto",
     exporter: str = "auto",
+    weight_only_inputs: str = "dynamic",
 ) -> str:
     """Write ``model`` as an int8 ONNX model that onnxruntime runs with int8 kernels.
 
@@ -98,6 +101,10 @@ def export_onnx(
             (tests check the same int8 kernels run); the one used is written to ``metadata_props``
             (``lightning_compress.exporter``). Group-wise (``MatMulNBits``) layers export with the legacy
             exporter only.
+        weight_only_inputs: what weight-only layers (``activation_bits=None``) do with their input:
+            ``"dynamic"`` (default) rounds it to 8 bits per tensor at run time and runs int8 kernels, as
+            onnxruntime's ``quantize_dynamic`` (faster, not bit-equal to the PyTorch model); ``"float"``
+            keeps it float against the dequantized weight (the PyTorch model's numbers, fp32 kernels).
 
     Returns:
         ``path``.
@@ -113,6 +120,7 @@ def export_onnx(
     import onnx  # the [onnx] extra
 
     storage = weight_storage(weight_dtype, target_cpu)  # validates both arguments before any work
+    check_choice("weight_only_inputs", weight_only_inputs, WEIGHT_ONLY_INPUTS)
     check_choice("exporter", exporter, EXPORTERS, " HINT: 'auto' tries the legacy exporter, then dynamo.")
     if exporter == "dynamo" and opset_version is not None and opset_version < _DYNAMO_MIN_OPSET:
         raise ValueError(
@@ -147,7 +155,7 @@ def export_onnx(
     try:
         used = _export_graph(model, call, tmp, exporter, opset_version, (input_names, output_names), dynamic_batch)
         graph_model = onnx.load(tmp)
-        _rewrite(graph_model, storage, used)
+        _rewrite(graph_model, storage, used, dynamic_inputs=weight_only_inputs == "dynamic")
         onnx.checker.check_model(graph_model)
         onnx.save(graph_model, tmp)
         os.replace(tmp, path)  # atomic: `path` is either the old file or the complete new one
@@ -268,7 +276,7 @@ def _dynamo_export(
         )
 
 
-def _rewrite(graph_model: Any, storage: WeightStorage, exporter: str) -> None:
+def _rewrite(graph_model: Any, storage: WeightStorage, exporter: str, dynamic_inputs: bool = True) -> None:
     """Graph passes that make onnxruntime run int8 kernels, and the metadata saying how."""
     from lightning_compress.export import onnx_graph
 
@@ -281,7 +289,7 @@ def _rewrite(graph_model: Any, storage: WeightStorage, exporter: str) -> None:
     onnx_graph.merge_duplicate_quantize(index)
     onnx_graph.drop_redundant_quantize(index)
     onnx_graph.int8_residuals(index)
-    onnx_graph.integer_matmuls(index)
+    onnx_graph.integer_matmuls(index, dynamic_inputs=dynamic_inputs)
     index.remove_dead()
     index.commit()
     metadata = {

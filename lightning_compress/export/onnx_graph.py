@@ -355,7 +355,7 @@ def _dequantized_copy(index: GraphIndex, tensor: str) -> str | None:
     return None
 
 
-def integer_matmuls(index: GraphIndex) -> None:
+def integer_matmuls(index: GraphIndex, dynamic_inputs: bool = True) -> None:
     """Rewrite float-output ``Gemm`` over an int8 ``DequantizeLinear`` weight to an int8 kernel.
 
     onnxruntime fuses ``DQ → Gemm → (Relu) → Q`` into an int8 ``QGemm``; a Gemm whose output is not
@@ -366,7 +366,8 @@ def integer_matmuls(index: GraphIndex) -> None:
     input (onnxruntime fuses it), as ``quantize_dynamic`` does: *not* the same arithmetic as the PyTorch
     weight-only model, whose input stays float — the input is rounded to 8 bits per tensor at run time,
     which costs accuracy where a few tokens are much larger than the rest (``activation_granularity="token"``
-    quantizes per row instead).
+    quantizes per row instead). With ``dynamic_inputs=False`` weight-only layers are left as they are
+    (float input, dequantized weight: the PyTorch model's numbers, fp32 kernels).
     """
     for node in [n for n in index.nodes if n.op_type == "Gemm"]:
         if _requantized(index, node.output[0]) or not _plain_transposed_gemm(node):
@@ -377,12 +378,16 @@ def integer_matmuls(index: GraphIndex) -> None:
         codes, w_scale, w_zero = (index.array(name) for name in weight_dq.input[:3])
         if codes is None or w_scale is None or w_zero is None or codes.dtype not in (np.int8, np.uint8):
             continue
+        input_dq = index.producer.get(node.input[0])
+        static = _static_input_quantization(index, input_dq)
+        if not static and not dynamic_inputs:
+            _float_dequantize(index, weight_dq)
+            continue
         prefix = node.output[0] + "_int"
         index.set_initializer(prefix + "_wT", np.ascontiguousarray(codes.T))
         index.set_initializer(prefix + "_w", codes)
         index.set_initializer(prefix + "_wzp", w_zero)
-        input_dq = index.producer.get(node.input[0])
-        if _static_input_quantization(index, input_dq):
+        if static:
             assert input_dq is not None
             nodes = _static_matmul(index, prefix, input_dq, w_scale.astype(np.float32))
         else:
@@ -392,10 +397,10 @@ def integer_matmuls(index: GraphIndex) -> None:
         else:
             nodes.append(helper.make_node("Identity", [prefix + "_scaled"], [node.output[0]]))
         index.replace(node, nodes)
-    _weight_only_matmuls(index)
+    _weight_only_matmuls(index, dynamic_inputs)
 
 
-def _weight_only_matmuls(index: GraphIndex) -> None:
+def _weight_only_matmuls(index: GraphIndex, dynamic_inputs: bool = True) -> None:
     """``MatMul(x, Transpose(DequantizeLinear(W_q)))`` of a float input to the per-call int8 form.
 
     ``F.linear`` on an input of more than two dims exports as that ``MatMul`` (then an ``Add`` of the bias),
@@ -423,12 +428,40 @@ def _weight_only_matmuls(index: GraphIndex) -> None:
             or codes.dtype not in (np.int8, np.uint8)
         ):
             continue
+        if not dynamic_inputs:
+            _float_dequantize(index, weight_dq)
+            continue
         prefix = node.output[0] + "_int"
         index.set_initializer(prefix + "_wT", np.ascontiguousarray(codes.T))
         index.set_initializer(prefix + "_wzp", w_zero)
         nodes = _dynamic_matmul(index, prefix, node.input[0], w_scale.astype(np.float32))
         nodes.append(helper.make_node("Identity", [prefix + "_scaled"], [node.output[0]]))
         index.replace(node, nodes)
+
+
+def _float_dequantize(index: GraphIndex, weight_dq: NodeProto) -> None:
+    """A per-channel weight ``DequantizeLinear`` as ``(Cast(codes) - zero) * scale``: the same numbers.
+
+    onnxruntime fuses ``DequantizeLinear`` → ``MatMul`` into ``MatMulNBits`` at its session default
+    ``session.qdq_matmulnbits_accuracy_level=4``, which rounds the *input* to int8: the plain arithmetic
+    keeps the input float (onnxruntime folds it into an fp32 weight when the session starts; the file keeps
+    the int8 codes).
+    """
+    codes, scale, zero = weight_dq.input[:3]
+    axis = int(_attribute(weight_dq, "axis", 1))
+    rank = index.array(codes).ndim  # type: ignore[union-attr]
+    shape = [-1 if d == axis % rank else 1 for d in range(rank)]
+    prefix = weight_dq.output[0] + "_float"
+    index.set_initializer(prefix + "_scale", index.array(scale).astype(np.float32).reshape(shape))  # type: ignore[union-attr]
+    index.set_initializer(prefix + "_zero", index.array(zero).astype(np.float32).reshape(shape))  # type: ignore[union-attr]
+    index.replace(
+        weight_dq,
+        [
+            helper.make_node("Cast", [codes], [prefix + "_codes"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [prefix + "_codes", prefix + "_zero"], [prefix + "_centred"]),
+            helper.make_node("Mul", [prefix + "_centred", prefix + "_scale"], [weight_dq.output[0]]),
+        ],
+    )
 
 
 def _requantized(index: GraphIndex, output: str) -> bool:

@@ -115,6 +115,25 @@ def test_weight_only_linear_on_token_sequences_runs_int8(tmp_path) -> None:
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
 
 
+def test_weight_only_inputs_float_keeps_the_pytorch_numbers(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8))
+    x = torch.randn(4, 10, 16)
+    x[:, ::5] *= 30  # outlier tokens: per-tensor input rounding would cost the other tokens
+    prepare_(model, activation_bits=None)
+    model.train()
+    model(x)
+    model.eval()
+    sess, ops = session(export_onnx(model, str(tmp_path / "w.onnx"), x[:1], weight_only_inputs="float"))
+    assert not any(op.startswith("DynamicQuantize") or op == "MatMulInteger" for op in ops), ops
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"weight_only_inputs must be one of \['dynamic', 'float'\], got 'int8'"):
+        export_onnx(model, str(tmp_path / "bad.onnx"), x[:1], weight_only_inputs="int8")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_export_conv_with_keyword_inputs_and_captured_call(tmp_path) -> None:
     class TwoInputs(nn.Module):
         def __init__(self) -> None:
