@@ -149,10 +149,13 @@ def select_parameters(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     types: Sequence[str] | None = DEFAULT_PRUNABLE_TYPES,
+    check_ties: bool = True,
 ) -> list[ParameterTarget]:
     """Weight parameters of the modules of ``types``, filtered by module or parameter name.
 
     A pattern may name a module (all its weights) or a full parameter name (that parameter only).
+    ``check_ties=False`` leaves :func:`refuse_partial_ties` to the caller, for a caller that narrows the
+    selection further (attention heads touch only the attention's layers, not a tied output head).
 
     Raises:
         ValueError: as :func:`select_modules`.
@@ -180,7 +183,8 @@ def select_parameters(
     ]
     if not selected:
         raise ValueError(_nothing_selected_message(model, include, exclude, types))
-    _refuse_partial_ties(model, [t.name for t in selected], {t.module_name for t in selected})
+    if check_ties:
+        refuse_partial_ties(model, selected)
     # A tensor tied between two selected modules is one parameter: compress (and count) it once.
     seen: set[int] = set()
     unique = []
@@ -207,8 +211,16 @@ def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     return {n: [o for o in names if o != n] for names in names_of.values() if len(names) > 1 for n in names}
 
 
+def refuse_partial_ties(model: nn.Module, targets: Sequence[ParameterTarget]) -> None:
+    """Refuse a selected tensor that an unselected module also owns (it would change behind that module's back).
+
+    Raises:
+        ValueError: naming the tensor, the module it is tied to and the ``exclude`` that avoids it.
+    """
+    _refuse_partial_ties(model, [t.name for t in targets], {t.module_name for t in targets})
+
+
 def _refuse_partial_ties(model: nn.Module, selected: list[str], modules: set[str]) -> None:
-    """A selected tensor also owned by an unselected module would be compressed (or untied) behind its back."""
     ties = tied_parameters(model)
     for name in selected:
         outside = [o for o in ties.get(name, []) if o.rpartition(".")[0] not in modules]

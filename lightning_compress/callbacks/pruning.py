@@ -63,6 +63,7 @@ from lightning_compress.targets import (
     DEFAULT_PRUNABLE_TYPES,
     ParameterTarget,
     matches,
+    refuse_partial_ties,
     select_parameters,
     validate_patterns,
 )
@@ -266,7 +267,11 @@ class GradualPruning(CompressionCallback):
                 "HINT: keep make_permanent=True (weights come back with their zeros) or use strategy='ddp'."
             )
         self._undo_torch_reparametrisation(pl_module)
-        self._targets = select_parameters(pl_module, include=self.include, exclude=self.exclude, types=self.types)
+        # Heads touch only the attentions' layers: ties are checked on those once the head groups are known.
+        heads = self.structure.kind == "heads"
+        self._targets = select_parameters(
+            pl_module, include=self.include, exclude=self.exclude, types=self.types, check_ties=not heads
+        )
         for t in self._targets:
             F.check_fits(self.structure, t.name, t.out_first(t.parameter).shape)
         if self.criterion in ("wanda", "sparsegpt"):
@@ -280,6 +285,8 @@ class GradualPruning(CompressionCallback):
                 # Groups are found on the full-size model; a shrunk one only finishes training (no more updates).
                 self._coupled_targets = self._coupled.setup(pl_module, self._targets)
             self._targets = self._coupled_targets
+            if heads:
+                refuse_partial_ties(pl_module, self._targets)
             self._root_module = pl_module
             self._coupled.register_resize_hook(pl_module)
         names = [t.name for t in self._targets]

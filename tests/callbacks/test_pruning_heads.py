@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from lightning_compress import GradualPruning, load_shrunk  # noqa: E402
+from lightning_compress.targets import tied_parameters
 from tests.helpers import trainer  # noqa: E402
 from tests.zoo import ZOO  # noqa: E402
 from tests.zoo.common import loaders, majority_tokens  # noqa: E402
@@ -37,11 +38,14 @@ def test_coupled_false_is_refused() -> None:
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])
 def test_heads_shrunk_at_fit_end_equal_the_masked_model(name: str, tmp_path: Any) -> None:
     case = ZOO[name]()
-    # the tied lm_head is excluded, as for any pruning of these models (see tests/test_ties.py)
-    pruning = GradualPruning(0.5, structure="heads", shrink=True, end_step=4, update_every_n_steps=2, exclude=case.head)
+    # No exclude needed for a tied output head (GPT-2's lm_head is wte): heads never touch it.
+    ties = tied_parameters(case.module)
+    pruning = GradualPruning(0.5, structure="heads", shrink=True, end_step=4, update_every_n_steps=2)
     snap = Snapshot()
     run = trainer(tmp_path, [pruning, snap], max_epochs=-1, max_steps=6, limit_val_batches=0)
     run.fit(case.module, case.train_loader)
+    assert tied_parameters(case.module) == ties  # still tied, nothing untied or cut
+    assert all(not t.name.endswith("lm_head.weight") for t in pruning._targets)
     x = case.example_input
     with torch.no_grad():
         masked, shrunk = snap.masked(x), case.module.eval()(x)
