@@ -212,9 +212,10 @@ def _export_graph(
     dynamic_batch: bool,
 ) -> str:
     """Trace ``model`` to ``path`` with the chosen exporter; returns the one used (``legacy`` / ``dynamo``)."""
+    dynamic_axes = {name: {0: "batch"} for name in (*names[0], *names[1])} if dynamic_batch else None
     if exporter in ("auto", "legacy"):
         try:
-            _torchscript_export(model, call, path, opset_version or 17, *names, dynamic_batch)
+            _torchscript_export(model, call, path, opset_version or 17, *names, dynamic_axes)
             return "legacy"
         except Exception as err:
             # Group-wise and per-token layers have no dynamo form (no static per-tensor pattern).
@@ -234,7 +235,7 @@ def _export_graph(
             UserWarning,
             stacklevel=3,
         )
-    _dynamo_export(model, call, path, opset, *names, dynamic_batch)
+    _dynamo_export(model, call, path, opset, *names, dynamic_axes)
     return "dynamo"
 
 
@@ -245,7 +246,7 @@ def _dynamo_export(
     opset_version: int,
     input_names: list[str],
     output_names: list[str],
-    dynamic_batch: bool,
+    dynamic_axes: dict[str, dict[int, str]] | None,
 ) -> None:
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's operator library)
@@ -258,7 +259,6 @@ def _dynamo_export(
 
     reference = copy.deepcopy(model)
     to_reference_(reference)  # int8 layers as quantized_decomposed ops: QuantizeLinear / DequantizeLinear
-    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
         torch.onnx.export(
@@ -310,13 +310,12 @@ def _torchscript_export(
     opset_version: int,
     input_names: list[str],
     output_names: list[str],
-    dynamic_batch: bool,
+    dynamic_axes: dict[str, dict[int, str]] | None,
 ) -> None:
     args: tuple[Any, ...] = call.args
     if call.kwargs:
         # The TorchScript exporter passes inputs positionally: adapt keyword(-only) inputs.
         model, args = _KeywordAdapter(model, tuple(call.kwargs), len(call.args)), (*call.args, *call.kwargs.values())
-    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
     with warnings.catch_warnings():
         # The TorchScript-based exporter warns that it is deprecated in favour of the dynamo exporter,
         # which needs the extra `onnxscript` package; it is the one that works with the plain [onnx] extra.

@@ -372,12 +372,10 @@ def integer_matmuls(index: GraphIndex, dynamic_inputs: bool = True) -> None:
     for node in [n for n in index.nodes if n.op_type == "Gemm"]:
         if _requantized(index, node.output[0]) or not _plain_transposed_gemm(node):
             continue
-        weight_dq = index.producer.get(node.input[1])
-        if weight_dq is None or weight_dq.op_type != "DequantizeLinear" or len(weight_dq.input) < 3:
+        found = _int8_weight(index, node.input[1])
+        if found is None:
             continue
-        codes, w_scale, w_zero = (index.array(name) for name in weight_dq.input[:3])
-        if codes is None or w_scale is None or w_zero is None or codes.dtype not in (np.int8, np.uint8):
-            continue
+        weight_dq, codes, w_scale, w_zero = found
         input_dq = index.producer.get(node.input[0])
         static = _static_input_quantization(index, input_dq)
         if not static and not dynamic_inputs:
@@ -405,29 +403,20 @@ def _weight_only_matmuls(index: GraphIndex, dynamic_inputs: bool = True) -> None
 
     ``F.linear`` on an input of more than two dims exports as that ``MatMul`` (then an ``Add`` of the bias),
     not as ``Gemm``. With a statically quantized input onnxruntime fuses it into ``MatMulIntegerToFloat``
-    itself; with a float input (weight-only layers) it would run an fp32 kernel on the dequantized weight
-    (an 8-bit ``MatMulNBits``, slower than fp32 in ``benchmarks/``), so it gets the
-    ``DynamicQuantizeLinear`` → ``MatMulInteger`` form of :func:`integer_matmuls`, as ``quantize_dynamic`` does.
+    itself; with a float input (weight-only layers) onnxruntime would fuse ``DequantizeLinear`` → ``MatMul``
+    into an 8-bit ``MatMulNBits`` at its session default accuracy level (slower than fp32 in ``benchmarks/``,
+    and rounding the input all the same), so it gets the ``DynamicQuantizeLinear`` → ``MatMulInteger`` form of
+    :func:`integer_matmuls`, as ``quantize_dynamic`` does; ``dynamic_inputs=False``: :func:`_float_dequantize`.
     """
     for node in [n for n in index.nodes if n.op_type == "MatMul"]:
         transpose = index.producer.get(node.input[1])
         if transpose is None or transpose.op_type != "Transpose" or list(_attribute(transpose, "perm", [])) != [1, 0]:
             continue
-        weight_dq = index.producer.get(transpose.input[0])
+        found = _int8_weight(index, transpose.input[0])
         input_dq = index.producer.get(node.input[0])
-        if weight_dq is None or weight_dq.op_type != "DequantizeLinear" or len(weight_dq.input) < 3:
-            continue
-        if input_dq is not None and input_dq.op_type == "DequantizeLinear":
-            continue  # statically quantized input: onnxruntime's own fusion handles it
-        codes, w_scale, w_zero = (index.array(name) for name in weight_dq.input[:3])
-        if (
-            codes is None
-            or w_scale is None
-            or w_zero is None
-            or codes.ndim != 2
-            or codes.dtype not in (np.int8, np.uint8)
-        ):
-            continue
+        if found is None or (input_dq is not None and input_dq.op_type == "DequantizeLinear"):
+            continue  # no int8 weight, or a statically quantized input (onnxruntime's own fusion handles it)
+        weight_dq, codes, w_scale, w_zero = found
         if not dynamic_inputs:
             _float_dequantize(index, weight_dq)
             continue
@@ -437,6 +426,17 @@ def _weight_only_matmuls(index: GraphIndex, dynamic_inputs: bool = True) -> None
         nodes = _dynamic_matmul(index, prefix, node.input[0], w_scale.astype(np.float32))
         nodes.append(helper.make_node("Identity", [prefix + "_scaled"], [node.output[0]]))
         index.replace(node, nodes)
+
+
+def _int8_weight(index: GraphIndex, name: str) -> tuple[NodeProto, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(DequantizeLinear node, codes, scale, zero point)`` when ``name`` is a dequantized 2-d int8 initializer."""
+    weight_dq = index.producer.get(name)
+    if weight_dq is None or weight_dq.op_type != "DequantizeLinear" or len(weight_dq.input) < 3:
+        return None
+    codes, scale, zero = (index.array(n) for n in weight_dq.input[:3])
+    if codes is None or scale is None or zero is None or codes.ndim != 2 or codes.dtype not in (np.int8, np.uint8):
+        return None
+    return weight_dq, codes, scale, zero
 
 
 def _float_dequantize(index: GraphIndex, weight_dq: NodeProto) -> None:

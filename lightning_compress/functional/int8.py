@@ -270,6 +270,9 @@ class Int8Layer(nn.Module):
     fused fast paths from bypassing its forward (:func:`~lightning_compress.functional.qat.keep_own_forward`).
     """
 
+    # Class default: Int8Layers pickled before per-token inputs existed load and run as they did.
+    activation_granularity = "tensor"
+
     def __init__(
         self,
         kind: str,

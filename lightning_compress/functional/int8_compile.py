@@ -164,7 +164,7 @@ class CompiledInt8Model(nn.Module):
 
 def _per_token(layer: Int8Layer) -> bool:
     """Whether the layer quantizes each input row with its own run-time range (no static input scale)."""
-    return getattr(layer, "activation_granularity", "tensor") == "token"
+    return layer.activation_granularity == "token"
 
 
 def _unsupported_layers(model: nn.Module) -> dict[str, str]:

@@ -87,6 +87,12 @@ def test_int8_conversion_keeps_per_token_inputs(bits: int, group_size: int | Non
     assert isinstance(layer, Int8Layer) and layer.activation_granularity == "token" and layer.input_scale is None
     with torch.no_grad():
         torch.testing.assert_close(int8(x), model(x), rtol=1e-5, atol=1e-5)
+        if group_size is None:  # the first layer against float64 from the trained weight, built here
+            w = model[0].weight.double()
+            scale = w.abs().amax(1) / 127
+            w_q = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
+            expected = reference_per_token(x) @ w_q.t() + model[0].bias.double()
+            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
         # Doubling one sample changes no other sample's output: ranges are per token, not per batch.
         x2 = x.clone()
         x2[0] *= 50
@@ -106,3 +112,18 @@ def test_integer_per_token_linear_matches_float64() -> None:
     # And equal to the float path the PyTorch model runs.
     float_path = F.linear(fake_quantize_per_token(x, 8), codes.float() * scale[:, None], bias)
     torch.testing.assert_close(got, float_path, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_layer_pickled_without_the_granularity_attribute_still_runs() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 4))
+    prepare_(model)
+    model.train()
+    model(torch.randn(3, 8))
+    int8 = convert_to_int8(model.eval())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = int8(x)
+    del int8[0].__dict__["activation_granularity"]  # as an Int8Layer saved before the attribute existed
+    with torch.no_grad():
+        torch.testing.assert_close(int8(x), expected, rtol=0, atol=0)
